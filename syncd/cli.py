@@ -1,0 +1,186 @@
+"""The `syncd` command: `run` (the daemon), `sync` (publish results now), `check` (settings).
+
+Exit codes: 0 success, 1 a result could not be published or the bucket not reached,
+2 bad configuration or usage. Errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from loguru import logger
+
+from syncd import __version__, logs
+from syncd.config import ConfigError, Settings, load_settings, redacted
+from syncd.daemon import Daemon
+from syncd.layout import Layout, LayoutError
+from syncd.publish import Publisher, PublishError
+from syncd.signing import UrlSigner
+from syncd.storage import StoreError, open_store
+
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="YAML config (default: $SYNCD_CONFIG, else /etc/syncd/config.yaml if it exists)",
+    )
+    common.add_argument(
+        "--outputs-dir", type=Path, metavar="DIR", help="overrides syncd.outputs_dir"
+    )
+    common.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR")
+    common.add_argument("--log-format", choices=["text", "json"], help="overrides syncd.log_format")
+
+    top = argparse.ArgumentParser(
+        prog="syncd", description="Upload finished Earth2Studio results to S3 and sign their URLs."
+    )
+    top.add_argument("--version", action="version", version=f"syncd {__version__}")
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser(
+        "run", parents=[common], help="watch outputs_dir and publish marked results (foreground)"
+    )
+    sync = commands.add_parser(
+        "sync", parents=[common], help="publish the given results now, then exit"
+    )
+    sync.add_argument("exec_dirs", nargs="+", type=Path, metavar="EXEC_DIR")
+    commands.add_parser(
+        "check",
+        parents=[common],
+        help="validate the settings, load the signing key, reach the bucket",
+    )
+    return top
+
+
+def flags_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    daemon = {
+        "outputs_dir": args.outputs_dir,
+        "log_level": args.log_level,
+        "log_format": args.log_format,
+    }
+    return {"syncd": {key: value for key, value in daemon.items() if value is not None}}
+
+
+def require_enabled(settings: Settings) -> None:
+    if not settings.object_storage.enabled:
+        raise ConfigError(
+            "object storage is disabled, so syncd has nothing to do: set "
+            "object_storage.enabled: true or OBJECT_STORAGE_ENABLED=true"
+        )
+
+
+def signer_for(settings: Settings) -> UrlSigner | None:
+    signer = UrlSigner.from_settings(settings.object_storage)
+    if signer is None:
+        logger.warning(
+            "CloudFront is not configured: results are uploaded with signed_url null; set "
+            "cloudfront_domain, cloudfront_key_pair_id and cloudfront_private_key_path to sign"
+        )
+    return signer
+
+
+async def run_daemon(settings: Settings, signer: UrlSigner | None) -> int:
+    layout = Layout(settings)
+    if not layout.outputs_dir.is_dir():
+        raise ConfigError(
+            f"outputs_dir {layout.outputs_dir} does not exist or is not a folder: create it or "
+            "set syncd.outputs_dir (SYNCD_OUTPUTS_DIR)"
+        )
+    store = open_store(settings.object_storage)
+    try:
+        await Daemon(settings, layout, Publisher(settings, store, signer)).run()
+    finally:
+        await store.close()
+    return 0
+
+
+async def run_sync(settings: Settings, signer: UrlSigner | None, exec_dirs: list[Path]) -> int:
+    layout = Layout(settings)
+    results = [layout.for_tree(path) for path in exec_dirs]  # all usage errors before any upload
+    store = open_store(settings.object_storage)
+    publisher = Publisher(settings, store, signer)
+    failed = 0
+    try:
+        for result in results:
+            try:
+                published = await publisher.publish(result, force=True)
+            except PublishError as exc:
+                logger.error("{}", exc)
+                failed += 1
+                continue
+            assert published is not None
+            logger.info(
+                "{}: uploaded {} files, {} bytes in {:.2f} s to {}; recorded in {}",
+                result.name,
+                published.files,
+                published.bytes,
+                published.seconds,
+                result.remote_path,
+                result.metadata,
+            )
+            print(f"{result.tree} -> s3://{settings.object_storage.bucket}/{result.remote_path}")
+    finally:
+        await store.close()
+    return EXIT_FAILED if failed else 0
+
+
+async def run_check(settings: Settings, config_file: Path | None) -> int:
+    print(f"# config file: {config_file or 'none (defaults and environment)'}")
+    print(yaml.safe_dump(redacted(settings), sort_keys=False).rstrip())
+    require_enabled(settings)
+    signer = UrlSigner.from_settings(settings.object_storage)
+    if signer is None:
+        print("# CloudFront: not configured; signed_url will be null")
+    else:
+        print(
+            f"# CloudFront: key {settings.object_storage.cloudfront_private_key_path} "
+            f"(RSA {signer.private_key.key_size} bits), key pair {signer.key_pair_id}"
+        )
+    store = open_store(settings.object_storage)
+    try:
+        await store.probe()
+    finally:
+        await store.close()
+    print(f"# bucket: {store.description} reachable")
+    print("ok")
+    return 0
+
+
+def run_command(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings, config_file = load_settings(args.config, flags_from(args))
+        logs.configure(settings.syncd)
+        if args.command == "check":
+            return asyncio.run(run_check(settings, config_file))
+        require_enabled(settings)
+        signer = signer_for(settings)
+        if args.command == "sync":
+            return asyncio.run(run_sync(settings, signer, args.exec_dirs))
+        return asyncio.run(run_daemon(settings, signer))
+    except (ConfigError, LayoutError) as exc:
+        print(f"syncd: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StoreError as exc:
+        print(f"syncd: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def main() -> None:
+    code = run_command()
+    logger.complete()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # obstore's Rust runtime can abort the process while the interpreter tears down (see
+    # field notes); everything is flushed and closed by now, so leave without teardown.
+    os._exit(code)

@@ -1,0 +1,340 @@
+"""Settings: one model, read from flags > environment > YAML file > defaults, validated once.
+
+The `object_storage:` section and its environment variables are the seed contract
+(`object-storage.md`); the `syncd:` section holds the daemon's own settings, each also read
+from `SYNCD_<NAME>`. Every problem becomes a `ConfigError` whose message is one line that names
+the setting or file and says what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import string
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource
+
+MiB = 1024 * 1024
+DEFAULT_CONFIG_FILE = Path("/etc/syncd/config.yaml")
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the operator who has to fix it."""
+
+
+class ObjectStorage(BaseModel):
+    """The seed's `object_storage:` section: where results go and how URLs are signed."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    enabled: bool = False
+    bucket: str | None = None
+    region: str = "us-east-1"
+    prefix: str = "outputs"
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+    endpoint_url: str | None = None
+    use_transfer_acceleration: bool = True
+    max_concurrency: int = Field(16, ge=1, le=1024)
+    # S3 refuses parts under 5 MiB (except the last) and over 5 GiB.
+    multipart_chunksize: int = Field(8 * MiB, ge=5 * MiB, le=5 * 1024 * MiB)
+    use_rust_client: bool = True
+    cloudfront_domain: str | None = None
+    cloudfront_key_pair_id: str | None = None
+    cloudfront_private_key_path: Path | None = None
+    signed_url_expires_in: int = Field(3600, ge=1)
+
+    @field_validator("prefix")
+    @classmethod
+    def _strip_slashes(cls, value: str) -> str:
+        return value.strip("/")
+
+    @field_validator("endpoint_url", "cloudfront_domain")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.rstrip("/")
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        return value
+
+    @field_validator("cloudfront_domain", mode="before")
+    @classmethod
+    def _default_https(cls, value: object) -> object:
+        # The seed shows the domain with its scheme; a bare host name means https.
+        if isinstance(value, str) and value and "://" not in value:
+            return f"https://{value}"
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> ObjectStorage:
+        if self.enabled and not self.bucket:
+            raise ValueError(
+                "bucket is required when object storage is enabled: "
+                "set object_storage.bucket or OBJECT_STORAGE_BUCKET"
+            )
+        cloudfront = {
+            "cloudfront_domain": self.cloudfront_domain,
+            "cloudfront_key_pair_id": self.cloudfront_key_pair_id,
+            "cloudfront_private_key_path": self.cloudfront_private_key_path,
+        }
+        missing = [name for name, value in cloudfront.items() if not value]
+        if 0 < len(missing) < len(cloudfront):
+            raise ValueError(
+                f"CloudFront is half configured: {', '.join(missing)} missing; set all three "
+                "cloudfront_* settings to sign URLs, or none to upload without signed URLs"
+            )
+        return self
+
+    @property
+    def signs_urls(self) -> bool:
+        return self.cloudfront_domain is not None
+
+    @property
+    def accelerated(self) -> bool:
+        """Transfer acceleration only exists on AWS itself, never on a custom endpoint."""
+        return self.use_transfer_acceleration and self.endpoint_url is None
+
+
+METADATA_FIELDS = {"exec", "exec_path", "workflow"}
+
+
+class Daemon(BaseModel):
+    """The `syncd:` section: where results appear and how the daemon works through them."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    outputs_dir: Path = Path("/outputs")
+    marker_suffix: str = Field(".done", min_length=1)
+    # Relative to outputs_dir. {exec_path} is the result's path under outputs_dir
+    # (exec_X or <workflow>/exec_X), {exec} its folder name, {workflow} its workflow folder
+    # ("" at the top level). Earth2Studio's own layout is "metadata_{workflow}:{exec}.json".
+    metadata_file: str = "{exec_path}.json"
+    parallel_results: int = Field(2, ge=1, le=256)
+    rescan_interval: float = Field(60.0, gt=0)
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("marker_suffix")
+    @classmethod
+    def _plain_suffix(cls, value: str) -> str:
+        if "/" in value:
+            raise ValueError("must be a file name suffix such as .done, without '/'")
+        return value
+
+    @field_validator("metadata_file")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        except ValueError as exc:
+            raise ValueError(f"is not a valid template ({exc})") from None
+        unknown = fields - METADATA_FIELDS
+        if unknown:
+            raise ValueError(
+                f"unknown placeholder {{{sorted(unknown)[0]}}}; use {{exec}}, {{exec_path}} "
+                "or {workflow}"
+            )
+        if not fields & {"exec", "exec_path"}:
+            raise ValueError("must contain {exec} or {exec_path} so each result has its own file")
+        if value.startswith("/") or ".." in Path(value).parts:
+            raise ValueError("must be a relative path inside outputs_dir")
+        return value
+
+
+class Settings(BaseSettings):
+    """Everything syncd reads; built by `load_settings` and passed down, never re-read."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    object_storage: ObjectStorage = Field(default_factory=ObjectStorage)
+    syncd: Daemon = Field(default_factory=Daemon)
+
+
+# The seed's environment table, then the standard AWS names (lower priority: later wins less).
+ENVIRONMENT: dict[str, tuple[str, ...]] = {
+    "enabled": ("OBJECT_STORAGE_ENABLED",),
+    "bucket": ("OBJECT_STORAGE_BUCKET",),
+    "region": ("OBJECT_STORAGE_REGION",),
+    "prefix": ("OBJECT_STORAGE_PREFIX",),
+    "access_key_id": ("OBJECT_STORAGE_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"),
+    "secret_access_key": ("OBJECT_STORAGE_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY"),
+    "session_token": ("OBJECT_STORAGE_SESSION_TOKEN", "AWS_SESSION_TOKEN"),
+    "endpoint_url": ("OBJECT_STORAGE_ENDPOINT_URL",),
+    "use_transfer_acceleration": ("OBJECT_STORAGE_TRANSFER_ACCELERATION",),
+    "max_concurrency": ("OBJECT_STORAGE_MAX_CONCURRENCY",),
+    "multipart_chunksize": ("OBJECT_STORAGE_MULTIPART_CHUNKSIZE",),
+    "use_rust_client": ("OBJECT_STORAGE_USE_RUST_CLIENT",),
+    "cloudfront_domain": ("CLOUDFRONT_DOMAIN",),
+    "cloudfront_key_pair_id": ("CLOUDFRONT_KEY_PAIR_ID",),
+    "cloudfront_private_key_path": ("CLOUDFRONT_PRIVATE_KEY_PATH",),
+    "signed_url_expires_in": ("OBJECT_STORAGE_SIGNED_URL_EXPIRES_IN",),
+}
+SECRETS = ("secret_access_key", "session_token")
+
+
+def env_name(section: str, key: str) -> str:
+    """The environment variable an operator sets for `section.key`."""
+    if section == "object_storage":
+        return ENVIRONMENT[key][0]
+    return f"SYNCD_{key.upper()}"
+
+
+class Environment(PydanticBaseSettingsSource):
+    """Reads the seed's variables and `SYNCD_<NAME>`; an empty variable counts as unset."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: dict[str, str]) -> None:
+        super().__init__(settings_cls)
+        self.environ = environ
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # values come from __call__, section by section
+
+    def __call__(self) -> dict[str, Any]:
+        storage = {}
+        for key, names in ENVIRONMENT.items():
+            value = next((self.environ[n] for n in names if self.environ.get(n)), None)
+            if value is not None:
+                storage[key] = value
+        daemon = {
+            key: self.environ[env_name("syncd", key)]
+            for key in Daemon.model_fields
+            if self.environ.get(env_name("syncd", key))
+        }
+        return {"object_storage": storage, "syncd": daemon}
+
+
+def config_file_from(flag: Path | None, environ: dict[str, str]) -> Path | None:
+    """`--config`, else `$SYNCD_CONFIG`, else /etc/syncd/config.yaml if it exists."""
+    if flag is not None:
+        return flag
+    if environ.get("SYNCD_CONFIG"):
+        return Path(environ["SYNCD_CONFIG"])
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.exists() else None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} does not exist: fix --config or SYNCD_CONFIG"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ConfigError(
+            f"config file {path} must be a mapping with object_storage: and syncd: sections"
+        )
+    for section, body in document.items():
+        if section in Settings.model_fields and body is not None and not isinstance(body, dict):
+            raise ConfigError(f"config file {path}: section {section}: must be a mapping of keys")
+    return {k: (v if v is not None else {}) for k, v in document.items()}
+
+
+def load_settings(
+    config_file: Path | None = None,
+    flags: dict[str, dict[str, Any]] | None = None,
+    environ: dict[str, str] | None = None,
+) -> tuple[Settings, Path | None]:
+    """Build the settings once; return them with the config file that was read, if any."""
+    environ = dict(os.environ if environ is None else environ)
+    flags = flags or {}
+    path = config_file_from(config_file, environ)
+    document = read_yaml(path) if path is not None else {}
+    sources = (
+        InitSettingsSource(Settings, flags),
+        Environment(Settings, environ),
+        InitSettingsSource(Settings, document),
+    )
+    try:
+        settings = Settings(_build_sources=(sources, {}))
+    except ValidationError as exc:
+        origin = Origin(path, flags, environ)
+        raise ConfigError(
+            "; ".join(origin.describe(error) for error in exc.errors(include_url=False))
+        ) from None
+    return settings, path
+
+
+class Origin:
+    """Says where a bad value came from, so the message points at what to edit."""
+
+    def __init__(
+        self, path: Path | None, flags: dict[str, dict[str, Any]], environ: dict[str, str]
+    ) -> None:
+        self.path, self.flags, self.environ = path, flags, environ
+
+    def describe(self, error: Any) -> str:
+        loc = [str(part) for part in error["loc"]]
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if len(loc) < 2:
+            section = loc[0] if loc else "config"
+            if error["type"] == "extra_forbidden":
+                return f"{self.where()}: unknown section {section}: (known: object_storage, syncd)"
+            return f"invalid {section} settings ({self.where()}): {message}"
+        section, key = loc[0], loc[1]
+        if error["type"] == "extra_forbidden":
+            known = ", ".join(Settings.model_fields[section].annotation.model_fields)
+            return f"{self.where()}: unknown key {section}.{key} (known keys: {known})"
+        value = error.get("input")
+        if key in SECRETS:
+            value = "<redacted>"
+        return (
+            f"invalid setting {section}.{key} ({self.source(section, key)}) = {value!r}: {message}"
+        )
+
+    def where(self) -> str:
+        return f"config file {self.path}" if self.path else "configuration"
+
+    def source(self, section: str, key: str) -> str:
+        if key in self.flags.get(section, {}):
+            return f"--{key.replace('_', '-')}"
+        names = (
+            ENVIRONMENT.get(key, ()) if section == "object_storage" else (env_name(section, key),)
+        )
+        for name in names:
+            if self.environ.get(name):
+                return f"from ${name}"
+        if self.path is not None:
+            return f"in {self.path}"
+        return "default"
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The effective settings as plain data, secrets replaced, for `syncd check`."""
+    data = settings.model_dump(mode="json")
+    for key in SECRETS:
+        if data["object_storage"][key] is not None:
+            data["object_storage"][key] = "<redacted>"
+    return data

@@ -1,0 +1,97 @@
+"""CloudFront signed URLs: a custom policy with a wildcard over a result's prefix.
+
+The policy is `{"Statement":[{"Resource":"<domain>/<remote_path>/*","Condition":
+{"DateLessThan":{"AWS:EpochTime":<expiry>}}}]}` without whitespace, signed RSA-SHA1 PKCS#1
+v1.5, in CloudFront's base64 alphabet. The output equals botocore's `CloudFrontSigner`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from syncd.config import ConfigError, ObjectStorage
+
+
+def cloudfront_b64(data: bytes) -> str:
+    """Base64 with CloudFront's substitutions (not the same as urlsafe_b64encode)."""
+    return (
+        base64.b64encode(data).decode("ascii").replace("+", "-").replace("=", "_").replace("/", "~")
+    )
+
+
+def load_private_key(path: Path) -> rsa.RSAPrivateKey:
+    """The RSA key at `path`, or a ConfigError naming the path and the remedy."""
+    setting = "object_storage.cloudfront_private_key_path (CLOUDFRONT_PRIVATE_KEY_PATH)"
+    try:
+        pem = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"CloudFront private key {path} does not exist: fix {setting}") from None
+    except PermissionError:
+        raise ConfigError(
+            f"CloudFront private key {path} is not readable by this user: fix its permissions"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"CloudFront private key {path} cannot be read: {exc.strerror}") from None
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ConfigError(
+            f"CloudFront private key {path} is not an unencrypted PEM private key: "
+            "create one with `openssl genrsa -out cloudfront-private-key.pem 2048`"
+        ) from None
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ConfigError(
+            f"CloudFront private key {path} is not an RSA key: CloudFront signs with RSA; "
+            "create one with `openssl genrsa -out cloudfront-private-key.pem 2048`"
+        )
+    return key
+
+
+class UrlSigner:
+    """Signs URLs for one CloudFront distribution with one key pair."""
+
+    def __init__(self, domain: str, key_pair_id: str, private_key: rsa.RSAPrivateKey) -> None:
+        self.domain = domain.rstrip("/")
+        self.key_pair_id = key_pair_id
+        self.private_key = private_key
+
+    @classmethod
+    def from_settings(cls, storage: ObjectStorage) -> UrlSigner | None:
+        """None when CloudFront is not configured (validation guarantees all or nothing)."""
+        if not storage.signs_urls:
+            return None
+        assert storage.cloudfront_private_key_path and storage.cloudfront_key_pair_id
+        key = load_private_key(storage.cloudfront_private_key_path)
+        return cls(storage.cloudfront_domain or "", storage.cloudfront_key_pair_id, key)
+
+    def resource(self, remote_path: str) -> str:
+        """The wildcard Resource covering every object under `remote_path`."""
+        return f"{self.domain}/{quote(remote_path.strip('/'), safe='/')}/*"
+
+    def sign(self, remote_path: str, expires_in: int, now: float | None = None) -> str:
+        resource = self.resource(remote_path)
+        expires = int(now if now is not None else time.time()) + expires_in
+        policy = json.dumps(
+            {
+                "Statement": [
+                    {
+                        "Resource": resource,
+                        "Condition": {"DateLessThan": {"AWS:EpochTime": expires}},
+                    }
+                ]
+            },
+            separators=(",", ":"),
+        ).encode()
+        signature = self.private_key.sign(policy, padding.PKCS1v15(), hashes.SHA1())
+        return (
+            f"{resource}?Policy={cloudfront_b64(policy)}&Signature={cloudfront_b64(signature)}"
+            f"&Key-Pair-Id={self.key_pair_id}"
+        )

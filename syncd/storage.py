@@ -1,0 +1,203 @@
+"""Object store clients behind one small async interface: obstore (Rust) and s3fs.
+
+`use_rust_client` picks obstore; otherwise s3fs. Both take the same settings: endpoint,
+region, credentials (or the standard AWS chain when none are set), transfer acceleration
+(AWS only), `max_concurrency` and `multipart_chunksize`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from loguru import logger
+
+from syncd.config import ObjectStorage
+from syncd.layout import LocalFile
+
+
+class StoreError(Exception):
+    """The bucket could not be reached or refused a request."""
+
+
+class ObjectStore(Protocol):
+    """What syncd needs from a bucket."""
+
+    description: str
+
+    async def put(self, file: LocalFile, key: str) -> None: ...
+
+    async def sizes(self, prefix: str) -> dict[str, int]:
+        """Size of every object whose key starts with `prefix`."""
+        ...
+
+    async def probe(self) -> None:
+        """Reach the bucket with one cheap listing; raise StoreError if that fails."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def open_store(storage: ObjectStorage) -> ObjectStore:
+    if storage.use_transfer_acceleration and storage.endpoint_url is not None:
+        logger.warning(
+            "use_transfer_acceleration is ignored with endpoint_url {}: acceleration exists "
+            "only on AWS S3 itself",
+            storage.endpoint_url,
+        )
+    return ObstoreStore(storage) if storage.use_rust_client else S3fsStore(storage)
+
+
+def _location(storage: ObjectStorage) -> str:
+    endpoint = storage.endpoint_url or ("s3-accelerate" if storage.accelerated else "AWS S3")
+    return f"s3://{storage.bucket} ({endpoint}, {storage.region})"
+
+
+class ObstoreStore:
+    """obstore's S3Store: Rust, async, multipart for files above multipart_chunksize."""
+
+    def __init__(self, storage: ObjectStorage) -> None:
+        from obstore.store import S3Store
+
+        self.storage = storage
+        self.description = f"{_location(storage)} via obstore"
+        config: dict[str, Any] = {"region": storage.region}
+        if storage.access_key_id:
+            config["access_key_id"] = storage.access_key_id
+        if storage.secret_access_key:
+            config["secret_access_key"] = storage.secret_access_key.get_secret_value()
+        if storage.session_token:
+            config["session_token"] = storage.session_token.get_secret_value()
+        if storage.endpoint_url:
+            config["endpoint"] = storage.endpoint_url
+            config["virtual_hosted_style_request"] = False
+        elif storage.accelerated:
+            config["endpoint"] = f"https://{storage.bucket}.s3-accelerate.amazonaws.com"
+            config["virtual_hosted_style_request"] = True
+        client = {"allow_http": True} if (storage.endpoint_url or "").startswith("http:") else {}
+        self.store = S3Store(storage.bucket, config=config, client_options=client)
+
+    async def put(self, file: LocalFile, key: str) -> None:
+        import obstore
+
+        try:
+            await obstore.put_async(
+                self.store,
+                key,
+                file.path,
+                chunk_size=self.storage.multipart_chunksize,
+                max_concurrency=self.storage.max_concurrency,
+            )
+        except OSError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"upload of {key} failed: {_first_line(exc)}") from exc
+
+    async def sizes(self, prefix: str) -> dict[str, int]:
+        import obstore
+
+        found: dict[str, int] = {}
+        try:
+            async for batch in obstore.list(self.store, prefix=prefix, chunk_size=1000):
+                for meta in batch:
+                    # obstore lists by path segments; keep only keys under the exact prefix.
+                    if meta["path"].startswith(prefix):
+                        found[meta["path"]] = meta["size"]
+        except Exception as exc:
+            raise StoreError(f"listing {prefix} failed: {_first_line(exc)}") from exc
+        return found
+
+    async def probe(self) -> None:
+        import obstore
+
+        try:
+            await obstore.list_with_delimiter_async(self.store, self.storage.prefix or None)
+        except Exception as exc:
+            raise StoreError(f"cannot list {self.description}: {_first_line(exc)}") from exc
+
+    async def close(self) -> None:
+        return None
+
+
+class S3fsStore:
+    """s3fs/aiobotocore on the running event loop; one PutObject or multipart per file."""
+
+    def __init__(self, storage: ObjectStorage) -> None:
+        self.storage = storage
+        self.description = f"{_location(storage)} via s3fs"
+        self.fs: Any = None
+
+    async def _client(self) -> Any:
+        if self.fs is None:
+            import s3fs
+
+            storage = self.storage
+            config: dict[str, Any] = {"max_pool_connections": max(10, storage.max_concurrency)}
+            if storage.accelerated:
+                config["s3"] = {"use_accelerate_endpoint": True}
+            if storage.endpoint_url:
+                # botocore >= 1.36 sends CRC32 checksums that some S3-compatible servers reject.
+                config["request_checksum_calculation"] = "when_required"
+                config["response_checksum_validation"] = "when_required"
+            self.fs = s3fs.S3FileSystem(
+                asynchronous=True,
+                skip_instance_cache=True,
+                key=storage.access_key_id,
+                secret=storage.secret_access_key.get_secret_value()
+                if storage.secret_access_key
+                else None,
+                token=storage.session_token.get_secret_value() if storage.session_token else None,
+                endpoint_url=storage.endpoint_url,
+                client_kwargs={"region_name": storage.region},
+                config_kwargs=config,
+            )
+            await self.fs.set_session()
+        return self.fs
+
+    async def put(self, file: LocalFile, key: str) -> None:
+        fs = await self._client()
+        try:
+            await fs._put_file(
+                str(file.path),
+                f"{self.storage.bucket}/{key}",
+                chunksize=self.storage.multipart_chunksize,
+                max_concurrency=self.storage.max_concurrency,
+            )
+        except OSError as exc:
+            if exc.filename:  # a local file problem, not the network
+                raise
+            raise StoreError(f"upload of {key} failed: {_first_line(exc)}") from exc
+        except Exception as exc:
+            raise StoreError(f"upload of {key} failed: {_first_line(exc)}") from exc
+
+    async def _list(self, **params: Any) -> dict[str, Any]:
+        fs = await self._client()
+        return await fs._call_s3("list_objects_v2", Bucket=self.storage.bucket, **params)
+
+    async def sizes(self, prefix: str) -> dict[str, int]:
+        found: dict[str, int] = {}
+        params: dict[str, Any] = {"Prefix": prefix}
+        try:
+            while True:
+                page = await self._list(**params)
+                found.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
+                if not page.get("IsTruncated"):
+                    return found
+                params["ContinuationToken"] = page["NextContinuationToken"]
+        except Exception as exc:
+            raise StoreError(f"listing {prefix} failed: {_first_line(exc)}") from exc
+
+    async def probe(self) -> None:
+        try:
+            await self._list(Prefix=self.storage.prefix, MaxKeys=1)
+        except Exception as exc:
+            raise StoreError(f"cannot list {self.description}: {_first_line(exc)}") from exc
+
+    async def close(self) -> None:
+        if self.fs is not None and self.fs._s3 is not None:
+            await self.fs._s3.close()
+        self.fs = None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
