@@ -152,7 +152,7 @@ async def run_check(settings: Settings, config_file: Path | None) -> int:
     finally:
         await store.close()
     print(f"# bucket: {store.description} reachable")
-    print("ok")
+    print("# ok: settings valid, bucket reachable")
     return 0
 
 

@@ -87,9 +87,9 @@ class ObstoreStore:
                 chunk_size=self.storage.multipart_chunksize,
                 max_concurrency=self.storage.max_concurrency,
             )
-        except OSError:
-            raise
         except Exception as exc:
+            if _is_local(exc):
+                raise
             raise StoreError(f"upload of {key} failed: {_first_line(exc)}") from exc
 
     async def sizes(self, prefix: str) -> dict[str, int]:
@@ -162,11 +162,9 @@ class S3fsStore:
                 chunksize=self.storage.multipart_chunksize,
                 max_concurrency=self.storage.max_concurrency,
             )
-        except OSError as exc:
-            if exc.filename:  # a local file problem, not the network
-                raise
-            raise StoreError(f"upload of {key} failed: {_first_line(exc)}") from exc
         except Exception as exc:
+            if _is_local(exc):
+                raise
             raise StoreError(f"upload of {key} failed: {_first_line(exc)}") from exc
 
     async def _list(self, **params: Any) -> dict[str, Any]:
@@ -196,6 +194,12 @@ class S3fsStore:
         if self.fs is not None and self.fs._s3 is not None:
             await self.fs._s3.close()
         self.fs = None
+
+
+def _is_local(exc: Exception) -> bool:
+    """A local read error, as opposed to the store's (obstore raises FileNotFoundError for a
+    missing bucket, but without a file name)."""
+    return isinstance(exc, OSError) and exc.filename is not None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,0 +1,227 @@
+"""Fixtures: real S3 servers on loopback, a CloudFront key pair, and a workspace that drives the
+real `syncd` command in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from tests.cloudfront import CloudFrontStandIn
+from tests.servers import KEY, SECRET, S3Server, wait_until
+
+SYNCD = [sys.executable, "-m", "syncd"]
+KEY_PAIR_ID = "KTESTKEYPAIR1"
+OWN_ENV = ("AWS_", "OBJECT_STORAGE_", "CLOUDFRONT_", "SYNCD_")
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, S3Server]]:
+    root = tmp_path_factory.mktemp("servers")
+    started = {name: S3Server(name, root / name).start() for name in ("moto", "rclone")}
+    yield started
+    for server in started.values():
+        server.stop()
+
+
+@pytest.fixture(params=["moto", "rclone"])
+def server(request: pytest.FixtureRequest, servers: dict[str, S3Server]) -> S3Server:
+    return servers[request.param]
+
+
+@pytest.fixture
+def moto(servers: dict[str, S3Server]) -> S3Server:
+    return servers["moto"]
+
+
+@pytest.fixture(scope="session")
+def signing_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, rsa.RSAPrivateKey]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path = tmp_path_factory.mktemp("keys") / "cloudfront-private-key.pem"
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    return path, key
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test process's environment without any setting syncd reads, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(OWN_ENV)}
+    env.update(extra)
+    return env
+
+
+class DaemonProcess:
+    """`syncd run` in the background, its stderr in a file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log_path = log
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(
+                args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, text: str, timeout: float = 60) -> str:
+        def seen() -> bool:
+            if self.process.poll() is not None and text not in self.log():
+                raise AssertionError(f"syncd exited {self.process.returncode}:\n{self.log()}")
+            return text in self.log()
+
+        wait_until(seen, timeout, what=f"{text!r} in the daemon's log")
+        return self.log()
+
+    def terminate(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+            raise AssertionError(f"syncd did not stop on SIGTERM:\n{self.log()}") from None
+
+
+class Workspace:
+    """An outputs dir, a fresh bucket on one server, a config file, and ways to run syncd."""
+
+    def __init__(self, root: Path, server: S3Server, key_path: Path) -> None:
+        self.root = root
+        self.outputs = root / "outputs"
+        self.outputs.mkdir()
+        self.server = server
+        self.bucket = server.new_bucket()
+        self.key_path = key_path
+        self.daemons: list[DaemonProcess] = []
+        self.settings: dict[str, dict[str, Any]] = {
+            "object_storage": {
+                "enabled": True,
+                "bucket": self.bucket,
+                "endpoint_url": server.endpoint,
+                "access_key_id": KEY,
+                "secret_access_key": SECRET,
+                "use_transfer_acceleration": False,
+                "cloudfront_domain": "https://d111111abcdef8.cloudfront.net",
+                "cloudfront_key_pair_id": KEY_PAIR_ID,
+                "cloudfront_private_key_path": str(key_path),
+            },
+            "syncd": {"outputs_dir": str(self.outputs), "rescan_interval": 60},
+        }
+
+    @property
+    def config(self) -> Path:
+        path = self.root / "config.yaml"
+        path.write_text(yaml.safe_dump(self.settings))
+        return path
+
+    def result(
+        self, rel: str, files: dict[str, bytes] | None = None, metadata: Any = ...
+    ) -> Path:
+        """Write an exec tree (and, unless metadata=None, its metadata JSON) under outputs."""
+        tree = self.outputs / rel
+        files = files if files is not None else {
+            "results.zarr/.zgroup": b'{"zarr_format": 2}',
+            "results.zarr/t2m/.zarray": b'{"chunks": [1, 4]}',
+            "results.zarr/t2m/0.0": os.urandom(70_000),
+        }
+        for name, data in files.items():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            (tree / name).write_bytes(data)
+        tree.mkdir(parents=True, exist_ok=True)
+        if metadata is ...:
+            metadata = {"request_id": tree.name, "status": "completed", "storage_type": "server"}
+        if metadata is not None:
+            path = self.metadata_path(rel)
+            path.write_text(metadata if isinstance(metadata, str) else json.dumps(metadata))
+        return tree
+
+    def mark(self, rel: str) -> Path:
+        """Drop the completion marker by rename, as workflows do."""
+        marker = self.outputs / f"{rel}.done"
+        tmp = marker.parent / f".{marker.name}.tmp"
+        tmp.write_text("")
+        os.rename(tmp, marker)
+        return marker
+
+    def metadata_path(self, rel: str) -> Path:
+        return self.outputs / f"{rel}.json"
+
+    def metadata(self, rel: str) -> dict[str, Any]:
+        return json.loads(self.metadata_path(rel).read_text())
+
+    def recorded(self, rel: str) -> bool:
+        try:
+            return self.metadata(rel).get("storage_type") == "s3"
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+
+    def objects(self, prefix: str = "") -> dict[str, bytes]:
+        return self.server.objects(self.bucket, prefix)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return clean_env(**extra)
+
+    def syncd(self, *args: str, env: dict[str, str] | None = None, timeout: float = 180):
+        return subprocess.run(
+            [*SYNCD, *args],
+            env=env or self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.root,
+        )
+
+    def sync(self, *rels: str, env: dict[str, str] | None = None):
+        return self.syncd(
+            "sync", "--config", str(self.config), *(str(self.outputs / r) for r in rels), env=env
+        )
+
+    def daemon(self, env: dict[str, str] | None = None) -> DaemonProcess:
+        log = self.root / f"daemon-{len(self.daemons)}.log"
+        process = DaemonProcess([*SYNCD, "run", "--config", str(self.config)], env or self.env(), log)
+        self.daemons.append(process)
+        return process
+
+    def cloudfront(self, key: rsa.RSAPrivateKey) -> CloudFrontStandIn:
+        """A CloudFront stand-in in front of this bucket; syncd signs URLs for its domain."""
+        stand_in = CloudFrontStandIn(self.server.client(), self.bucket, KEY_PAIR_ID, key.public_key())
+        self.settings["object_storage"]["cloudfront_domain"] = stand_in.domain
+        return stand_in
+
+    def kill_daemons(self) -> None:
+        for daemon in self.daemons:
+            if daemon.process.poll() is None:
+                os.killpg(daemon.process.pid, signal.SIGKILL)
+                daemon.process.wait()
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, server: S3Server, signing_key) -> Iterator[Workspace]:
+    """A workspace on each of the two servers."""
+    ws = Workspace(tmp_path, server, signing_key[0])
+    yield ws
+    ws.kill_daemons()
+
+
+@pytest.fixture
+def moto_workspace(tmp_path: Path, moto: S3Server, signing_key) -> Iterator[Workspace]:
+    """A workspace on moto only, for behaviour that does not depend on the server."""
+    ws = Workspace(tmp_path, moto, signing_key[0])
+    yield ws
+    ws.kill_daemons()

@@ -1,0 +1,357 @@
+"""Settings: the seed's keys, defaults and environment variables; precedence; clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from syncd.config import ConfigError, load_settings
+from tests.conftest import SYNCD, clean_env
+
+SEED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "object-storage.md"
+
+# The seed's table: key, environment variable, default, a non-default value.
+SEED_TABLE = [
+    ("enabled", "OBJECT_STORAGE_ENABLED", False, "true", True),
+    ("bucket", "OBJECT_STORAGE_BUCKET", None, "my-bucket", "my-bucket"),
+    ("region", "OBJECT_STORAGE_REGION", "us-east-1", "eu-west-1", "eu-west-1"),
+    ("prefix", "OBJECT_STORAGE_PREFIX", "outputs", "results", "results"),
+    ("access_key_id", "OBJECT_STORAGE_ACCESS_KEY_ID", None, "AKIAEXAMPLE", "AKIAEXAMPLE"),
+    ("secret_access_key", "OBJECT_STORAGE_SECRET_ACCESS_KEY", None, "s3cr3t", "s3cr3t"),
+    ("session_token", "OBJECT_STORAGE_SESSION_TOKEN", None, "tok3n", "tok3n"),
+    ("endpoint_url", "OBJECT_STORAGE_ENDPOINT_URL", None, "http://localhost:9000", "http://localhost:9000"),
+    ("use_transfer_acceleration", "OBJECT_STORAGE_TRANSFER_ACCELERATION", True, "false", False),
+    ("max_concurrency", "OBJECT_STORAGE_MAX_CONCURRENCY", 16, "32", 32),
+    ("multipart_chunksize", "OBJECT_STORAGE_MULTIPART_CHUNKSIZE", 8388608, "16777216", 16777216),
+    ("use_rust_client", "OBJECT_STORAGE_USE_RUST_CLIENT", True, "false", False),
+    ("cloudfront_domain", "CLOUDFRONT_DOMAIN", None, "https://d1.cloudfront.net", "https://d1.cloudfront.net"),
+    ("cloudfront_key_pair_id", "CLOUDFRONT_KEY_PAIR_ID", None, "KUCQGLNFR6UH1", "KUCQGLNFR6UH1"),
+    ("cloudfront_private_key_path", "CLOUDFRONT_PRIVATE_KEY_PATH", None, "/k.pem", Path("/k.pem")),
+    ("signed_url_expires_in", "OBJECT_STORAGE_SIGNED_URL_EXPIRES_IN", 3600, "60", 60),
+]
+
+
+# Settings that must come together, so each key of the table can be set on its own.
+BASE = {
+    "bucket": "b",
+    "cloudfront_domain": "https://base.cloudfront.net",
+    "cloudfront_key_pair_id": "KBASE",
+    "cloudfront_private_key_path": "/base.pem",
+}
+BASE_ENV = {"OBJECT_STORAGE_BUCKET": "b", "CLOUDFRONT_DOMAIN": "https://base.cloudfront.net",
+            "CLOUDFRONT_KEY_PAIR_ID": "KBASE", "CLOUDFRONT_PRIVATE_KEY_PATH": "/base.pem"}
+
+
+def plain(value):
+    return value.get_secret_value() if hasattr(value, "get_secret_value") else value
+
+
+def write(tmp_path: Path, document) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(document if isinstance(document, str) else yaml.safe_dump(document))
+    return path
+
+
+def check(config: Path | None, **env: str) -> subprocess.CompletedProcess:
+    args = [*SYNCD, "check"] + (["--config", str(config)] if config else [])
+    return subprocess.run(args, env=clean_env(**env), capture_output=True, text=True, timeout=60)
+
+
+def test_the_table_matches_the_seed_document():
+    rows = [line for line in SEED.read_text().splitlines() if line.startswith("| `")]
+    documented = {
+        cells[0].strip("` "): (cells[1].strip("` "), cells[2].strip("` "))
+        for cells in (row.strip("|").split("|") for row in rows)
+        if cells[1].strip().startswith("`")
+    }
+    ours = {key: (env, default) for key, env, default, _, _ in SEED_TABLE}
+    assert {k: v[0] for k, v in documented.items()} == {k: v[0] for k, v in ours.items()}
+    assert {k: v[1] for k, v in documented.items()} == {
+        k: "null" if v[1] is None else str(v[1]).lower() for k, v in ours.items()
+    }
+
+
+def test_defaults_are_the_seeds():
+    settings, path = load_settings(environ={})
+    storage = settings.object_storage.model_dump()
+    assert path is None or path == Path("/etc/syncd/config.yaml")
+    assert {key: storage[key] for key, *_ in SEED_TABLE} == {
+        key: default for key, _, default, _, _ in SEED_TABLE
+    }
+    assert settings.syncd.outputs_dir == Path("/outputs")
+
+
+@pytest.mark.parametrize(("key", "env", "default", "raw", "value"), SEED_TABLE)
+def test_each_environment_variable_sets_its_key(key, env, default, raw, value):
+    environ = {**BASE_ENV, env: raw}
+    settings, _ = load_settings(environ=environ)
+    assert plain(getattr(settings.object_storage, key)) == value
+
+
+@pytest.mark.parametrize(("key", "env", "default", "raw", "value"), SEED_TABLE)
+def test_each_yaml_key_sets_its_key(tmp_path, key, env, default, raw, value):
+    document = {"object_storage": {**BASE, key: yaml.safe_load(raw)}}
+    settings, _ = load_settings(write(tmp_path, document), environ={})
+    assert plain(getattr(settings.object_storage, key)) == value
+
+
+def test_standard_aws_variables_supply_credentials():
+    environ = {
+        "AWS_ACCESS_KEY_ID": "AKIAFROMAWS",
+        "AWS_SECRET_ACCESS_KEY": "aws-secret",
+        "AWS_SESSION_TOKEN": "aws-token",
+    }
+    storage = load_settings(environ=environ)[0].object_storage
+    assert storage.access_key_id == "AKIAFROMAWS"
+    assert plain(storage.secret_access_key) == "aws-secret"
+    assert plain(storage.session_token) == "aws-token"
+    environ["OBJECT_STORAGE_ACCESS_KEY_ID"] = "AKIAOWN"
+    assert load_settings(environ=environ)[0].object_storage.access_key_id == "AKIAOWN"
+
+
+def test_flags_beat_environment_beat_yaml_beat_defaults(tmp_path):
+    config = write(
+        tmp_path,
+        {
+            "object_storage": {"region": "eu-west-1", "prefix": "from-yaml"},
+            "syncd": {"outputs_dir": "/from/yaml", "log_level": "DEBUG", "rescan_interval": 5},
+        },
+    )
+    environ = {"OBJECT_STORAGE_PREFIX": "from-env", "SYNCD_OUTPUTS_DIR": "/from/env",
+               "SYNCD_LOG_LEVEL": "warning"}
+    settings, path = load_settings(config, {"syncd": {"outputs_dir": "/from/flag"}}, environ)
+
+    assert path == config
+    assert settings.object_storage.region == "eu-west-1"  # YAML over default
+    assert settings.object_storage.prefix == "from-env"  # environment over YAML
+    assert settings.syncd.log_level == "WARNING"
+    assert settings.syncd.rescan_interval == 5
+    assert settings.syncd.outputs_dir == Path("/from/flag")  # flag over environment
+    assert settings.object_storage.max_concurrency == 16  # default
+
+
+def test_config_file_comes_from_syncd_config_variable(tmp_path):
+    config = write(tmp_path, {"syncd": {"outputs_dir": "/via/variable"}})
+    settings, path = load_settings(environ={"SYNCD_CONFIG": str(config)})
+    assert path == config
+    assert settings.syncd.outputs_dir == Path("/via/variable")
+
+
+def test_earth2studio_metadata_layout_is_configurable(tmp_path):
+    from syncd.layout import Layout
+
+    config = write(
+        tmp_path,
+        {"syncd": {"outputs_dir": "/outputs", "metadata_file": "metadata_{workflow}:{exec}.json"}},
+    )
+    layout = Layout(load_settings(config, environ={})[0])
+    result = layout.for_marker(Path("/outputs/deterministic/exec_1769560728_10ed9d3c.done"))
+    assert result is not None
+    assert result.metadata == Path(
+        "/outputs/metadata_deterministic:exec_1769560728_10ed9d3c.json"
+    )
+    assert result.tree == Path("/outputs/deterministic/exec_1769560728_10ed9d3c")
+    assert result.remote_path == "outputs/deterministic/exec_1769560728_10ed9d3c"
+
+
+BAD = [
+    (
+        {"object_storage": {"enabled": True}},
+        {},
+        "invalid object_storage settings (config file {path}): bucket is required when object "
+        "storage is enabled: set object_storage.bucket or OBJECT_STORAGE_BUCKET",
+    ),
+    (
+        {"object_storage": {"enabled": True, "bucket": "b", "cloudfront_domain": "https://d.net"}},
+        {},
+        "invalid object_storage settings (config file {path}): CloudFront is half configured: "
+        "cloudfront_key_pair_id, cloudfront_private_key_path missing; set all three "
+        "cloudfront_* settings to sign URLs, or none to upload without signed URLs",
+    ),
+    (
+        {"object_storage": {"bucket": "b", "buckett": "typo"}},
+        {},
+        "config file {path}: unknown key object_storage.buckett (known keys: enabled, bucket, "
+        "region, prefix, access_key_id, secret_access_key, session_token, endpoint_url, "
+        "use_transfer_acceleration, max_concurrency, multipart_chunksize, use_rust_client, "
+        "cloudfront_domain, cloudfront_key_pair_id, cloudfront_private_key_path, "
+        "signed_url_expires_in)",
+    ),
+    (
+        {"objectstorage": {}},
+        {},
+        "config file {path}: unknown section objectstorage: (known: object_storage, syncd)",
+    ),
+    (
+        {},
+        {"OBJECT_STORAGE_MULTIPART_CHUNKSIZE": "1048576"},
+        "invalid setting object_storage.multipart_chunksize (from "
+        "$OBJECT_STORAGE_MULTIPART_CHUNKSIZE) = '1048576': Input should be greater than or equal "
+        "to 5242880",
+    ),
+    (
+        {"object_storage": {"max_concurrency": 0}},
+        {},
+        "invalid setting object_storage.max_concurrency (in {path}) = 0: Input should be greater "
+        "than or equal to 1",
+    ),
+    (
+        {},
+        {"OBJECT_STORAGE_ENABLED": "maybe"},
+        "invalid setting object_storage.enabled (from $OBJECT_STORAGE_ENABLED) = 'maybe': "
+        "Input should be a valid boolean, unable to interpret input",
+    ),
+    (
+        {"syncd": {"metadata_file": "{exec}.{nope}.json"}},
+        {},
+        "invalid setting syncd.metadata_file (in {path}) = '{{exec}}.{{nope}}.json': unknown "
+        "placeholder {{nope}}; use {{exec}}, {{exec_path}} or {{workflow}}",
+    ),
+]
+
+
+@pytest.mark.parametrize(("document", "env", "message"), BAD)
+def test_bad_configuration_is_one_clear_line(tmp_path, document, env, message):
+    config = write(tmp_path, document)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config, environ=env)
+    assert str(caught.value) == message.format(path=config)
+
+
+def test_bad_configuration_exits_2_with_one_line_and_no_traceback(tmp_path):
+    config = write(tmp_path, {"object_storage": {"enabled": True}})
+    done = check(config)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"syncd: error: invalid object_storage settings (config file {config}): bucket is "
+        "required when object storage is enabled: set object_storage.bucket or "
+        "OBJECT_STORAGE_BUCKET"
+    ]
+
+
+def test_yaml_that_does_not_parse_names_the_file(tmp_path):
+    config = write(tmp_path, "object_storage:\n  enabled: true\n   bucket: [oops\n")
+    done = check(config)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"syncd: error: config file {config} is not valid YAML at line 3, column 10: "
+        "mapping values are not allowed here"
+    ]
+
+
+def test_missing_config_file_is_named(tmp_path):
+    done = check(tmp_path / "nope.yaml")
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"syncd: error: config file {tmp_path / 'nope.yaml'} does not exist: fix --config or "
+        "SYNCD_CONFIG"
+    ]
+
+
+def cloudfront_config(tmp_path: Path, key_path: Path) -> Path:
+    return write(
+        tmp_path,
+        {
+            "object_storage": {
+                "enabled": True,
+                "bucket": "b",
+                "endpoint_url": "http://127.0.0.1:9",
+                "cloudfront_domain": "https://d1.cloudfront.net",
+                "cloudfront_key_pair_id": "K1",
+                "cloudfront_private_key_path": str(key_path),
+            }
+        },
+    )
+
+
+def test_private_key_missing_unreadable_or_not_rsa_names_the_path(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    missing = tmp_path / "missing.pem"
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN NOTHING-----\n")
+    ec_key = tmp_path / "ec.pem"
+    ec_key.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    expected = {
+        missing: f"CloudFront private key {missing} does not exist: fix "
+        "object_storage.cloudfront_private_key_path (CLOUDFRONT_PRIVATE_KEY_PATH)",
+        garbage: f"CloudFront private key {garbage} is not an unencrypted PEM private key: "
+        "create one with `openssl genrsa -out cloudfront-private-key.pem 2048`",
+        ec_key: f"CloudFront private key {ec_key} is not an RSA key: CloudFront signs with RSA; "
+        "create one with `openssl genrsa -out cloudfront-private-key.pem 2048`",
+    }
+    for path, message in expected.items():
+        done = check(cloudfront_config(tmp_path, path))
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.splitlines() == [f"syncd: error: {message}"]
+
+
+def test_unreadable_private_key_is_named(tmp_path, signing_key):
+    import os
+
+    if os.geteuid() == 0:
+        # root reads any file, so make the path unreadable by making it a folder instead
+        unreadable = tmp_path / "key-is-a-folder.pem"
+        unreadable.mkdir()
+    else:
+        unreadable = tmp_path / "unreadable.pem"
+        unreadable.write_bytes(signing_key[0].read_bytes())
+        unreadable.chmod(0)
+    done = check(cloudfront_config(tmp_path, unreadable))
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"syncd: error: CloudFront private key {unreadable} ")
+    assert len(done.stderr.splitlines()) == 1
+
+
+def test_check_prints_settings_without_secrets_and_reaches_the_bucket(moto_workspace):
+    ws = moto_workspace
+    ws.settings["object_storage"]["session_token"] = "very-secret-token"
+    done = ws.syncd("check", "--config", str(ws.config))
+
+    assert done.returncode == 0, done.stderr
+    printed = yaml.safe_load(done.stdout)
+    assert printed["object_storage"]["bucket"] == ws.bucket
+    assert printed["object_storage"]["secret_access_key"] == "<redacted>"
+    assert printed["object_storage"]["session_token"] == "<redacted>"
+    assert printed["syncd"]["outputs_dir"] == str(ws.outputs)
+    assert f"# bucket: s3://{ws.bucket}" in done.stdout
+    assert done.stdout.rstrip().endswith("# ok: settings valid, bucket reachable")
+    secret_material = ["syncdtestsecret", "very-secret-token", "PRIVATE KEY"]
+    for text in secret_material:
+        assert text not in done.stdout + done.stderr
+
+
+def test_check_fails_when_the_bucket_cannot_be_reached(moto_workspace):
+    ws = moto_workspace
+    ws.settings["object_storage"]["bucket"] = "no-such-bucket-syncd"
+    done = ws.syncd("check", "--config", str(ws.config))
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1].startswith(
+        "syncd: error: cannot list s3://no-such-bucket-syncd"
+    )
+
+
+def test_disabled_object_storage_is_an_error_for_run(tmp_path):
+    config = write(tmp_path, {"syncd": {"outputs_dir": str(tmp_path)}})
+    done = subprocess.run(
+        [*SYNCD, "run", "--config", str(config)],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "syncd: error: object storage is disabled, so syncd has nothing to do: set "
+        "object_storage.enabled: true or OBJECT_STORAGE_ENABLED=true"
+    ]

@@ -1,0 +1,130 @@
+"""`syncd sync` against real servers: the bytes in the bucket and the metadata it records."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.cloudfront import file_url, verify
+
+MiB = 1024 * 1024
+
+
+@pytest.mark.parametrize("rust", [True, False], ids=["obstore", "s3fs"])
+def test_every_file_lands_byte_for_byte_with_each_client(workspace, signing_key, rust):
+    files = {
+        "results.zarr/.zgroup": b'{"zarr_format": 2}',
+        "results.zarr/.zmetadata": b'{"metadata": {}}',
+        "results.zarr/t2m/.zarray": b'{"chunks": [1, 721, 1440]}',
+        "results.zarr/t2m/0.0.0": os.urandom(300_000),
+        "results.zarr/t2m/1.0.0": os.urandom(12 * MiB),  # multipart with 8 MiB parts
+        "results.zarr/u10m/0.0.0": b"",
+        "run.json": b"{}",
+    }
+    workspace.settings["object_storage"]["use_rust_client"] = rust
+    tree = workspace.result("wf/exec_1769560728_10ed9d3c", files)
+
+    done = workspace.sync("wf/exec_1769560728_10ed9d3c")
+
+    assert done.returncode == 0, done.stderr
+    prefix = "outputs/wf/exec_1769560728_10ed9d3c/"
+    assert workspace.objects() == {prefix + name: data for name, data in files.items()}
+    assert f"-> s3://{workspace.bucket}/{prefix.rstrip('/')}" in done.stdout
+    meta = workspace.metadata("wf/exec_1769560728_10ed9d3c")
+    assert meta["storage_type"] == "s3"
+    assert meta["remote_path"] == "outputs/wf/exec_1769560728_10ed9d3c"
+    assert sorted(meta["output_files"], key=lambda f: f["path"]) == sorted(
+        ({"path": f"{tree.name}/{name}", "size": len(data)} for name, data in files.items()),
+        key=lambda f: f["path"],
+    )
+    public = {"KTESTKEYPAIR1": signing_key[1].public_key()}
+    policy = verify(file_url(meta["signed_url"], "results.zarr/.zgroup"), public)
+    assert policy["Statement"][0]["Resource"] == (
+        "https://d111111abcdef8.cloudfront.net/outputs/wf/exec_1769560728_10ed9d3c/*"
+    )
+
+
+def test_marker_metadata_and_outside_symlinks_are_not_uploaded(moto_workspace, tmp_path):
+    ws = moto_workspace
+    secret = tmp_path / "host-secret.txt"
+    secret.write_text("not part of any result")
+    tree = ws.result("exec_1_aaaaaaaa", {"data/a.bin": b"a" * 10})
+    (tree / "data" / "leak.txt").symlink_to(secret)
+    (tree / "data" / "etc").symlink_to("/etc", target_is_directory=True)
+    (tree / "data" / "again.bin").symlink_to(tree / "data" / "a.bin")
+    ws.mark("exec_1_aaaaaaaa")
+
+    done = ws.sync("exec_1_aaaaaaaa")
+
+    assert done.returncode == 0, done.stderr
+    assert ws.objects() == {
+        "outputs/exec_1_aaaaaaaa/data/a.bin": b"a" * 10,
+        "outputs/exec_1_aaaaaaaa/data/again.bin": b"a" * 10,
+    }
+    assert "skipping symlink data/leak.txt that leads outside the tree" in done.stderr
+    assert "skipping symlinked folder" in done.stderr
+
+
+def test_prefix_and_top_level_result_make_the_remote_path(moto_workspace):
+    ws = moto_workspace
+    ws.settings["object_storage"]["prefix"] = "/team/results/"
+    ws.result("exec_2_bbbbbbbb", {"x.txt": b"x"})
+
+    done = ws.sync("exec_2_bbbbbbbb")
+
+    assert done.returncode == 0, done.stderr
+    assert ws.objects() == {"team/results/exec_2_bbbbbbbb/x.txt": b"x"}
+    assert ws.metadata("exec_2_bbbbbbbb")["remote_path"] == "team/results/exec_2_bbbbbbbb"
+
+
+def test_empty_prefix_puts_results_at_the_bucket_root(moto_workspace):
+    ws = moto_workspace
+    ws.settings["object_storage"]["prefix"] = ""
+    ws.result("wf/exec_3_cccccccc", {"x.txt": b"x"})
+
+    done = ws.sync("wf/exec_3_cccccccc")
+
+    assert done.returncode == 0, done.stderr
+    assert ws.objects() == {"wf/exec_3_cccccccc/x.txt": b"x"}
+    assert ws.metadata("wf/exec_3_cccccccc")["remote_path"] == "wf/exec_3_cccccccc"
+
+
+def test_unreachable_bucket_fails_and_leaves_metadata_alone(moto_workspace):
+    ws = moto_workspace
+    ws.settings["object_storage"]["bucket"] = "no-such-bucket-syncd"
+    ws.result("exec_4_dddddddd", {"x.txt": b"x"})
+    before = ws.metadata_path("exec_4_dddddddd").read_bytes()
+
+    done = ws.sync("exec_4_dddddddd")
+
+    assert done.returncode == 1
+    assert "exec_4_dddddddd: upload of outputs/exec_4_dddddddd/x.txt failed" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert ws.metadata_path("exec_4_dddddddd").read_bytes() == before
+
+
+def test_sync_refuses_a_folder_outside_outputs_dir(moto_workspace, tmp_path):
+    elsewhere = tmp_path / "elsewhere" / "exec_5_eeeeeeee"
+    elsewhere.mkdir(parents=True)
+
+    done = moto_workspace.syncd("sync", "--config", str(moto_workspace.config), str(elsewhere))
+
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"syncd: error: {elsewhere} is not under outputs_dir {moto_workspace.outputs}: "
+        "set syncd.outputs_dir (SYNCD_OUTPUTS_DIR or --outputs-dir)"
+    )
+    assert moto_workspace.objects() == {}
+
+
+def test_one_failed_result_does_not_stop_the_others(moto_workspace):
+    ws = moto_workspace
+    ws.result("exec_6_ffffffff", {"x.txt": b"x"}, metadata="{not json")
+    ws.result("exec_7_abcdef01", {"y.txt": b"y"})
+
+    done = ws.sync("exec_6_ffffffff", "exec_7_abcdef01")
+
+    assert done.returncode == 1
+    assert ws.objects() == {"outputs/exec_7_abcdef01/y.txt": b"y"}
+    assert ws.recorded("exec_7_abcdef01")
