@@ -30,15 +30,11 @@ def unb64(text: str) -> bytes:
 
 
 def resource_matches(pattern: str, url: str) -> bool:
-    regex = "".join(
-        ".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern
-    )
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
     return re.fullmatch(regex, url, flags=re.DOTALL) is not None
 
 
-def verify(
-    url: str, keys: dict[str, rsa.RSAPublicKey], now: float | None = None
-) -> dict:
+def verify(url: str, keys: dict[str, rsa.RSAPublicKey], now: float | None = None) -> dict:
     """The decoded policy of a valid URL for `url`'s own path; Forbidden otherwise."""
     parts = urlsplit(url)
     query = parse_qs(parts.query, keep_blank_values=True)

@@ -130,16 +130,18 @@ class Workspace:
         path.write_text(yaml.safe_dump(self.settings))
         return path
 
-    def result(
-        self, rel: str, files: dict[str, bytes] | None = None, metadata: Any = ...
-    ) -> Path:
+    def result(self, rel: str, files: dict[str, bytes] | None = None, metadata: Any = ...) -> Path:
         """Write an exec tree (and, unless metadata=None, its metadata JSON) under outputs."""
         tree = self.outputs / rel
-        files = files if files is not None else {
-            "results.zarr/.zgroup": b'{"zarr_format": 2}',
-            "results.zarr/t2m/.zarray": b'{"chunks": [1, 4]}',
-            "results.zarr/t2m/0.0": os.urandom(70_000),
-        }
+        files = (
+            files
+            if files is not None
+            else {
+                "results.zarr/.zgroup": b'{"zarr_format": 2}',
+                "results.zarr/t2m/.zarray": b'{"chunks": [1, 4]}',
+                "results.zarr/t2m/0.0": os.urandom(70_000),
+            }
+        )
         for name, data in files.items():
             (tree / name).parent.mkdir(parents=True, exist_ok=True)
             (tree / name).write_bytes(data)
@@ -194,13 +196,17 @@ class Workspace:
 
     def daemon(self, env: dict[str, str] | None = None) -> DaemonProcess:
         log = self.root / f"daemon-{len(self.daemons)}.log"
-        process = DaemonProcess([*SYNCD, "run", "--config", str(self.config)], env or self.env(), log)
+        process = DaemonProcess(
+            [*SYNCD, "run", "--config", str(self.config)], env or self.env(), log
+        )
         self.daemons.append(process)
         return process
 
     def cloudfront(self, key: rsa.RSAPrivateKey) -> CloudFrontStandIn:
         """A CloudFront stand-in in front of this bucket; syncd signs URLs for its domain."""
-        stand_in = CloudFrontStandIn(self.server.client(), self.bucket, KEY_PAIR_ID, key.public_key())
+        stand_in = CloudFrontStandIn(
+            self.server.client(), self.bucket, KEY_PAIR_ID, key.public_key()
+        )
         self.settings["object_storage"]["cloudfront_domain"] = stand_in.domain
         return stand_in
 

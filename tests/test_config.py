@@ -22,12 +22,24 @@ SEED_TABLE = [
     ("access_key_id", "OBJECT_STORAGE_ACCESS_KEY_ID", None, "AKIAEXAMPLE", "AKIAEXAMPLE"),
     ("secret_access_key", "OBJECT_STORAGE_SECRET_ACCESS_KEY", None, "s3cr3t", "s3cr3t"),
     ("session_token", "OBJECT_STORAGE_SESSION_TOKEN", None, "tok3n", "tok3n"),
-    ("endpoint_url", "OBJECT_STORAGE_ENDPOINT_URL", None, "http://localhost:9000", "http://localhost:9000"),
+    (
+        "endpoint_url",
+        "OBJECT_STORAGE_ENDPOINT_URL",
+        None,
+        "http://localhost:9000",
+        "http://localhost:9000",
+    ),
     ("use_transfer_acceleration", "OBJECT_STORAGE_TRANSFER_ACCELERATION", True, "false", False),
     ("max_concurrency", "OBJECT_STORAGE_MAX_CONCURRENCY", 16, "32", 32),
     ("multipart_chunksize", "OBJECT_STORAGE_MULTIPART_CHUNKSIZE", 8388608, "16777216", 16777216),
     ("use_rust_client", "OBJECT_STORAGE_USE_RUST_CLIENT", True, "false", False),
-    ("cloudfront_domain", "CLOUDFRONT_DOMAIN", None, "https://d1.cloudfront.net", "https://d1.cloudfront.net"),
+    (
+        "cloudfront_domain",
+        "CLOUDFRONT_DOMAIN",
+        None,
+        "https://d1.cloudfront.net",
+        "https://d1.cloudfront.net",
+    ),
     ("cloudfront_key_pair_id", "CLOUDFRONT_KEY_PAIR_ID", None, "KUCQGLNFR6UH1", "KUCQGLNFR6UH1"),
     ("cloudfront_private_key_path", "CLOUDFRONT_PRIVATE_KEY_PATH", None, "/k.pem", Path("/k.pem")),
     ("signed_url_expires_in", "OBJECT_STORAGE_SIGNED_URL_EXPIRES_IN", 3600, "60", 60),
@@ -41,8 +53,12 @@ BASE = {
     "cloudfront_key_pair_id": "KBASE",
     "cloudfront_private_key_path": "/base.pem",
 }
-BASE_ENV = {"OBJECT_STORAGE_BUCKET": "b", "CLOUDFRONT_DOMAIN": "https://base.cloudfront.net",
-            "CLOUDFRONT_KEY_PAIR_ID": "KBASE", "CLOUDFRONT_PRIVATE_KEY_PATH": "/base.pem"}
+BASE_ENV = {
+    "OBJECT_STORAGE_BUCKET": "b",
+    "CLOUDFRONT_DOMAIN": "https://base.cloudfront.net",
+    "CLOUDFRONT_KEY_PAIR_ID": "KBASE",
+    "CLOUDFRONT_PRIVATE_KEY_PATH": "/base.pem",
+}
 
 
 def plain(value):
@@ -120,8 +136,11 @@ def test_flags_beat_environment_beat_yaml_beat_defaults(tmp_path):
             "syncd": {"outputs_dir": "/from/yaml", "log_level": "DEBUG", "rescan_interval": 5},
         },
     )
-    environ = {"OBJECT_STORAGE_PREFIX": "from-env", "SYNCD_OUTPUTS_DIR": "/from/env",
-               "SYNCD_LOG_LEVEL": "warning"}
+    environ = {
+        "OBJECT_STORAGE_PREFIX": "from-env",
+        "SYNCD_OUTPUTS_DIR": "/from/env",
+        "SYNCD_LOG_LEVEL": "warning",
+    }
     settings, path = load_settings(config, {"syncd": {"outputs_dir": "/from/flag"}}, environ)
 
     assert path == config
@@ -150,9 +169,7 @@ def test_earth2studio_metadata_layout_is_configurable(tmp_path):
     layout = Layout(load_settings(config, environ={})[0])
     result = layout.for_marker(Path("/outputs/deterministic/exec_1769560728_10ed9d3c.done"))
     assert result is not None
-    assert result.metadata == Path(
-        "/outputs/metadata_deterministic:exec_1769560728_10ed9d3c.json"
-    )
+    assert result.metadata == Path("/outputs/metadata_deterministic:exec_1769560728_10ed9d3c.json")
     assert result.tree == Path("/outputs/deterministic/exec_1769560728_10ed9d3c")
     assert result.remote_path == "outputs/deterministic/exec_1769560728_10ed9d3c"
 
