@@ -1,0 +1,195 @@
+"""`syncd run`: markers seen by watching, by the start-up scan and by the rescan; bad results
+logged while the others are served; SIGTERM exits 0."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tests.conftest import SYNCD, clean_env
+from tests.servers import S3Server, wait_until
+
+
+def test_marked_result_is_uploaded_and_recorded_by_the_running_daemon(workspace):
+    ws = workspace
+    daemon = ws.daemon()
+    daemon.wait_log("syncd watching")
+    tree = ws.result("wf/exec_1769560728_10ed9d3c")
+    ws.result("wf/exec_1769560729_unmarked")
+
+    ws.mark("wf/exec_1769560728_10ed9d3c")
+
+    wait_until(lambda: ws.recorded("wf/exec_1769560728_10ed9d3c"), what="metadata recorded")
+    expected = {
+        f"outputs/wf/exec_1769560728_10ed9d3c/{p.relative_to(tree).as_posix()}": p.read_bytes()
+        for p in tree.rglob("*")
+        if p.is_file()
+    }
+    assert ws.objects() == expected  # nothing of the unmarked result
+    assert daemon.terminate() == 0
+    log = daemon.log()
+    assert "exec_1769560728_10ed9d3c: uploaded 3 files" in log
+    assert "MB/s" in log
+
+
+def test_results_marked_while_down_are_found_at_start_and_recorded_ones_skipped(moto_workspace):
+    ws = moto_workspace
+    ws.result("exec_1_aaaaaaaa", {"a.txt": b"a"})
+    ws.result("wf/exec_2_bbbbbbbb", {"b.txt": b"b"})
+    ws.result(
+        "exec_3_cccccccc",
+        {"c.txt": b"c"},
+        metadata={"storage_type": "s3", "remote_path": "outputs/exec_3_cccccccc"},
+    )
+    for rel in ("exec_1_aaaaaaaa", "wf/exec_2_bbbbbbbb", "exec_3_cccccccc"):
+        ws.mark(rel)
+
+    daemon = ws.daemon()
+
+    wait_until(lambda: ws.recorded("exec_1_aaaaaaaa") and ws.recorded("wf/exec_2_bbbbbbbb"))
+    assert ws.objects() == {
+        "outputs/exec_1_aaaaaaaa/a.txt": b"a",
+        "outputs/wf/exec_2_bbbbbbbb/b.txt": b"b",
+    }
+    assert daemon.terminate() == 0
+
+
+def test_new_workflow_folder_is_watched(moto_workspace):
+    ws = moto_workspace
+    daemon = ws.daemon()
+    daemon.wait_log("syncd watching")
+
+    ws.result("new_workflow/exec_4_dddddddd", {"d.txt": b"d"})
+    ws.mark("new_workflow/exec_4_dddddddd")
+
+    wait_until(lambda: ws.recorded("new_workflow/exec_4_dddddddd"), what="metadata recorded")
+    assert ws.objects() == {"outputs/new_workflow/exec_4_dddddddd/d.txt": b"d"}
+    assert daemon.terminate() == 0
+
+
+def test_many_results_at_once_are_all_recorded(moto_workspace):
+    ws = moto_workspace
+    ws.settings["syncd"]["parallel_results"] = 3
+    daemon = ws.daemon()
+    daemon.wait_log("syncd watching")
+    rels = [f"wf{i % 2}/exec_{i}_abcdef{i:02d}" for i in range(8)]
+    for rel in rels:
+        ws.result(rel, {"x.bin": rel.encode()})
+        ws.mark(rel)
+
+    wait_until(lambda: all(ws.recorded(rel) for rel in rels), what="all 8 results recorded")
+    assert ws.objects() == {f"outputs/{rel}/x.bin": rel.encode() for rel in rels}
+    assert daemon.terminate() == 0
+
+
+def test_bad_results_are_logged_while_the_others_are_served(moto_workspace):
+    ws = moto_workspace
+    daemon = ws.daemon()
+    daemon.wait_log("syncd watching")
+    ws.result("exec_5_eeeeeeee", {"x": b"x"}, metadata="{broken")
+    ws.mark("exec_5_eeeeeeee")
+    ws.mark("exec_6_ffffffff")  # a marker with no tree
+    ws.result("exec_7_abcdef07", {"y": b"y"})
+    ws.mark("exec_7_abcdef07")
+
+    wait_until(lambda: ws.recorded("exec_7_abcdef07"), what="the good result recorded")
+    log = daemon.wait_log("exec_6_ffffffff: marker")
+    assert f"metadata {ws.metadata_path('exec_5_eeeeeeee')} is not valid JSON" in log
+    assert (
+        f"exec_6_ffffffff: marker {ws.outputs / 'exec_6_ffffffff.done'} has no result folder "
+        f"{ws.outputs / 'exec_6_ffffffff'}: remove the marker or restore the folder" in log
+    )
+    assert ws.metadata_path("exec_5_eeeeeeee").read_text() == "{broken"
+    assert ws.objects() == {"outputs/exec_7_abcdef07/y": b"y"}
+    assert daemon.process.poll() is None
+    assert daemon.terminate() == 0
+
+
+def test_rescan_uploads_what_failed_while_the_server_was_down(moto_workspace, tmp_path):
+    ws = moto_workspace
+    server = S3Server("moto", tmp_path / "late-moto")  # not started yet: connections refused
+    ws.settings["object_storage"]["endpoint_url"] = server.endpoint
+    ws.settings["object_storage"]["bucket"] = "late-bucket"
+    ws.settings["syncd"]["rescan_interval"] = 0.5
+    ws.result("exec_8_abcdef08", {"z.bin": b"zz"})
+    ws.mark("exec_8_abcdef08")
+    daemon = ws.daemon()
+    daemon.wait_log("exec_8_abcdef08: upload of outputs/exec_8_abcdef08/z.bin failed")
+    assert not ws.recorded("exec_8_abcdef08")
+
+    server.start()
+    try:
+        server.client().create_bucket(Bucket="late-bucket")
+        wait_until(lambda: ws.recorded("exec_8_abcdef08"), what="recorded after a rescan")
+        assert server.objects("late-bucket") == {"outputs/exec_8_abcdef08/z.bin": b"zz"}
+        assert daemon.terminate() == 0
+    finally:
+        server.stop()
+
+
+def test_rescan_alone_picks_up_a_result_the_running_daemon_failed(moto_workspace, tmp_path):
+    ws = moto_workspace
+    ws.settings["syncd"]["rescan_interval"] = 0.5
+    ws.result("exec_9_abcdef09", {"z.bin": b"zz"}, metadata="not json yet")
+    ws.mark("exec_9_abcdef09")
+    daemon = ws.daemon()
+    daemon.wait_log("is not valid JSON")
+
+    ws.metadata_path("exec_9_abcdef09").write_text('{"request_id": "exec_9_abcdef09"}')
+
+    wait_until(lambda: ws.recorded("exec_9_abcdef09"), what="recorded by a rescan")
+    assert ws.objects() == {"outputs/exec_9_abcdef09/z.bin": b"zz"}
+    assert ws.metadata("exec_9_abcdef09")["request_id"] == "exec_9_abcdef09"
+    assert daemon.terminate() == 0
+
+
+@pytest.mark.parametrize("rust", [True, False], ids=["obstore", "s3fs"])
+def test_sigterm_exits_0_every_time(moto_workspace, rust):
+    ws = moto_workspace
+    ws.settings["object_storage"]["use_rust_client"] = rust
+    codes = []
+    for i in range(4):
+        rel = f"exec_{i}_abcdef0{i}"
+        ws.result(rel, {"a.bin": b"a" * 1000})
+        ws.mark(rel)
+        daemon = ws.daemon()
+        wait_until(lambda rel=rel: ws.recorded(rel), what=f"{rel} recorded")
+        codes.append(daemon.terminate())
+        assert "syncd stopping" in daemon.log()
+    assert codes == [0, 0, 0, 0]
+
+
+def test_missing_outputs_dir_is_a_clear_error(moto_workspace):
+    ws = moto_workspace
+    ws.settings["syncd"]["outputs_dir"] = str(ws.root / "nowhere")
+    done = subprocess.run(
+        [*SYNCD, "run", "--config", str(ws.config)],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == (
+        f"syncd: error: outputs_dir {ws.root / 'nowhere'} does not exist or is not a folder: "
+        "create it or set syncd.outputs_dir (SYNCD_OUTPUTS_DIR)"
+    )
+
+
+def test_earth2studio_layout_end_to_end(moto_workspace):
+    ws = moto_workspace
+    ws.settings["syncd"]["metadata_file"] = "metadata_{workflow}:{exec}.json"
+    rel = "deterministic_earth2_workflow/exec_1769560728_10ed9d3c"
+    ws.result(rel, {"results.zarr/.zgroup": b"{}"}, metadata=None)
+    meta_path = ws.outputs / "metadata_deterministic_earth2_workflow:exec_1769560728_10ed9d3c.json"
+    meta_path.write_text('{"request_id": "exec_1769560728_10ed9d3c", "status": "completed"}')
+    daemon = ws.daemon()
+    daemon.wait_log("syncd watching")
+
+    ws.mark(rel)
+
+    wait_until(lambda: '"s3"' in meta_path.read_text(), what="Earth2Studio metadata recorded")
+    assert ws.objects() == {f"outputs/{rel}/results.zarr/.zgroup": b"{}"}
+    assert not (ws.outputs / f"{rel}.json").exists()
+    assert daemon.terminate() == 0
