@@ -372,3 +372,13 @@ def test_disabled_object_storage_is_an_error_for_run(tmp_path):
         "syncd: error: object storage is disabled, so syncd has nothing to do: set "
         "object_storage.enabled: true or OBJECT_STORAGE_ENABLED=true"
     ]
+
+
+def test_example_config_is_valid_and_names_every_key():
+    example = Path(__file__).resolve().parents[1] / "config.example.yaml"
+    settings, _ = load_settings(example, environ={})
+    document = yaml.safe_load(example.read_text())
+    commented = example.read_text()
+    for key, env, *_ in SEED_TABLE:
+        assert f"{key}:" in commented and env in commented
+    assert set(document["syncd"]) == set(type(settings.syncd).model_fields)
