@@ -26,6 +26,7 @@ from syncd.storage import StoreError, open_store
 
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130
 
 
 def parser() -> argparse.ArgumentParser:
@@ -174,6 +175,12 @@ def run_command(argv: list[str] | None = None) -> int:
     except StoreError as exc:
         print(f"syncd: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(
+            "syncd: interrupted; results not yet recorded are published by the next run",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
 
 
 def main() -> None:

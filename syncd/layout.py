@@ -60,7 +60,7 @@ class Layout:
 
     def __init__(self, settings: Settings) -> None:
         daemon = settings.syncd
-        self.outputs_dir = daemon.outputs_dir.absolute()
+        self.outputs_dir = normalized(daemon.outputs_dir)
         self.marker_suffix = daemon.marker_suffix
         self.metadata_file = daemon.metadata_file
         self.prefix = settings.object_storage.prefix
@@ -87,7 +87,7 @@ class Layout:
         if exec_name == EXEC_PREFIX:
             return None
         try:
-            parent = marker.absolute().parent.relative_to(self.outputs_dir)
+            parent = normalized(marker).parent.relative_to(self.outputs_dir)
         except ValueError:
             return None
         if len(parent.parts) > 1:
@@ -96,7 +96,7 @@ class Layout:
 
     def for_tree(self, tree: Path) -> Result:
         """The result for an exec folder given on the command line."""
-        path = tree.absolute()
+        path = normalized(tree)
         try:
             rel = PurePosixPath(path.relative_to(self.outputs_dir).as_posix())
         except ValueError:
@@ -138,6 +138,11 @@ class Layout:
         except OSError as exc:
             logger.warning("cannot list {}: {}", self.outputs_dir, exc.strerror)
             return []
+
+
+def normalized(path: Path) -> Path:
+    """Absolute, with `..` folded (not resolved: outputs_dir may itself be a symlink)."""
+    return Path(os.path.normpath(path.absolute()))
 
 
 def tree_files(tree: Path) -> list[LocalFile]:

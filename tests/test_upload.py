@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -128,3 +129,42 @@ def test_one_failed_result_does_not_stop_the_others(moto_workspace):
     assert done.returncode == 1
     assert ws.objects() == {"outputs/exec_7_abcdef01/y.txt": b"y"}
     assert ws.recorded("exec_7_abcdef01")
+
+
+def test_acceleration_with_a_custom_endpoint_is_ignored_with_one_warning(moto_workspace):
+    ws = moto_workspace
+    ws.settings["object_storage"]["use_transfer_acceleration"] = True
+    ws.result("exec_8_abcdef08", {"x.txt": b"x"})
+
+    done = ws.sync("exec_8_abcdef08")
+
+    assert done.returncode == 0, done.stderr
+    assert ws.objects() == {"outputs/exec_8_abcdef08/x.txt": b"x"}
+    warning = (
+        f"WARNING use_transfer_acceleration is ignored with endpoint_url {ws.server.endpoint}: "
+        "acceleration exists only on AWS S3 itself"
+    )
+    assert done.stderr.count(warning) == 1
+
+
+def test_json_logs_are_one_object_per_line_and_never_hold_a_secret(moto_workspace):
+    ws = moto_workspace
+    ws.settings["syncd"]["log_format"] = "json"
+    ws.settings["object_storage"]["session_token"] = "very-secret-token"
+    ws.result("exec_9_abcdef09", {"x.txt": b"x"})
+
+    done = ws.syncd(
+        "sync",
+        "--config",
+        str(ws.config),
+        str(ws.outputs / "exec_9_abcdef09"),
+        "--log-level",
+        "debug",
+    )
+
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stderr.splitlines()]
+    messages = [r["record"]["message"] for r in records]
+    assert any(m.startswith("exec_9_abcdef09: uploaded 1 files, 1 bytes") for m in messages)
+    for secret in ("syncdtestsecret", "very-secret-token", "PRIVATE KEY"):
+        assert secret not in done.stderr + done.stdout
