@@ -49,8 +49,7 @@ class ObjectStorage(BaseModel):
     endpoint_url: str | None = None
     use_transfer_acceleration: bool = True
     max_concurrency: int = Field(16, ge=1, le=1024)
-    # S3 refuses parts under 5 MiB (except the last) and over 5 GiB.
-    multipart_chunksize: int = Field(8 * MiB, ge=5 * MiB, le=5 * 1024 * MiB)
+    multipart_chunksize: int = 8 * MiB
     use_rust_client: bool = True
     cloudfront_domain: str | None = None
     cloudfront_key_pair_id: str | None = None
@@ -61,6 +60,16 @@ class ObjectStorage(BaseModel):
     @classmethod
     def _strip_slashes(cls, value: str) -> str:
         return value.strip("/")
+
+    @field_validator("multipart_chunksize")
+    @classmethod
+    def _part_size(cls, value: int) -> int:
+        if not 5 * MiB <= value <= 5 * 1024 * MiB:
+            raise ValueError(
+                "must be between 5242880 (5 MiB, the smallest part S3 accepts) and 5368709120 "
+                "(5 GiB, the largest)"
+            )
+        return value
 
     @field_validator("endpoint_url", "cloudfront_domain")
     @classmethod
@@ -232,15 +241,24 @@ def config_file_from(flag: Path | None, environ: dict[str, str]) -> Path | None:
     return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.exists() else None
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+def read_file(path: Path, what: str, remedy: str) -> bytes:
+    """The bytes of a file an operator named, or a ConfigError that names it."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_bytes()
     except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist: {remedy}") from None
+    except PermissionError:
         raise ConfigError(
-            f"config file {path} does not exist: fix --config or SYNCD_CONFIG"
+            f"{what} {path} is not readable by this user: fix its permissions"
         ) from None
     except OSError as exc:
-        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+        raise ConfigError(f"{what} {path} cannot be read: {exc.strerror}") from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    raw = read_file(path, "config file", "fix --config or SYNCD_CONFIG")
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text") from None
     try:

@@ -17,7 +17,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from syncd.config import ConfigError, ObjectStorage
+from syncd.config import ConfigError, ObjectStorage, read_file
 
 
 def cloudfront_b64(data: bytes) -> str:
@@ -30,16 +30,7 @@ def cloudfront_b64(data: bytes) -> str:
 def load_private_key(path: Path) -> rsa.RSAPrivateKey:
     """The RSA key at `path`, or a ConfigError naming the path and the remedy."""
     setting = "object_storage.cloudfront_private_key_path (CLOUDFRONT_PRIVATE_KEY_PATH)"
-    try:
-        pem = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"CloudFront private key {path} does not exist: fix {setting}") from None
-    except PermissionError:
-        raise ConfigError(
-            f"CloudFront private key {path} is not readable by this user: fix its permissions"
-        ) from None
-    except OSError as exc:
-        raise ConfigError(f"CloudFront private key {path} cannot be read: {exc.strerror}") from None
+    pem = read_file(path, "CloudFront private key", f"fix {setting}")
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):

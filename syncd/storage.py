@@ -7,6 +7,8 @@ region, credentials (or the standard AWS chain when none are set), transfer acce
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from loguru import logger
@@ -79,7 +81,7 @@ class ObstoreStore:
     async def put(self, file: LocalFile, key: str) -> None:
         import obstore
 
-        try:
+        with store_errors(f"upload of {key}"):
             await obstore.put_async(
                 self.store,
                 key,
@@ -87,32 +89,24 @@ class ObstoreStore:
                 chunk_size=self.storage.multipart_chunksize,
                 max_concurrency=self.storage.max_concurrency,
             )
-        except Exception as exc:
-            if _is_local(exc):
-                raise
-            raise StoreError(f"upload of {key} failed: {_first_line(exc)}") from exc
 
     async def sizes(self, prefix: str) -> dict[str, int]:
         import obstore
 
         found: dict[str, int] = {}
-        try:
+        with store_errors(f"listing {prefix}"):
             async for batch in obstore.list(self.store, prefix=prefix, chunk_size=1000):
                 for meta in batch:
                     # obstore lists by path segments; keep only keys under the exact prefix.
                     if meta["path"].startswith(prefix):
                         found[meta["path"]] = meta["size"]
-        except Exception as exc:
-            raise StoreError(f"listing {prefix} failed: {_first_line(exc)}") from exc
         return found
 
     async def probe(self) -> None:
         import obstore
 
-        try:
+        with store_errors(f"listing {self.description}"):
             await obstore.list_with_delimiter_async(self.store, self.storage.prefix or None)
-        except Exception as exc:
-            raise StoreError(f"cannot list {self.description}: {_first_line(exc)}") from exc
 
     async def close(self) -> None:
         return None
@@ -155,17 +149,13 @@ class S3fsStore:
 
     async def put(self, file: LocalFile, key: str) -> None:
         fs = await self._client()
-        try:
+        with store_errors(f"upload of {key}"):
             await fs._put_file(
                 str(file.path),
                 f"{self.storage.bucket}/{key}",
                 chunksize=self.storage.multipart_chunksize,
                 max_concurrency=self.storage.max_concurrency,
             )
-        except Exception as exc:
-            if _is_local(exc):
-                raise
-            raise StoreError(f"upload of {key} failed: {_first_line(exc)}") from exc
 
     async def _list(self, **params: Any) -> dict[str, Any]:
         fs = await self._client()
@@ -174,21 +164,17 @@ class S3fsStore:
     async def sizes(self, prefix: str) -> dict[str, int]:
         found: dict[str, int] = {}
         params: dict[str, Any] = {"Prefix": prefix}
-        try:
+        with store_errors(f"listing {prefix}"):
             while True:
                 page = await self._list(**params)
                 found.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
                 if not page.get("IsTruncated"):
                     return found
                 params["ContinuationToken"] = page["NextContinuationToken"]
-        except Exception as exc:
-            raise StoreError(f"listing {prefix} failed: {_first_line(exc)}") from exc
 
     async def probe(self) -> None:
-        try:
+        with store_errors(f"listing {self.description}"):
             await self._list(Prefix=self.storage.prefix, MaxKeys=1)
-        except Exception as exc:
-            raise StoreError(f"cannot list {self.description}: {_first_line(exc)}") from exc
 
     async def close(self) -> None:
         if self.fs is not None and self.fs._s3 is not None:
@@ -196,12 +182,14 @@ class S3fsStore:
         self.fs = None
 
 
-def _is_local(exc: Exception) -> bool:
-    """A local read error, as opposed to the store's (obstore raises FileNotFoundError for a
-    missing bucket, but without a file name)."""
-    return isinstance(exc, OSError) and exc.filename is not None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
+@contextmanager
+def store_errors(action: str) -> Iterator[None]:
+    """Turn a client's exception into a one-line StoreError; local read errors pass through."""
+    try:
+        yield
+    except Exception as exc:
+        # obstore raises FileNotFoundError for a missing bucket, but without a file name.
+        if isinstance(exc, OSError) and exc.filename is not None:
+            raise
+        text = str(exc).strip() or type(exc).__name__
+        raise StoreError(f"{action} failed: {text.splitlines()[0]}") from exc

@@ -206,8 +206,8 @@ BAD = [
         {},
         {"OBJECT_STORAGE_MULTIPART_CHUNKSIZE": "1048576"},
         "invalid setting object_storage.multipart_chunksize (from "
-        "$OBJECT_STORAGE_MULTIPART_CHUNKSIZE) = '1048576': Input should be greater than or equal "
-        "to 5242880",
+        "$OBJECT_STORAGE_MULTIPART_CHUNKSIZE) = '1048576': must be between 5242880 (5 MiB, the "
+        "smallest part S3 accepts) and 5368709120 (5 GiB, the largest)",
     ),
     (
         {"object_storage": {"max_concurrency": 0}},
@@ -354,7 +354,7 @@ def test_check_fails_when_the_bucket_cannot_be_reached(moto_workspace):
     done = ws.syncd("check", "--config", str(ws.config))
     assert done.returncode == 1
     assert done.stderr.splitlines()[-1].startswith(
-        "syncd: error: cannot list s3://no-such-bucket-syncd"
+        "syncd: error: listing s3://no-such-bucket-syncd"
     )
 
 

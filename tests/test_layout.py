@@ -77,8 +77,8 @@ def test_tree_files_lists_names_with_spaces_and_unicode(tmp_path):
     assert [(f.rel, f.size) for f in files] == sorted((n, len(n.encode())) for n in names)
 
 
-def test_names_with_special_characters_upload_and_record(moto_workspace):
-    ws = moto_workspace
+def test_names_with_special_characters_upload_and_record(workspace):
+    ws = workspace
     files = {"a b.bin": b"1", "é/ü #1.bin": b"22", "q?%+.bin": b"333"}
     ws.result("exec_1_abcdef01", files)
 

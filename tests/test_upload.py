@@ -67,28 +67,23 @@ def test_marker_metadata_and_outside_symlinks_are_not_uploaded(moto_workspace, t
     assert "skipping symlinked folder" in done.stderr
 
 
-def test_prefix_and_top_level_result_make_the_remote_path(moto_workspace):
+@pytest.mark.parametrize(
+    ("prefix", "rel", "remote_path"),
+    [
+        ("/team/results/", "exec_2_bbbbbbbb", "team/results/exec_2_bbbbbbbb"),
+        ("", "wf/exec_3_cccccccc", "wf/exec_3_cccccccc"),  # the bucket root
+    ],
+)
+def test_prefix_and_exec_path_make_the_remote_path(moto_workspace, prefix, rel, remote_path):
     ws = moto_workspace
-    ws.settings["object_storage"]["prefix"] = "/team/results/"
-    ws.result("exec_2_bbbbbbbb", {"x.txt": b"x"})
+    ws.settings["object_storage"]["prefix"] = prefix
+    ws.result(rel, {"x.txt": b"x"})
 
-    done = ws.sync("exec_2_bbbbbbbb")
+    done = ws.sync(rel)
 
     assert done.returncode == 0, done.stderr
-    assert ws.objects() == {"team/results/exec_2_bbbbbbbb/x.txt": b"x"}
-    assert ws.metadata("exec_2_bbbbbbbb")["remote_path"] == "team/results/exec_2_bbbbbbbb"
-
-
-def test_empty_prefix_puts_results_at_the_bucket_root(moto_workspace):
-    ws = moto_workspace
-    ws.settings["object_storage"]["prefix"] = ""
-    ws.result("wf/exec_3_cccccccc", {"x.txt": b"x"})
-
-    done = ws.sync("wf/exec_3_cccccccc")
-
-    assert done.returncode == 0, done.stderr
-    assert ws.objects() == {"wf/exec_3_cccccccc/x.txt": b"x"}
-    assert ws.metadata("wf/exec_3_cccccccc")["remote_path"] == "wf/exec_3_cccccccc"
+    assert ws.objects() == {f"{remote_path}/x.txt": b"x"}
+    assert ws.metadata(rel)["remote_path"] == remote_path
 
 
 def test_unreachable_bucket_fails_and_leaves_metadata_alone(moto_workspace):
