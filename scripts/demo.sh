@@ -75,6 +75,7 @@ object_storage:
   signed_url_expires_in: 3600
 syncd:
   outputs_dir: $DEMO_DIR/outputs
+  state_dir: $DEMO_DIR/state
 YAML
 echo "== syncd check"
 .venv/bin/syncd check --config "$DEMO_DIR/config.yaml" | tail -n 3

@@ -1,4 +1,5 @@
-"""The `syncd` command: `run` (the daemon), `sync` (publish results now), `check` (settings).
+"""The `syncd` command: `run` (the daemon), `sync` (publish results now), `status` (each
+result's state), `check` (settings, key, bucket).
 
 Exit codes: 0 success, 1 a result could not be published or the bucket not reached,
 2 bad configuration or usage. Errors are one line on stderr, never a traceback.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from pathlib import Path
@@ -16,12 +18,15 @@ from typing import Any
 import yaml
 from loguru import logger
 
-from syncd import __version__, logs
+from syncd import __version__, logs, status
+from syncd.attempt import Attempts
 from syncd.config import ConfigError, Settings, load_settings, redacted
 from syncd.daemon import Daemon
 from syncd.layout import Layout, LayoutError
-from syncd.publish import Publisher, PublishError
+from syncd.notify import Notifier
+from syncd.publish import Publisher
 from syncd.signing import UrlSigner
+from syncd.state import StateStore
 from syncd.storage import StoreError, open_store
 
 EXIT_FAILED = 1
@@ -55,6 +60,10 @@ def parser() -> argparse.ArgumentParser:
         "sync", parents=[common], help="publish the given results now, then exit"
     )
     sync.add_argument("exec_dirs", nargs="+", type=Path, metavar="EXEC_DIR")
+    status_parser = commands.add_parser(
+        "status", parents=[common], help="each result's state: pending, uploading, retrying, done"
+    )
+    status_parser.add_argument("--json", action="store_true", help="one JSON list instead")
     commands.add_parser(
         "check",
         parents=[common],
@@ -97,42 +106,54 @@ async def run_daemon(settings: Settings, signer: UrlSigner | None) -> int:
             f"outputs_dir {layout.outputs_dir} does not exist or is not a folder: create it or "
             "set syncd.outputs_dir (SYNCD_OUTPUTS_DIR)"
         )
+    state = StateStore(settings.syncd.state_dir)
     store = open_store(settings.object_storage)
     try:
-        await Daemon(settings, layout, Publisher(settings, store, signer)).run()
+        publisher = Publisher(settings, store, signer)
+        await Daemon(settings, layout, publisher, state, Notifier()).run()
     finally:
         await store.close()
+        state.close()
     return 0
 
 
 async def run_sync(settings: Settings, signer: UrlSigner | None, exec_dirs: list[Path]) -> int:
     layout = Layout(settings)
     results = [layout.for_tree(path) for path in exec_dirs]  # all usage errors before any upload
+    state = StateStore(settings.syncd.state_dir)
     store = open_store(settings.object_storage)
-    publisher = Publisher(settings, store, signer)
+    attempts = Attempts(settings, Publisher(settings, store, signer), state)
     failed = 0
     try:
         for result in results:
-            try:
-                published = await publisher.publish(result, force=True)
-            except PublishError as exc:
-                logger.error("{}", exc)
-                failed += 1
+            outcome = await attempts.attempt(result, force=True)
+            if outcome.done:
+                print(
+                    f"{result.tree} -> s3://{settings.object_storage.bucket}/{result.remote_path}"
+                )
                 continue
-            assert published is not None
-            logger.info(
-                "{}: uploaded {} files, {} bytes in {:.2f} s to {}; recorded in {}",
-                result.name,
-                published.files,
-                published.bytes,
-                published.seconds,
-                result.remote_path,
-                result.metadata,
-            )
-            print(f"{result.tree} -> s3://{settings.object_storage.bucket}/{result.remote_path}")
+            failed += 1
+            if outcome.held_by is not None:
+                logger.error(
+                    "{}: being published by {} right now; try again when it is done",
+                    result.name,
+                    outcome.held_by,
+                )
+            else:
+                logger.error("{}", outcome.error)
     finally:
         await store.close()
+        state.close()
     return EXIT_FAILED if failed else 0
+
+
+def run_status(settings: Settings, as_json: bool) -> int:
+    records = {r.rel: r for r in status.records(settings)}
+    if as_json:
+        print(json.dumps([status.as_dict(r) for r in records.values()], indent=2))
+    else:
+        print(status.table(list(records.values())))
+    return 0
 
 
 async def run_check(settings: Settings, config_file: Path | None) -> int:
@@ -164,6 +185,8 @@ def run_command(argv: list[str] | None = None) -> int:
         logs.configure(settings.syncd)
         if args.command == "check":
             return asyncio.run(run_check(settings, config_file))
+        if args.command == "status":
+            return run_status(settings, args.json)
         require_enabled(settings)
         signer = signer_for(settings)
         if args.command == "sync":

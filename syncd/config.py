@@ -1,4 +1,5 @@
-"""Settings: one model, read from flags > environment > YAML file > defaults, validated once.
+"""Settings: one model, read from flags > environment > systemd credentials > YAML file >
+defaults, validated once.
 
 The `object_storage:` section and its environment variables are the seed contract
 (`object-storage.md`); the `syncd:` section holds the daemon's own settings, each also read
@@ -122,6 +123,11 @@ class ObjectStorage(BaseModel):
 METADATA_FIELDS = {"exec", "exec_path", "workflow"}
 
 
+def default_state_dir(environ: os._Environ[str] | dict[str, str]) -> Path:
+    """systemd's StateDirectory= when run as a unit, else /var/lib/syncd."""
+    return Path(environ.get("STATE_DIRECTORY", "/var/lib/syncd").split(":")[0])
+
+
 class Daemon(BaseModel):
     """The `syncd:` section: where results appear and how the daemon works through them."""
 
@@ -135,6 +141,22 @@ class Daemon(BaseModel):
     metadata_file: str = "{exec_path}.json"
     parallel_results: int = Field(2, ge=1, le=256)
     rescan_interval: float = Field(60.0, gt=0)
+    # inotify sees nothing another host does on NFS/CIFS: "poll" compares listings instead.
+    watch: Literal["inotify", "poll"] = "inotify"
+    poll_interval: float = Field(5.0, gt=0)
+    # Where each result's state (attempts, last error, next try) survives restarts.
+    state_dir: Path = Field(default_factory=lambda: default_state_dir(os.environ))
+    # After the first SIGTERM, in-flight uploads get this long to finish; keep it below the
+    # unit's TimeoutStopSec.
+    stop_grace: float = Field(30.0, ge=0)
+    retry_min_delay: float = Field(1.0, gt=0)
+    retry_max_delay: float = Field(300.0, gt=0)
+    # Failures a retry cannot fix by itself (access denied, no such bucket, bad input) are
+    # logged once and retried this often, in case someone fixed them.
+    retry_permanent_delay: float = Field(900.0, gt=0)
+    # Several daemons may share outputs_dir: a claim not refreshed for this long is a dead
+    # daemon's and is taken over.
+    claim_timeout: float = Field(120.0, ge=10)
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -232,6 +254,35 @@ class Environment(PydanticBaseSettingsSource):
         return {"object_storage": storage, "syncd": daemon}
 
 
+class Credentials(PydanticBaseSettingsSource):
+    """systemd credentials (LoadCredential=) in $CREDENTIALS_DIRECTORY: files named
+    access_key_id, secret_access_key and session_token hold those settings, and
+    cloudfront_private_key is the CloudFront key file. Only the unit can read them."""
+
+    VALUES = ("access_key_id", "secret_access_key", "session_token")
+    KEY_FILE = "cloudfront_private_key"
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: dict[str, str]) -> None:
+        super().__init__(settings_cls)
+        directory = environ.get("CREDENTIALS_DIRECTORY")
+        self.directory = Path(directory) if directory else None
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        if self.directory is None:
+            return {}
+        storage: dict[str, Any] = {}
+        for name in self.VALUES:
+            path = self.directory / name
+            if path.is_file():
+                storage[name] = path.read_text().strip()
+        if (self.directory / self.KEY_FILE).is_file():
+            storage["cloudfront_private_key_path"] = str(self.directory / self.KEY_FILE)
+        return {"object_storage": storage} if storage else {}
+
+
 def config_file_from(flag: Path | None, environ: dict[str, str]) -> Path | None:
     """`--config`, else `$SYNCD_CONFIG`, else /etc/syncd/config.yaml if it exists."""
     if flag is not None:
@@ -293,6 +344,7 @@ def load_settings(
     sources = (
         InitSettingsSource(Settings, flags),
         Environment(Settings, environ),
+        Credentials(Settings, environ),
         InitSettingsSource(Settings, document),
     )
     try:

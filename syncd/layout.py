@@ -46,13 +46,15 @@ class Result:
         return f"{self.remote_path}/{path_in_tree}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LocalFile:
-    """A regular file of a result tree: where it is, its path in the tree, its size."""
+    """A regular file of a result tree: where it is, its path in the tree, its size, and its
+    modification time (to notice a file that changes while it is uploaded)."""
 
     path: Path
     rel: str
     size: int
+    mtime_ns: int
 
 
 class Layout:
@@ -133,7 +135,7 @@ class Layout:
             return sorted(
                 Path(e.path)
                 for e in os.scandir(self.outputs_dir)
-                if e.is_dir(follow_symlinks=False) and not e.name.startswith(EXEC_PREFIX)
+                if e.is_dir(follow_symlinks=False) and not e.name.startswith((EXEC_PREFIX, "."))
             )
         except OSError as exc:
             logger.warning("cannot list {}: {}", self.outputs_dir, exc.strerror)
@@ -177,7 +179,7 @@ def tree_files(tree: Path) -> list[LocalFile]:
             elif not stat.S_ISREG(info.st_mode):
                 logger.warning("{}: skipping {}: not a regular file", tree.name, rel)
                 continue
-            files.append(LocalFile(path=path, rel=rel, size=info.st_size))
+            files.append(LocalFile(path, rel, info.st_size, info.st_mtime_ns))
     return files
 
 

@@ -1,19 +1,53 @@
-"""Logging: loguru to stderr, as plain text lines or one JSON object per line."""
+"""Logging: loguru to stderr, as plain text lines or one JSON object per line.
+
+Under systemd (stderr is the journal stream) each line starts with its syslog priority,
+`<3>` for errors and `<4>` for warnings, so `journalctl -p warning -u syncd` finds problems;
+journald adds the time itself.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import Any
 
 from loguru import logger
 
 from syncd.config import Daemon
 
 TEXT_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}"
+SYSLOG_PRIORITY = {
+    "TRACE": 7,
+    "DEBUG": 7,
+    "INFO": 6,
+    "SUCCESS": 5,
+    "WARNING": 4,
+    "ERROR": 3,
+    "CRITICAL": 2,
+}
 
 
 def configure(daemon: Daemon) -> None:
     logger.remove()
     if daemon.log_format == "json":
         logger.add(sys.stderr, level=daemon.log_level, serialize=True)
+    elif stderr_is_journal():
+        logger.add(to_journal, level=daemon.log_level, format="{message}")
     else:
         logger.add(sys.stderr, level=daemon.log_level, format=TEXT_FORMAT, colorize=False)
+
+
+def to_journal(message: Any) -> None:
+    priority = SYSLOG_PRIORITY.get(message.record["level"].name, 6)
+    sys.stderr.write("".join(f"<{priority}>{line}\n" for line in str(message).splitlines()))
+    sys.stderr.flush()
+
+
+def stderr_is_journal() -> bool:
+    """systemd sets JOURNAL_STREAM to the device and inode of the stream it connected."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        info = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return expected == f"{info.st_dev}:{info.st_ino}"

@@ -1,13 +1,16 @@
 """Publish one result: upload its tree, check the bucket holds it, sign a URL, record it.
 
 The metadata is only rewritten once the bucket has been listed and holds every file with
-its size, so a recorded result is always a complete one.
+its size, and the tree has not changed while it was read, so a recorded result is always a
+complete one. Multipart uploads left by an interrupted attempt are aborted first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from loguru import logger
@@ -20,7 +23,12 @@ from syncd.storage import ObjectStore, StoreError
 
 
 class PublishError(Exception):
-    """A result that could not be published this time; the message says why and what to do."""
+    """A result that could not be published this time; the message says why and what to do.
+    `permanent` when only a person can fix it, so retrying fast is pointless."""
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,10 @@ class Published:
     seconds: float
     signed_url: str | None
 
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / max(self.seconds, 1e-9) / 1e6
+
 
 class Publisher:
     """Holds the store and signer shared by every result."""
@@ -39,35 +51,40 @@ class Publisher:
         self.storage = settings.object_storage
         self.store = store
         self.signer = signer
+        self.cleanup_warned = False
 
-    async def publish(self, result: Result, force: bool = False) -> Published | None:
-        """Upload and record `result`; None if its metadata already records it (unless forced)."""
+    async def is_recorded(self, result: Result) -> bool:
+        current = await asyncio.to_thread(self._read_metadata, result)
+        return metadata.is_recorded(current, result)
+
+    async def publish(
+        self, result: Result, force: bool = False, still_ours: Callable[[], bool] | None = None
+    ) -> Published | None:
+        """Upload and record `result`; None if its metadata already records it (unless forced).
+        `still_ours` is asked just before the metadata is written; False abandons the result."""
         current = await asyncio.to_thread(self._read_metadata, result)
         if metadata.is_recorded(current, result) and not force:
             return None
-        try:
-            files = await asyncio.to_thread(tree_files, result.tree)
-        except FileNotFoundError:
-            raise PublishError(
-                f"{result.name}: marker {result.marker} has no result folder {result.tree}: "
-                "remove the marker or restore the folder"
-            ) from None
-        except OSError as exc:
-            raise PublishError(
-                f"{result.name}: cannot read {exc.filename or result.tree} ({exc.strerror}): "
-                "fix its permissions"
-            ) from None
+        files = await asyncio.to_thread(self._list_tree, result)
         started = time.monotonic()
         total = sum(f.size for f in files)
         logger.info("{}: uploading {} files, {} bytes", result.name, len(files), total)
+        await self._abort_unfinished(result)
         await self._upload(result, files)
         await self._verify(result, files)
+        if await asyncio.to_thread(self._list_tree, result) != files:
+            raise PublishError(
+                f"{result.name}: files changed while they were uploaded; retrying once the "
+                "tree is quiet (a marker must only be dropped when the result is complete)"
+            )
         seconds = time.monotonic() - started
         signed_url = (
             self.signer.sign(result.remote_path, self.storage.signed_url_expires_in)
             if self.signer
             else None
         )
+        if still_ours is not None and not still_ours():
+            raise PublishError(f"{result.name}: another daemon took over this result; leaving it")
         await asyncio.to_thread(self._record, result, files, signed_url)
         return Published(result, len(files), total, seconds, signed_url)
 
@@ -75,7 +92,41 @@ class Publisher:
         try:
             return metadata.read(result.metadata)
         except metadata.MetadataError as exc:
-            raise PublishError(f"{result.name}: {exc}") from None
+            raise PublishError(f"{result.name}: {exc}", permanent=True) from None
+
+    def _list_tree(self, result: Result) -> list[LocalFile]:
+        try:
+            return tree_files(result.tree)
+        except FileNotFoundError:
+            raise PublishError(
+                f"{result.name}: marker {result.marker} has no result folder {result.tree}: "
+                "remove the marker or restore the folder",
+                permanent=True,
+            ) from None
+        except OSError as exc:
+            raise PublishError(
+                f"{result.name}: cannot read {exc.filename or result.tree} ({exc.strerror}): "
+                "fix its permissions",
+                permanent=True,
+            ) from None
+
+    async def _abort_unfinished(self, result: Result) -> None:
+        """Abort multipart uploads an interrupted attempt left. Best effort: the seed's IAM
+        policy does not grant listing them, and some S3-compatible servers cannot."""
+        try:
+            aborted = await self.store.abort_uploads(f"{result.remote_path}/")
+        except StoreError as exc:
+            if not self.cleanup_warned:
+                self.cleanup_warned = True
+                logger.warning(
+                    "cannot clean up unfinished multipart uploads ({}): grant "
+                    "s3:ListBucketMultipartUploads and s3:AbortMultipartUpload, or add a "
+                    "lifecycle rule that aborts incomplete multipart uploads",
+                    exc,
+                )
+            return
+        if aborted:
+            logger.info("{}: aborted {} unfinished multipart uploads", result.name, aborted)
 
     async def _upload(self, result: Result, files: list[LocalFile]) -> None:
         pending = iter(files)
@@ -84,14 +135,19 @@ class Publisher:
             # Workers pull from one iterator, so memory does not grow with the file count.
             for file in pending:
                 try:
-                    await self.store.put(file, result.key(file.rel))
+                    with store_errors_of(result):
+                        await self.store.put(file, result.key(file.rel))
+                except FileNotFoundError:
+                    raise PublishError(
+                        f"{result.name}: {file.path} vanished during the upload; retrying once "
+                        "the tree is quiet"
+                    ) from None
                 except OSError as exc:
                     raise PublishError(
-                        f"{result.name}: cannot read {file.path} ({exc.strerror}); "
-                        "retrying on the next scan"
+                        f"{result.name}: cannot read {file.path} ({exc.strerror}): fix its "
+                        "permissions",
+                        permanent=True,
                     ) from None
-                except StoreError as exc:
-                    raise PublishError(f"{result.name}: {exc}") from None
 
         try:
             async with asyncio.TaskGroup() as group:
@@ -101,21 +157,27 @@ class Publisher:
             raise errors.exceptions[0] from None
 
     async def _verify(self, result: Result, files: list[LocalFile]) -> None:
-        try:
+        with store_errors_of(result):
             listed = await self.store.sizes(f"{result.remote_path}/")
-        except StoreError as exc:
-            raise PublishError(f"{result.name}: cannot verify the upload: {exc}") from None
         wrong = [f for f in files if listed.get(result.key(f.rel)) != f.size]
         if wrong:
             first = wrong[0]
             raise PublishError(
                 f"{result.name}: after upload the bucket lacks {len(wrong)} of {len(files)} files "
                 f"or holds other sizes (first: {result.key(first.rel)}, "
-                f"{first.size} bytes locally, {listed.get(result.key(first.rel))} in the bucket); "
-                "retrying on the next scan"
+                f"{first.size} bytes locally, {listed.get(result.key(first.rel))} in the bucket)"
             )
 
     def _record(self, result: Result, files: list[LocalFile], signed_url: str | None) -> None:
         # Re-read: the server may have added fields while the upload ran.
         latest = self._read_metadata(result)
         metadata.write_atomic(result.metadata, metadata.recorded(latest, result, files, signed_url))
+
+
+@contextmanager
+def store_errors_of(result: Result) -> Iterator[None]:
+    """A StoreError becomes this result's PublishError, keeping whether it is permanent."""
+    try:
+        yield
+    except StoreError as exc:
+        raise PublishError(f"{result.name}: {exc}", permanent=exc.permanent) from None

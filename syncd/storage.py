@@ -7,8 +7,10 @@ region, credentials (or the standard AWS chain when none are set), transfer acce
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any, Protocol
 
 from loguru import logger
@@ -18,7 +20,34 @@ from syncd.layout import LocalFile
 
 
 class StoreError(Exception):
-    """The bucket could not be reached or refused a request."""
+    """The bucket could not be reached or refused a request. `permanent` when retrying alone
+    cannot fix it (credentials, permissions, bucket name); the message then says what to do."""
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+# S3 error codes a retry cannot fix, with the remedy (the seed's Troubleshooting section).
+CHECK_CREDENTIALS = (
+    "check the credentials: access_key_id, secret_access_key, session_token, or the instance role"
+)
+CHECK_PERMISSIONS = "verify the IAM credentials have s3:PutObject and s3:ListBucket on the bucket"
+CHECK_BUCKET = "check that object_storage.bucket and region are correct"
+PERMANENT = {
+    "AccessDenied": CHECK_PERMISSIONS,
+    "AllAccessDisabled": CHECK_PERMISSIONS,
+    "AccountProblem": CHECK_PERMISSIONS,
+    "InvalidAccessKeyId": CHECK_CREDENTIALS,
+    "SignatureDoesNotMatch": CHECK_CREDENTIALS,
+    "ExpiredToken": CHECK_CREDENTIALS,
+    "InvalidToken": CHECK_CREDENTIALS,
+    "NoSuchBucket": CHECK_BUCKET,
+    "InvalidBucketName": CHECK_BUCKET,
+    "PermanentRedirect": CHECK_BUCKET,
+    "AuthorizationHeaderMalformed": CHECK_BUCKET,
+    "InvalidRequest": "if use_transfer_acceleration is on, ensure it is enabled on the bucket",
+}
 
 
 class ObjectStore(Protocol):
@@ -36,6 +65,10 @@ class ObjectStore(Protocol):
         """Reach the bucket with one cheap listing; raise StoreError if that fails."""
         ...
 
+    async def abort_uploads(self, prefix: str) -> int:
+        """Abort the unfinished multipart uploads under `prefix`; return how many."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -47,6 +80,19 @@ def open_store(storage: ObjectStorage) -> ObjectStore:
             storage.endpoint_url,
         )
     return ObstoreStore(storage) if storage.use_rust_client else S3fsStore(storage)
+
+
+# A few quick retries inside the client absorb a single failed request (rclone serve s3 fails
+# one now and then); longer outages are the daemon's to retry, with backoff, per result.
+CLIENT_RETRIES: Any = {
+    "max_retries": 3,
+    "retry_timeout": timedelta(seconds=30),
+    "backoff": {
+        "init_backoff": timedelta(milliseconds=100),
+        "max_backoff": timedelta(seconds=2),
+        "base": 2,
+    },
+}
 
 
 def _location(storage: ObjectStorage) -> str:
@@ -76,7 +122,11 @@ class ObstoreStore:
             config["endpoint"] = f"https://{storage.bucket}.s3-accelerate.amazonaws.com"
             config["virtual_hosted_style_request"] = True
         client = {"allow_http": True} if (storage.endpoint_url or "").startswith("http:") else {}
-        self.store = S3Store(storage.bucket, config=config, client_options=client)
+        self.store = S3Store(
+            storage.bucket, config=config, client_options=client, retry_config=CLIENT_RETRIES
+        )
+        # obstore cannot list multipart uploads; the s3fs client does that rare housekeeping.
+        self.housekeeping = S3fsStore(storage)
 
     async def put(self, file: LocalFile, key: str) -> None:
         import obstore
@@ -108,8 +158,11 @@ class ObstoreStore:
         with store_errors(f"listing {self.description}"):
             await obstore.list_with_delimiter_async(self.store, self.storage.prefix or None)
 
+    async def abort_uploads(self, prefix: str) -> int:
+        return await self.housekeeping.abort_uploads(prefix)
+
     async def close(self) -> None:
-        return None
+        await self.housekeeping.close()
 
 
 class S3fsStore:
@@ -125,7 +178,10 @@ class S3fsStore:
             import s3fs
 
             storage = self.storage
-            config: dict[str, Any] = {"max_pool_connections": max(10, storage.max_concurrency)}
+            config: dict[str, Any] = {
+                "max_pool_connections": max(10, storage.max_concurrency),
+                "retries": {"max_attempts": 3, "mode": "standard"},
+            }
             if storage.accelerated:
                 config["s3"] = {"use_accelerate_endpoint": True}
             if storage.endpoint_url:
@@ -144,6 +200,7 @@ class S3fsStore:
                 client_kwargs={"region_name": storage.region},
                 config_kwargs=config,
             )
+            self.fs.retries = 3  # s3fs's own retry loop, around botocore's
             await self.fs.set_session()
         return self.fs
 
@@ -176,6 +233,27 @@ class S3fsStore:
         with store_errors(f"listing {self.description}"):
             await self._list(Prefix=self.storage.prefix, MaxKeys=1)
 
+    async def abort_uploads(self, prefix: str) -> int:
+        fs = await self._client()
+        bucket = self.storage.bucket
+        aborted = 0
+        with store_errors(f"listing multipart uploads under {prefix}"):
+            page = await fs._call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix)
+            # A page holds up to 1,000; aborting them shrinks the list, so list again.
+            while page.get("Uploads"):
+                for upload in page["Uploads"]:
+                    await fs._call_s3(
+                        "abort_multipart_upload",
+                        Bucket=bucket,
+                        Key=upload["Key"],
+                        UploadId=upload["UploadId"],
+                    )
+                    aborted += 1
+                if not page.get("IsTruncated"):
+                    break
+                page = await fs._call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix)
+        return aborted
+
     async def close(self) -> None:
         if self.fs is not None and self.fs._s3 is not None:
             await self.fs._s3.close()
@@ -191,5 +269,29 @@ def store_errors(action: str) -> Iterator[None]:
         # obstore raises FileNotFoundError for a missing bucket, but without a file name.
         if isinstance(exc, OSError) and exc.filename is not None:
             raise
-        text = str(exc).strip() or type(exc).__name__
-        raise StoreError(f"{action} failed: {text.splitlines()[0]}") from exc
+        summary, remedy = describe(exc)
+        if remedy is None:
+            raise StoreError(f"{action} failed: {summary}") from exc
+        raise StoreError(f"{action} failed: {summary}: {remedy}", permanent=True) from exc
+
+
+def describe(exc: BaseException) -> tuple[str, str | None]:
+    """A one-line summary of a client error, and the remedy when a retry cannot fix it."""
+    text = str(exc).strip() or type(exc).__name__
+    code = message = None
+    for cause in (exc, exc.__cause__, exc.__context__):
+        error = getattr(cause, "response", {}) or {}
+        if isinstance(error, dict) and error.get("Error", {}).get("Code"):
+            code, message = error["Error"]["Code"], error["Error"].get("Message")
+            break
+    else:  # obstore carries the S3 error document in its message
+        found = re.search(r"<Code>([^<]+)</Code>", text)
+        if found:
+            code = found.group(1)
+            message = (re.search(r"<Message>([^<]+)</Message>", text) or found).group(1)
+    summary = f"{code}: {message}" if code else text.splitlines()[0]
+    if code in PERMANENT:
+        return summary, PERMANENT[code]
+    if type(exc).__name__ in ("PermissionDeniedError", "UnauthenticatedError"):
+        return summary, CHECK_CREDENTIALS
+    return summary, None

@@ -121,7 +121,11 @@ class Workspace:
                 "cloudfront_key_pair_id": KEY_PAIR_ID,
                 "cloudfront_private_key_path": str(key_path),
             },
-            "syncd": {"outputs_dir": str(self.outputs), "rescan_interval": 60},
+            "syncd": {
+                "outputs_dir": str(self.outputs),
+                "state_dir": str(root / "state"),
+                "rescan_interval": 60,
+            },
         }
 
     @property

@@ -128,9 +128,9 @@ def test_rescan_uploads_what_failed_while_the_server_was_down(moto_workspace, tm
         server.stop()
 
 
-def test_rescan_alone_picks_up_a_result_the_running_daemon_failed(moto_workspace, tmp_path):
+def test_a_fixed_result_is_picked_up_by_the_slow_retry(moto_workspace, tmp_path):
     ws = moto_workspace
-    ws.settings["syncd"]["rescan_interval"] = 0.5
+    ws.settings["syncd"]["retry_permanent_delay"] = 0.5
     ws.result("exec_9_abcdef09", {"z.bin": b"zz"}, metadata="not json yet")
     ws.mark("exec_9_abcdef09")
     daemon = ws.daemon()
@@ -138,7 +138,7 @@ def test_rescan_alone_picks_up_a_result_the_running_daemon_failed(moto_workspace
 
     ws.metadata_path("exec_9_abcdef09").write_text('{"request_id": "exec_9_abcdef09"}')
 
-    wait_until(lambda: ws.recorded("exec_9_abcdef09"), what="recorded by a rescan")
+    wait_until(lambda: ws.recorded("exec_9_abcdef09"), what="recorded by a retry")
     assert ws.objects() == {"outputs/exec_9_abcdef09/z.bin": b"zz"}
     assert ws.metadata("exec_9_abcdef09")["request_id"] == "exec_9_abcdef09"
     assert daemon.terminate() == 0
@@ -156,7 +156,7 @@ def test_sigterm_exits_0_every_time(moto_workspace, rust):
         daemon = ws.daemon()
         wait_until(lambda rel=rel: ws.recorded(rel), what=f"{rel} recorded")
         codes.append(daemon.terminate())
-        assert "syncd stopping" in daemon.log()
+        assert "syncd stopped" in daemon.log()
     assert codes == [0, 0, 0, 0]
 
 

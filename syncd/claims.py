@@ -1,0 +1,98 @@
+"""Claims: several daemons may share one outputs_dir (two servers on one NFS export); each
+result is published by whichever claims it first.
+
+A claim is a file `.<exec>.claim.<n>` beside the result's marker, created with O_EXCL (atomic
+on local filesystems and NFSv3+). Its owner refreshes its mtime while it works. A claim whose
+mtime is older than claim_timeout belongs to a dead daemon: another takes over by creating
+generation n+1, which again only one can do. An owner checks before recording that no newer
+generation exists. Hosts are assumed to keep their clocks in step (NTP), well within the timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+
+from syncd.layout import Result
+
+OWNER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Claim:
+    """This daemon's claim on one result."""
+
+    def __init__(self, result: Result, generation: int) -> None:
+        self.result = result
+        self.generation = generation
+        self.path = claim_path(result, generation)
+
+    def refresh(self) -> None:
+        # Gone means taken over after all; still_ours() says so before anything is recorded.
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.path)
+
+    def still_ours(self) -> bool:
+        return self.path.exists() and newest_generation(self.result) == self.generation
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def claim_path(result: Result, generation: int) -> Path:
+    return result.marker.parent / f".{result.name}.claim.{generation}"
+
+
+def generations(result: Result) -> list[int]:
+    prefix = f".{result.name}.claim."
+    found = []
+    for entry in os.scandir(result.marker.parent):
+        suffix = entry.name[len(prefix) :] if entry.name.startswith(prefix) else ""
+        if suffix.isdigit():
+            found.append(int(suffix))
+    return sorted(found)
+
+
+def newest_generation(result: Result) -> int:
+    found = generations(result)
+    return found[-1] if found else 0
+
+
+def holder(result: Result, timeout: float) -> str | None:
+    """Who holds a live claim on `result`, or None if nobody does."""
+    newest = newest_generation(result)
+    if not newest:
+        return None
+    path = claim_path(result, newest)
+    try:
+        if time.time() - path.stat().st_mtime >= timeout:
+            return None
+    except FileNotFoundError:
+        return None  # released a moment ago
+    try:
+        return json.loads(path.read_text())["owner"]
+    except (OSError, ValueError, KeyError):
+        return "another daemon"  # its owner is still writing it, or just released it
+
+
+def try_claim(result: Result, timeout: float) -> Claim | str:
+    """A claim on `result`, or the owner of the live claim that stops us."""
+    owner = holder(result, timeout)
+    if owner is not None:
+        return owner
+    old = generations(result)
+    generation = (old[-1] if old else 0) + 1
+    path = claim_path(result, generation)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return holder(result, timeout) or "another daemon"
+    with os.fdopen(fd, "w") as f:
+        json.dump({"owner": OWNER, "since": time.time()}, f)
+    for stale in old:  # a dead daemon's claims
+        claim_path(result, stale).unlink(missing_ok=True)
+    return Claim(result, generation)

@@ -1,0 +1,69 @@
+"""`syncd status`: every marked result with its state, from the state file and the markers.
+
+A marked result the state file does not know yet is `pending`, or `done` when its metadata
+already records it (another daemon published it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict
+from typing import Any
+
+from syncd import metadata
+from syncd.config import Settings
+from syncd.layout import Layout
+from syncd.state import Record, State, StateStore
+
+ORDER = {State.RETRYING: 0, State.UPLOADING: 1, State.PENDING: 2, State.DONE: 3}
+
+
+def records(settings: Settings) -> list[Record]:
+    known: dict[str, Record] = {}
+    if (settings.syncd.state_dir / "state.db").exists():
+        store = StateStore(settings.syncd.state_dir, readonly=True)
+        known = {r.rel: r for r in store.all()}
+        store.close()
+    for result in Layout(settings).marked():
+        rel = result.rel.as_posix()
+        if rel in known:
+            continue
+        try:
+            recorded = metadata.is_recorded(metadata.read(result.metadata), result)
+        except metadata.MetadataError:
+            recorded = False
+        known[rel] = Record(rel, State.DONE if recorded else State.PENDING)
+    return sorted(known.values(), key=lambda r: (ORDER[r.state], r.rel))
+
+
+def as_dict(record: Record) -> dict[str, Any]:
+    return asdict(record) | {"state": record.state.value}
+
+
+def table(rows: list[Record], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    header = ("RESULT", "STATE", "ATTEMPTS", "NEXT TRY", "LAST ERROR")
+    lines = [header] + [
+        (
+            r.rel,
+            r.state.value,
+            str(r.attempts),
+            f"in {max(r.next_try - now, 0):.0f} s"
+            if r.next_try and r.state == State.RETRYING
+            else "-",
+            (r.last_error or "-") if r.state == State.RETRYING else "-",
+        )
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    text = [
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=False))
+        + "  "
+        + line[-1]
+        for line in lines
+    ]
+    counts = Counter(r.state.value for r in rows)
+    summary = ", ".join(f"{counts[s.value]} {s.value}" for s in ORDER if counts[s.value])
+    text.append(f"{len(rows)} results: {summary or 'none marked'}")
+    return "\n".join(text)
