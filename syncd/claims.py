@@ -74,9 +74,28 @@ def holder(result: Result, timeout: float) -> str | None:
     except FileNotFoundError:
         return None  # released a moment ago
     try:
-        return json.loads(path.read_text())["owner"]
+        owner = str(json.loads(path.read_text())["owner"])
     except (OSError, ValueError, KeyError):
         return "another daemon"  # its owner is still writing it, or just released it
+    return None if died_here(owner) else owner
+
+
+def died_here(owner: str) -> bool:
+    """True for a claim of a daemon on this host that is gone (killed, restarted): no need
+    to wait claim_timeout for it."""
+    host, _, rest = owner.partition(":")
+    pid, _, _ = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit() or owner == OWNER:
+        return False
+    if int(pid) == os.getpid():
+        return True  # our pid, another run (pid 1 in a container, say)
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
 
 
 def try_claim(result: Result, timeout: float) -> Claim | str:

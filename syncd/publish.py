@@ -66,6 +66,10 @@ class Publisher:
         if metadata.is_recorded(current, result) and not force:
             return None
         files = await asyncio.to_thread(self._list_tree, result)
+        if not files:
+            logger.warning(
+                "{}: the result folder is empty; recording it with no files", result.name
+            )
         started = time.monotonic()
         total = sum(f.size for f in files)
         logger.info("{}: uploading {} files, {} bytes", result.name, len(files), total)

@@ -198,11 +198,14 @@ class Workspace:
             "sync", "--config", str(self.config), *(str(self.outputs / r) for r in rels), env=env
         )
 
-    def daemon(self, env: dict[str, str] | None = None) -> DaemonProcess:
+    def daemon(self, env: dict[str, str] | None = None, journal: bool = False) -> DaemonProcess:
+        """`syncd run`; with journal=True its stderr looks to it like systemd's journal stream."""
         log = self.root / f"daemon-{len(self.daemons)}.log"
-        process = DaemonProcess(
-            [*SYNCD, "run", "--config", str(self.config)], env or self.env(), log
-        )
+        env = env or self.env()
+        if journal:
+            log.touch()
+            env["JOURNAL_STREAM"] = f"{log.stat().st_dev}:{log.stat().st_ino}"
+        process = DaemonProcess([*SYNCD, "run", "--config", str(self.config)], env, log)
         self.daemons.append(process)
         return process
 

@@ -1,0 +1,334 @@
+"""Faults against real servers: nothing marked is lost, nothing half-written is left.
+
+Each test drives the real daemon: retries and their state, kill -9 mid-upload, SIGTERM with
+uploads in flight, two daemons on one outputs dir, files changing during an upload.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.servers import S3Server, wait_until
+
+MiB = 1024 * 1024
+BIG = 160 * MiB  # long enough on loopback to act while it is in flight
+
+
+def big_result(ws, rel: str) -> bytes:
+    data = os.urandom(MiB) * (BIG // MiB)
+    ws.result(rel, {"results.zarr/t2m/0.0.0": data, "results.zarr/.zgroup": b"{}"})
+    return data
+
+
+def multipart_in_flight(ws) -> bool:
+    return bool(ws.server.client().list_multipart_uploads(Bucket=ws.bucket).get("Uploads"))
+
+
+def seconds(line: str) -> float:
+    """The time of a log line."""
+    stamp = time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")
+    return time.mktime(stamp) + float(line[19:23])
+
+
+def status(ws) -> dict[str, dict]:
+    done = ws.syncd("status", "--config", str(ws.config), "--json")
+    assert done.returncode == 0, done.stderr
+    return {r["rel"]: r for r in json.loads(done.stdout)}
+
+
+def test_permanent_failure_is_logged_once_with_its_remedy_and_shown_by_status(moto_workspace):
+    ws = moto_workspace
+    ws.settings["object_storage"]["bucket"] = "no-such-bucket-syncd"
+    ws.settings["syncd"]["retry_permanent_delay"] = 0.2
+    ws.result("exec_1_abcdef01", {"a": b"a"})
+    ws.mark("exec_1_abcdef01")
+    daemon = ws.daemon()
+
+    wait_until(lambda: status(ws).get("exec_1_abcdef01", {}).get("attempts", 0) >= 3)
+    assert daemon.terminate() == 0
+
+    errors = [line for line in daemon.log().splitlines() if " ERROR " in line]
+    assert len(errors) == 1, errors
+    assert "NoSuchBucket" in errors[0]
+    assert "check that object_storage.bucket and region are correct" in errors[0]
+    record = status(ws)["exec_1_abcdef01"]  # read after the daemon stopped: it persisted
+    assert record["state"] == "retrying"
+    assert record["permanent"] is True
+    assert "NoSuchBucket" in record["last_error"]
+    assert record["next_try"] > 0
+
+
+def test_transient_failures_retry_within_seconds_and_status_shows_done(moto_workspace, tmp_path):
+    ws = moto_workspace
+    server = S3Server("moto", tmp_path / "late-moto")  # not running: connection refused
+    ws.settings["object_storage"]["endpoint_url"] = server.endpoint
+    ws.settings["object_storage"]["bucket"] = "late-bucket"
+    ws.result("exec_2_abcdef02", {"b": b"bb"})
+    ws.result("exec_3_abcdef03", {"c": b"c"})  # marked later, never failed
+    ws.mark("exec_2_abcdef02")
+    daemon = ws.daemon()
+    daemon.wait_log("(attempt 2; retrying in")
+    table = ws.syncd("status", "--config", str(ws.config)).stdout
+    assert "exec_2_abcdef02  retrying" in table
+
+    server.start()
+    try:
+        server.client().create_bucket(Bucket="late-bucket")
+        wait_until(lambda: ws.recorded("exec_2_abcdef02"), what="recorded after retries")
+        ws.mark("exec_3_abcdef03")
+        wait_until(lambda: ws.recorded("exec_3_abcdef03"))
+        assert daemon.terminate() == 0
+    finally:
+        server.stop()
+    lines = daemon.log().splitlines()
+    failed = next(i for i, line in enumerate(lines) if "(attempt 1;" in line)
+    retried = next(line for line in lines[failed:] if "exec_2_abcdef02: uploading" in line)
+    assert seconds(retried) - seconds(lines[failed]) <= 1.5  # the first retry within seconds
+    records = status(ws)
+    assert records["exec_2_abcdef02"]["state"] == "done"
+    assert records["exec_2_abcdef02"]["files"] == 1
+    assert records["exec_3_abcdef03"]["attempts"] == 0
+
+
+def test_status_shows_pending_results_before_any_daemon_ran(moto_workspace):
+    ws = moto_workspace
+    ws.result("exec_4_abcdef04", {"a": b"a"})
+    ws.mark("exec_4_abcdef04")
+    done = ws.syncd("status", "--config", str(ws.config))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[1].split() == ["exec_4_abcdef04", "pending", "0", "-", "-"]
+    assert done.stdout.splitlines()[-1] == "1 results: 1 pending"
+
+
+@pytest.mark.parametrize("rust", [True, False], ids=["obstore", "s3fs"])
+def test_kill_9_mid_upload_then_restart_loses_nothing_and_leaves_no_parts(moto_workspace, rust):
+    ws = moto_workspace
+    ws.settings["object_storage"]["use_rust_client"] = rust
+    data = big_result(ws, "exec_5_abcdef05")
+    before = ws.metadata_path("exec_5_abcdef05").read_bytes()
+    ws.mark("exec_5_abcdef05")
+    daemon = ws.daemon()
+    wait_until(lambda: multipart_in_flight(ws), what="a multipart upload in flight")
+
+    os.killpg(daemon.process.pid, signal.SIGKILL)
+    daemon.process.wait()
+    assert ws.metadata_path("exec_5_abcdef05").read_bytes() == before  # old file, whole
+
+    again = ws.daemon()
+    wait_until(lambda: ws.recorded("exec_5_abcdef05"), timeout=120, what="recorded after restart")
+    assert again.terminate() == 0
+    assert ws.objects()["outputs/exec_5_abcdef05/results.zarr/t2m/0.0.0"] == data
+    assert not multipart_in_flight(ws)
+    assert "aborted 1 unfinished multipart uploads" in again.log()
+
+
+def test_sigterm_lets_the_upload_in_flight_finish(moto_workspace):
+    ws = moto_workspace
+    data = big_result(ws, "exec_6_abcdef06")
+    ws.mark("exec_6_abcdef06")
+    daemon = ws.daemon()
+    wait_until(lambda: multipart_in_flight(ws), what="a multipart upload in flight")
+
+    daemon.process.send_signal(signal.SIGTERM)
+
+    assert daemon.process.wait(60) == 0
+    assert ws.recorded("exec_6_abcdef06")
+    assert ws.objects()["outputs/exec_6_abcdef06/results.zarr/t2m/0.0.0"] == data
+    assert "waiting up to 30 s for 1 results being uploaded" in daemon.log()
+
+
+def test_second_signal_stops_at_once_and_the_next_start_finishes(moto_workspace):
+    ws = moto_workspace
+    ws.settings["syncd"]["stop_grace"] = 50
+    big_result(ws, "exec_7_abcdef07")
+    ws.mark("exec_7_abcdef07")
+    daemon = ws.daemon()
+    wait_until(lambda: multipart_in_flight(ws), what="a multipart upload in flight")
+
+    started = time.monotonic()
+    daemon.process.send_signal(signal.SIGTERM)
+    daemon.wait_log("waiting up to 50 s")
+    daemon.process.send_signal(signal.SIGINT)
+    code = daemon.process.wait(30)
+
+    assert code == 0
+    assert time.monotonic() - started < 20
+    assert not ws.recorded("exec_7_abcdef07")
+    again = ws.daemon()
+    wait_until(lambda: ws.recorded("exec_7_abcdef07"), timeout=120)
+    assert again.terminate() == 0
+    assert not multipart_in_flight(ws)
+
+
+def test_two_daemons_on_one_outputs_dir_publish_each_result_once(moto_workspace):
+    ws = moto_workspace
+    ws.settings["syncd"]["rescan_interval"] = 0.5
+    rels = [f"wf{i % 3}/exec_{i}_abcdef{i:02d}" for i in range(20)]
+    for rel in rels:
+        ws.result(rel, {"x.bin": os.urandom(2000), "y.bin": rel.encode()})
+    first = ws.daemon()
+    ws.settings["syncd"]["state_dir"] = str(ws.root / "state-2")
+    second = ws.daemon()
+    first.wait_log("syncd watching")
+    second.wait_log("syncd watching")
+
+    for rel in rels:
+        ws.mark(rel)
+
+    wait_until(lambda: all(ws.recorded(rel) for rel in rels), timeout=120)
+    assert first.terminate() == 0
+    assert second.terminate() == 0
+    uploads = [
+        line.split(": uploaded")[0].split()[-1]
+        for log in (first.log(), second.log())
+        for line in log.splitlines()
+        if ": uploaded " in line
+    ]
+    assert sorted(uploads) == sorted(rel.split("/")[1] for rel in rels)  # each exactly once
+    assert len(ws.objects()) == 40
+    leftovers = [p.name for p in ws.outputs.rglob(".*claim*")]
+    assert leftovers == []
+
+
+def test_a_dead_daemons_claim_is_taken_over(moto_workspace):
+    ws = moto_workspace
+    ws.settings["syncd"]["claim_timeout"] = 10
+    ws.result("exec_8_abcdef08", {"a": b"a"})
+    claim = ws.outputs / ".exec_8_abcdef08.claim.1"
+    claim.write_text('{"owner": "deadhost:4242:0badc0de"}')
+    stale = time.time() - 3600
+    os.utime(claim, (stale, stale))
+    ws.mark("exec_8_abcdef08")
+
+    daemon = ws.daemon()
+
+    wait_until(lambda: ws.recorded("exec_8_abcdef08"))
+    assert daemon.terminate() == 0
+    assert sorted(p.name for p in ws.outputs.glob(".*claim*")) == []
+
+
+def test_a_live_claim_is_respected_by_sync(moto_workspace):
+    ws = moto_workspace
+    ws.result("exec_9_abcdef09", {"a": b"a"})
+    (ws.outputs / ".exec_9_abcdef09.claim.1").write_text('{"owner": "otherhost:7:cafe0001"}')
+
+    done = ws.sync("exec_9_abcdef09")
+
+    assert done.returncode == 1
+    assert (
+        "exec_9_abcdef09: being published by otherhost:7:cafe0001 right now; try again when "
+        "it is done" in done.stderr
+    )
+    assert ws.objects() == {}
+
+
+def test_a_file_that_changes_during_the_upload_is_uploaded_again(moto_workspace):
+    ws = moto_workspace
+    ws.settings["syncd"]["retry_min_delay"] = 0.2
+    big_result(ws, "exec_10_abcdef10")
+    small = ws.outputs / "exec_10_abcdef10" / "results.zarr" / ".zgroup"
+    ws.mark("exec_10_abcdef10")
+    daemon = ws.daemon()
+    wait_until(lambda: multipart_in_flight(ws), what="a multipart upload in flight")
+
+    small.write_bytes(b'{"zarr_format": 2}')
+
+    wait_until(lambda: ws.recorded("exec_10_abcdef10"), timeout=120)
+    assert daemon.terminate() == 0
+    assert "files changed while they were uploaded" in daemon.log()
+    assert ws.objects()["outputs/exec_10_abcdef10/results.zarr/.zgroup"] == b'{"zarr_format": 2}'
+    sizes = {f["path"]: f["size"] for f in ws.metadata("exec_10_abcdef10")["output_files"]}
+    assert sizes["exec_10_abcdef10/results.zarr/.zgroup"] == len(b'{"zarr_format": 2}')
+
+
+def test_an_empty_tree_is_recorded_with_no_files(moto_workspace):
+    ws = moto_workspace
+    ws.result("exec_11_abcdef11", {})
+    ws.mark("exec_11_abcdef11")
+    daemon = ws.daemon()
+    wait_until(lambda: ws.recorded("exec_11_abcdef11"))
+    assert daemon.terminate() == 0
+    assert ws.metadata("exec_11_abcdef11")["output_files"] == []
+    assert "exec_11_abcdef11: the result folder is empty" in daemon.log()
+
+
+def test_unreadable_metadata_is_named_and_the_others_are_served(moto_workspace):
+    ws = moto_workspace
+    ws.result("exec_12_abcdef12", {"a": b"a"}, metadata=None)
+    ws.metadata_path("exec_12_abcdef12").mkdir()  # exists, cannot be read as a file
+    ws.result("exec_13_abcdef13", {"b": b"b"})
+    for rel in ("exec_12_abcdef12", "exec_13_abcdef13"):
+        ws.mark(rel)
+    daemon = ws.daemon()
+    wait_until(lambda: ws.recorded("exec_13_abcdef13"))
+    log = daemon.wait_log(f"metadata {ws.metadata_path('exec_12_abcdef12')} cannot be read")
+    assert daemon.terminate() == 0
+    assert "fix its permissions" in log
+    assert ws.objects() == {"outputs/exec_13_abcdef13/b": b"b"}
+
+
+def test_polling_mode_finds_markers(moto_workspace):
+    ws = moto_workspace
+    ws.settings["syncd"]["watch"] = "poll"
+    ws.settings["syncd"]["poll_interval"] = 0.2
+    daemon = ws.daemon()
+    daemon.wait_log("(polling)")
+    ws.result("nfs_workflow/exec_14_abcdef14", {"a": b"a"})
+    ws.mark("nfs_workflow/exec_14_abcdef14")
+    wait_until(lambda: ws.recorded("nfs_workflow/exec_14_abcdef14"))
+    assert daemon.terminate() == 0
+
+
+def test_inotify_overflow_is_answered_with_a_rescan(moto_workspace):
+    ws = moto_workspace
+    limit = Path("/proc/sys/fs/inotify/max_queued_events")
+    if not os.access(limit, os.W_OK):
+        pytest.skip("lowering the inotify queue needs root")
+    original = limit.read_text()
+    try:
+        limit.write_text("8")  # only for inotify instances made from now on: the daemon's
+        daemon = ws.daemon()
+        daemon.wait_log("syncd watching")
+    finally:
+        limit.write_text(original)
+    for i in range(200):  # far more events than the queue holds, faster than it is read
+        (ws.outputs / f"noise-{i}").write_text("")
+    ws.result("exec_15_abcdef15", {"a": b"a"})
+    ws.mark("exec_15_abcdef15")
+
+    wait_until(lambda: ws.recorded("exec_15_abcdef15"))
+    assert daemon.terminate() == 0
+    assert "the inotify event queue overflowed: events may have been lost; rescanning" in (
+        daemon.log()
+    )
+
+
+def test_server_stopped_mid_upload_then_started_again(moto_workspace, tmp_path):
+    ws = moto_workspace
+    server = S3Server("rclone", tmp_path / "rclone").start()  # keeps its objects on disk
+    try:
+        ws.server = server
+        ws.bucket = server.new_bucket()
+        ws.settings["object_storage"]["endpoint_url"] = server.endpoint
+        ws.settings["object_storage"]["bucket"] = ws.bucket
+        ws.settings["syncd"]["retry_min_delay"] = 0.2
+        data = big_result(ws, "exec_16_abcdef16")
+        ws.mark("exec_16_abcdef16")
+        daemon = ws.daemon()
+        daemon.wait_log("exec_16_abcdef16: uploading")
+
+        server.stop()
+        daemon.wait_log("(attempt 1; retrying in")
+        server.start()
+
+        wait_until(lambda: ws.recorded("exec_16_abcdef16"), timeout=120)
+        assert daemon.terminate() == 0
+        assert ws.objects()["outputs/exec_16_abcdef16/results.zarr/t2m/0.0.0"] == data
+    finally:
+        server.stop()

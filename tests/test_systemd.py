@@ -1,0 +1,133 @@
+"""Running under systemd: the unit file, sd_notify, journald priorities, credentials."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import KEY_PAIR_ID
+from tests.servers import SECRET, wait_until
+
+UNIT = Path(__file__).resolve().parents[1] / "systemd" / "syncd.service"
+needs_systemd_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
+)
+
+
+def installed_unit(tmp_path: Path) -> Path:
+    """The unit as installed, pointing at this checkout's syncd."""
+    unit = tmp_path / "syncd.service"
+    syncd = Path(sys.executable).parent / "syncd"
+    unit.write_text(UNIT.read_text().replace("/opt/syncd/.venv/bin/syncd", str(syncd)))
+    return unit
+
+
+@needs_systemd_analyze
+def test_unit_file_verifies(tmp_path):
+    done = subprocess.run(
+        ["systemd-analyze", "verify", str(installed_unit(tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == ""
+
+
+@needs_systemd_analyze
+def test_unit_file_is_hardened(tmp_path):
+    done = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", str(installed_unit(tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    level = re.search(r"Overall exposure level for syncd\.service: ([0-9.]+)", done.stdout)
+    assert level is not None, done.stdout
+    assert float(level.group(1)) <= 3.0
+
+
+def test_unit_file_has_what_an_operator_relies_on():
+    text = UNIT.read_text()
+    for line in [
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "User=syncd",
+        "EnvironmentFile=-/etc/syncd/env",
+        "LoadCredential=cloudfront_private_key:",
+        "ProtectSystem=strict",
+        "ReadWritePaths=/outputs",
+        "StateDirectory=syncd",
+    ]:
+        assert re.search(rf"^{re.escape(line)}", text, re.MULTILINE), line
+    timeout = int(re.search(r"^TimeoutStopSec=(\d+)s", text, re.MULTILINE).group(1))
+    from syncd.config import Daemon
+
+    assert Daemon().stop_grace < timeout
+
+
+def test_daemon_notifies_ready_watchdog_and_stopping(moto_workspace, tmp_path):
+    ws = moto_workspace
+    address = str(tmp_path / "notify.sock")
+    messages: list[str] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(address)
+        sock.settimeout(30)
+
+        def receive(text: str, count: int = 1) -> None:
+            while sum(m.startswith(text) for m in messages) < count:
+                messages.append(sock.recv(4096).decode())
+
+        daemon = ws.daemon(env=ws.env(NOTIFY_SOCKET=address, WATCHDOG_USEC="200000"))
+        receive("READY=1")
+        ws.result("exec_1_abcdef01", {"a": b"a"})
+        ws.mark("exec_1_abcdef01")
+        wait_until(lambda: ws.recorded("exec_1_abcdef01"))
+        receive("WATCHDOG=1", count=sum(m == "WATCHDOG=1" for m in messages) + 3)
+        assert daemon.terminate() == 0
+        receive("STOPPING=1")
+    assert messages[0].startswith("READY=1\nSTATUS=watching ")
+
+
+def test_journald_lines_carry_syslog_priorities(moto_workspace):
+    ws = moto_workspace
+    ws.settings["object_storage"]["use_transfer_acceleration"] = True  # ignored: a warning
+    ws.result("exec_1_abcdef01", {"a": b"a"}, metadata="{broken")
+    ws.mark("exec_1_abcdef01")
+
+    daemon = ws.daemon(journal=True)
+    daemon.wait_log("is not valid JSON")
+    assert daemon.terminate() == 0
+
+    lines = daemon.log().splitlines()
+    assert all(re.match(r"<[0-7]>", line) for line in lines), lines
+    assert any(line.startswith("<6>syncd watching ") for line in lines)
+    assert any(line.startswith("<4>use_transfer_acceleration is ignored") for line in lines)
+    assert any(line.startswith("<3>exec_1_abcdef01: metadata ") for line in lines)
+
+
+def test_secrets_come_from_systemd_credentials(moto_workspace, signing_key, tmp_path):
+    ws = moto_workspace
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "secret_access_key").write_text(SECRET + "\n")
+    (credentials / "cloudfront_private_key").write_bytes(signing_key[0].read_bytes())
+    del ws.settings["object_storage"]["secret_access_key"]
+    del ws.settings["object_storage"]["cloudfront_private_key_path"]
+    ws.result("exec_1_abcdef01", {"a": b"a"})
+
+    done = ws.sync("exec_1_abcdef01", env=ws.env(CREDENTIALS_DIRECTORY=str(credentials)))
+
+    assert done.returncode == 0, done.stderr
+    assert ws.objects() == {"outputs/exec_1_abcdef01/a": b"a"}
+    url = ws.metadata("exec_1_abcdef01")["signed_url"]
+    assert f"Key-Pair-Id={KEY_PAIR_ID}" in url
+    assert SECRET not in done.stdout + done.stderr
