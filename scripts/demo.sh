@@ -92,6 +92,8 @@ for _ in $(seq 1 600); do grep -q '"storage_type": "s3"' "$meta" && break; sleep
 grep -q '"storage_type": "s3"' "$meta" || { echo "== FAILED: metadata not recorded in 60 s" >&2; exit 1; }
 kill -TERM "${pids[1]}"; wait "${pids[1]}" && echo "== syncd stopped on SIGTERM with exit code 0"
 
+echo "== syncd status"
+.venv/bin/syncd status --config "$DEMO_DIR/config.yaml"
 echo "== objects in the bucket (rclone's folder s3-root/results):"
 (cd "$DEMO_DIR/s3-root/results" && find . -type f -printf '%P  %s bytes\n' | sort)
 diff -r "$DEMO_DIR/outputs/deterministic/exec_1769560728_10ed9d3c" \

@@ -120,7 +120,9 @@ class Publisher:
         try:
             aborted = await self.store.abort_uploads(f"{result.remote_path}/")
         except StoreError as exc:
-            if not self.cleanup_warned:
+            if not exc.permanent:  # the store is unreachable: the upload says so next
+                logger.debug("{}: no multipart clean-up: {}", result.name, exc)
+            elif not self.cleanup_warned:
                 self.cleanup_warned = True
                 logger.warning(
                     "cannot clean up unfinished multipart uploads ({}): grant "

@@ -23,6 +23,7 @@ def test_demo_uploads_records_and_signs(tmp_path):
     assert "== syncd stopped on SIGTERM with exit code 0" in done.stdout
     assert "== bucket copy is byte-identical to the local tree" in done.stdout
     assert '"storage_type": "s3"' in done.stdout
+    assert "\n1 results: 1 done\n" in done.stdout
     assert "== signed URL verified with the public key: covers https://" in done.stdout
     assert "exec_1769560728_10ed9d3c: uploaded 4 files, 524460 bytes" in done.stderr
     assert processes_mentioning(str(tmp_path / "demo")) == []  # servers and daemon stopped
