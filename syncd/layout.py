@@ -48,10 +48,10 @@ class Result:
 
 @dataclass(frozen=True, slots=True)
 class LocalFile:
-    """A regular file of a result tree: where it is, its path in the tree, its size, and its
-    modification time (to notice a file that changes while it is uploaded)."""
+    """A regular file of a result tree: its path in the tree, its size, and its modification
+    time (to notice a file that changes while it is uploaded). Kept small: a tree may hold
+    100,000 of them."""
 
-    path: Path
     rel: str
     size: int
     mtime_ns: int
@@ -147,8 +147,8 @@ def normalized(path: Path) -> Path:
     return Path(os.path.normpath(path.absolute()))
 
 
-def tree_files(tree: Path) -> list[LocalFile]:
-    """Every regular file of the tree, sorted by path; symlinks only when they stay inside.
+def tree_files(tree: Path) -> Iterator[LocalFile]:
+    """Every regular file of the tree, in a stable order; symlinks only when they stay inside.
 
     A symlink is uploaded as the file it points to when that file lies inside the tree, and is
     skipped with a warning otherwise: a result must never carry data from elsewhere on the host.
@@ -157,7 +157,6 @@ def tree_files(tree: Path) -> list[LocalFile]:
     root = tree.resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"result folder {tree} does not exist")
-    files: list[LocalFile] = []
     for folder, dirnames, filenames in os.walk(root, onerror=_raise):
         base = Path(folder)
         for name in dirnames:
@@ -179,8 +178,7 @@ def tree_files(tree: Path) -> list[LocalFile]:
             elif not stat.S_ISREG(info.st_mode):
                 logger.warning("{}: skipping {}: not a regular file", tree.name, rel)
                 continue
-            files.append(LocalFile(path, rel, info.st_size, info.st_mtime_ns))
-    return files
+            yield LocalFile(rel, info.st_size, info.st_mtime_ns)
 
 
 def _raise(error: OSError) -> None:

@@ -8,6 +8,7 @@ complete one. Multipart uploads left by an interrupted attempt are aborted first
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -76,7 +77,7 @@ class Publisher:
         await self._abort_unfinished(result)
         await self._upload(result, files)
         await self._verify(result, files)
-        if await asyncio.to_thread(self._list_tree, result) != files:
+        if not await asyncio.to_thread(self._unchanged, result, files):
             raise PublishError(
                 f"{result.name}: files changed while they were uploaded; retrying once the "
                 "tree is quiet (a marker must only be dropped when the result is complete)"
@@ -99,20 +100,13 @@ class Publisher:
             raise PublishError(f"{result.name}: {exc}", permanent=True) from None
 
     def _list_tree(self, result: Result) -> list[LocalFile]:
-        try:
-            return tree_files(result.tree)
-        except FileNotFoundError:
-            raise PublishError(
-                f"{result.name}: marker {result.marker} has no result folder {result.tree}: "
-                "remove the marker or restore the folder",
-                permanent=True,
-            ) from None
-        except OSError as exc:
-            raise PublishError(
-                f"{result.name}: cannot read {exc.filename or result.tree} ({exc.strerror}): "
-                "fix its permissions",
-                permanent=True,
-            ) from None
+        with tree_errors(result):
+            return list(tree_files(result.tree))
+
+    def _unchanged(self, result: Result, before: list[LocalFile]) -> bool:
+        """True when the tree still holds exactly `before`, compared as it is walked."""
+        with tree_errors(result):
+            return all(a == b for a, b in itertools.zip_longest(before, tree_files(result.tree)))
 
     async def _abort_unfinished(self, result: Result) -> None:
         """Abort multipart uploads an interrupted attempt left. Best effort: the seed's IAM
@@ -140,18 +134,18 @@ class Publisher:
         async def worker() -> None:
             # Workers pull from one iterator, so memory does not grow with the file count.
             for file in pending:
+                path = result.tree / file.rel
                 try:
                     with store_errors_of(result):
-                        await self.store.put(file, result.key(file.rel))
+                        await self.store.put(path, result.key(file.rel))
                 except FileNotFoundError:
                     raise PublishError(
-                        f"{result.name}: {file.path} vanished during the upload; retrying once "
-                        "the tree is quiet"
+                        f"{result.name}: {path} vanished during the upload; retrying once the "
+                        "tree is quiet"
                     ) from None
                 except OSError as exc:
                     raise PublishError(
-                        f"{result.name}: cannot read {file.path} ({exc.strerror}): fix its "
-                        "permissions",
+                        f"{result.name}: cannot read {path} ({exc.strerror}): fix its permissions",
                         permanent=True,
                     ) from None
 
@@ -187,3 +181,22 @@ def store_errors_of(result: Result) -> Iterator[None]:
         yield
     except StoreError as exc:
         raise PublishError(f"{result.name}: {exc}", permanent=exc.permanent) from None
+
+
+@contextmanager
+def tree_errors(result: Result) -> Iterator[None]:
+    """A tree that cannot be walked becomes this result's PublishError, for a person to fix."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise PublishError(
+            f"{result.name}: marker {result.marker} has no result folder {result.tree}: "
+            "remove the marker or restore the folder",
+            permanent=True,
+        ) from None
+    except OSError as exc:
+        raise PublishError(
+            f"{result.name}: cannot read {exc.filename or result.tree} ({exc.strerror}): "
+            "fix its permissions",
+            permanent=True,
+        ) from None

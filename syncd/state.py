@@ -59,8 +59,10 @@ class StateStore:
                 self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
             else:
                 state_dir.mkdir(parents=True, exist_ok=True)
-                self.db = sqlite3.connect(self.path, isolation_level=None)
-                self.db.execute("PRAGMA journal_mode=WAL")
+                # `syncd sync` and `syncd status` may open it while the daemon runs.
+                self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+                if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=NORMAL")
                 self.db.execute(SCHEMA)
         except (OSError, sqlite3.Error) as exc:

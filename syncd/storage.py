@@ -11,12 +11,12 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 from loguru import logger
 
 from syncd.config import ObjectStorage
-from syncd.layout import LocalFile
 
 
 class StoreError(Exception):
@@ -55,7 +55,7 @@ class ObjectStore(Protocol):
 
     description: str
 
-    async def put(self, file: LocalFile, key: str) -> None: ...
+    async def put(self, path: Path, key: str) -> None: ...
 
     async def sizes(self, prefix: str) -> dict[str, int]:
         """Size of every object whose key starts with `prefix`."""
@@ -128,14 +128,14 @@ class ObstoreStore:
         # obstore cannot list multipart uploads; the s3fs client does that rare housekeeping.
         self.housekeeping = S3fsStore(storage)
 
-    async def put(self, file: LocalFile, key: str) -> None:
+    async def put(self, path: Path, key: str) -> None:
         import obstore
 
         with store_errors(f"upload of {key}"):
             await obstore.put_async(
                 self.store,
                 key,
-                file.path,
+                path,
                 chunk_size=self.storage.multipart_chunksize,
                 max_concurrency=self.storage.max_concurrency,
             )
@@ -204,11 +204,11 @@ class S3fsStore:
             await self.fs.set_session()
         return self.fs
 
-    async def put(self, file: LocalFile, key: str) -> None:
+    async def put(self, path: Path, key: str) -> None:
         fs = await self._client()
         with store_errors(f"upload of {key}"):
             await fs._put_file(
-                str(file.path),
+                str(path),
                 f"{self.storage.bucket}/{key}",
                 chunksize=self.storage.multipart_chunksize,
                 max_concurrency=self.storage.max_concurrency,

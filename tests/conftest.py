@@ -109,6 +109,7 @@ class Workspace:
         self.bucket = server.new_bucket()
         self.key_path = key_path
         self.daemons: list[DaemonProcess] = []
+        self.configs = 0
         self.settings: dict[str, dict[str, Any]] = {
             "object_storage": {
                 "enabled": True,
@@ -130,7 +131,10 @@ class Workspace:
 
     @property
     def config(self) -> Path:
-        path = self.root / "config.yaml"
+        """The settings as they are now, in a file of their own (a daemon started earlier
+        may not have read its file yet)."""
+        self.configs += 1
+        path = self.root / f"config-{self.configs}.yaml"
         path.write_text(yaml.safe_dump(self.settings))
         return path
 

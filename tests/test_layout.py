@@ -73,7 +73,7 @@ def test_tree_files_lists_names_with_spaces_and_unicode(tmp_path):
     for name in names:
         (tree / name).parent.mkdir(parents=True, exist_ok=True)
         (tree / name).write_bytes(name.encode())
-    files = tree_files(tree)
+    files = list(tree_files(tree))
     assert [(f.rel, f.size) for f in files] == sorted((n, len(n.encode())) for n in names)
 
 
