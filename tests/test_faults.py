@@ -332,3 +332,27 @@ def test_server_stopped_mid_upload_then_started_again(moto_workspace, tmp_path):
         assert ws.objects()["outputs/exec_16_abcdef16/results.zarr/t2m/0.0.0"] == data
     finally:
         server.stop()
+
+
+def test_inotify_watch_limit_falls_back_to_polling(moto_workspace):
+    ws = moto_workspace
+    ws.settings["syncd"]["poll_interval"] = 0.2
+    limit = Path("/proc/sys/fs/inotify/max_user_watches")
+    if not os.access(limit, os.W_OK):
+        pytest.skip("lowering the inotify watch limit needs root")
+    original = limit.read_text()
+    try:
+        limit.write_text("0")  # no watch at all for new inotify instances
+        daemon = ws.daemon()
+        daemon.wait_log("syncd watching")
+    finally:
+        limit.write_text(original)
+    ws.result("exec_17_abcdef17", {"a": b"a"})
+    ws.mark("exec_17_abcdef17")
+
+    wait_until(lambda: ws.recorded("exec_17_abcdef17"))
+    assert daemon.terminate() == 0
+    log = daemon.log()
+    assert f"inotify cannot watch {ws.outputs} (" in log
+    assert "polling every 0.2 s instead" in log
+    assert "(polling)" in log
