@@ -22,6 +22,9 @@ from syncd.layout import LocalFile, Result, tree_files
 from syncd.signing import UrlSigner
 from syncd.storage import ObjectStore, StoreError
 
+# Answers that mean this store or these credentials cannot clean up, while uploads may work.
+CLEANUP_REFUSED = {"AccessDenied", "NotImplemented", "MethodNotAllowed"}
+
 
 class PublishError(Exception):
     """A result that could not be published this time; the message says why and what to do.
@@ -114,7 +117,7 @@ class Publisher:
         try:
             aborted = await self.store.abort_uploads(f"{result.remote_path}/")
         except StoreError as exc:
-            if not exc.permanent:  # the store is unreachable: the upload says so next
+            if exc.code not in CLEANUP_REFUSED:  # the upload itself says what is wrong next
                 logger.debug("{}: no multipart clean-up: {}", result.name, exc)
             elif not self.cleanup_warned:
                 self.cleanup_warned = True

@@ -23,9 +23,10 @@ class StoreError(Exception):
     """The bucket could not be reached or refused a request. `permanent` when retrying alone
     cannot fix it (credentials, permissions, bucket name); the message then says what to do."""
 
-    def __init__(self, message: str, permanent: bool = False) -> None:
+    def __init__(self, message: str, permanent: bool = False, code: str | None = None) -> None:
         super().__init__(message)
         self.permanent = permanent
+        self.code = code
 
 
 # S3 error codes a retry cannot fix, with the remedy (the seed's Troubleshooting section).
@@ -269,14 +270,16 @@ def store_errors(action: str) -> Iterator[None]:
         # obstore raises FileNotFoundError for a missing bucket, but without a file name.
         if isinstance(exc, OSError) and exc.filename is not None:
             raise
-        summary, remedy = describe(exc)
+        code, summary, remedy = describe(exc)
         if remedy is None:
-            raise StoreError(f"{action} failed: {summary}") from exc
-        raise StoreError(f"{action} failed: {summary}: {remedy}", permanent=True) from exc
+            raise StoreError(f"{action} failed: {summary}", code=code) from exc
+        message = f"{action} failed: {summary.rstrip('.')}: {remedy}"
+        raise StoreError(message, permanent=True, code=code) from exc
 
 
-def describe(exc: BaseException) -> tuple[str, str | None]:
-    """A one-line summary of a client error, and the remedy when a retry cannot fix it."""
+def describe(exc: BaseException) -> tuple[str | None, str, str | None]:
+    """The S3 error code of a client error (if it has one), a one-line summary, and the
+    remedy when a retry cannot fix it."""
     text = str(exc).strip() or type(exc).__name__
     code = message = None
     for cause in (exc, exc.__cause__, exc.__context__):
@@ -291,7 +294,7 @@ def describe(exc: BaseException) -> tuple[str, str | None]:
             message = (re.search(r"<Message>([^<]+)</Message>", text) or found).group(1)
     summary = f"{code}: {message}" if code else text.splitlines()[0]
     if code in PERMANENT:
-        return summary, PERMANENT[code]
+        return code, summary, PERMANENT[code]
     if type(exc).__name__ in ("PermissionDeniedError", "UnauthenticatedError"):
-        return summary, CHECK_CREDENTIALS
-    return summary, None
+        return code, summary, CHECK_CREDENTIALS
+    return code, summary, None

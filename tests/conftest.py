@@ -237,6 +237,14 @@ def workspace(tmp_path: Path, server: S3Server, signing_key) -> Iterator[Workspa
 
 
 @pytest.fixture
+def rclone_workspace(tmp_path: Path, servers, signing_key) -> Iterator[Workspace]:
+    """A workspace on rclone only: unlike moto, it checks access keys."""
+    ws = Workspace(tmp_path, servers["rclone"], signing_key[0])
+    yield ws
+    ws.kill_daemons()
+
+
+@pytest.fixture
 def moto_workspace(tmp_path: Path, moto: S3Server, signing_key) -> Iterator[Workspace]:
     """A workspace on moto only, for behaviour that does not depend on the server."""
     ws = Workspace(tmp_path, moto, signing_key[0])

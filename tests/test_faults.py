@@ -356,3 +356,22 @@ def test_inotify_watch_limit_falls_back_to_polling(moto_workspace):
     assert f"inotify cannot watch {ws.outputs} (" in log
     assert "polling every 0.2 s instead" in log
     assert "(polling)" in log
+
+
+def test_wrong_credentials_are_a_permanent_error_with_the_remedy(rclone_workspace):
+    ws = rclone_workspace
+    ws.settings["object_storage"]["access_key_id"] = "AKIAWRONGKEY"
+    ws.result("exec_18_abcdef18", {"a": b"a"})
+
+    done = ws.sync("exec_18_abcdef18")
+
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1
+    assert errors[0].endswith(
+        "exec_18_abcdef18: upload of outputs/exec_18_abcdef18/a failed: InvalidAccessKeyId: "
+        "The Access Key Id you provided does not exist in our records: check the credentials: "
+        "access_key_id, secret_access_key, session_token, or the instance role"
+    )
+    assert "WARNING" not in done.stderr.replace("WARNING CloudFront", "")
+    assert status(ws)["exec_18_abcdef18"]["permanent"] is True

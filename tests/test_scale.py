@@ -6,14 +6,14 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.conftest import SYNCD, Workspace
+from tests.conftest import SYNCD
 
 FILES = 100_000
 RSS_LIMIT_MB = 400  # about 2.5 KB a file: the file list, the listing, the metadata it writes
 
 
-def test_100000_files_are_published_with_bounded_memory(servers, tmp_path, signing_key):
-    ws = Workspace(tmp_path, servers["rclone"], signing_key[0])
+def test_100000_files_are_published_with_bounded_memory(rclone_workspace, tmp_path):
+    ws = rclone_workspace
     tree = ws.outputs / "exec_1_abcdef01" / "results.zarr"
     for folder in range(100):
         (tree / f"v{folder}").mkdir(parents=True)
