@@ -25,6 +25,7 @@ from syncd.daemon import Daemon
 from syncd.layout import Layout, LayoutError
 from syncd.notify import Notifier
 from syncd.publish import Publisher
+from syncd.resign import Resigner
 from syncd.signing import UrlSigner
 from syncd.state import StateStore
 from syncd.storage import StoreError, open_store
@@ -60,6 +61,13 @@ def parser() -> argparse.ArgumentParser:
         "sync", parents=[common], help="publish the given results now, then exit"
     )
     sync.add_argument("exec_dirs", nargs="+", type=Path, metavar="EXEC_DIR")
+    sign = commands.add_parser(
+        "sign", parents=[common], help="print a fresh signed URL for a result"
+    )
+    sign.add_argument("target", metavar="EXEC_DIR|REMOTE_PATH")
+    sign.add_argument(
+        "--expires-in", type=positive_int, metavar="S", help="seconds (signed_url_expires_in)"
+    )
     status_parser = commands.add_parser(
         "status", parents=[common], help="each result's state: pending, uploading, retrying, done"
     )
@@ -70,6 +78,16 @@ def parser() -> argparse.ArgumentParser:
         help="validate the settings, load the signing key, reach the bucket",
     )
     return top
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of seconds above 0, got {text!r}")
+    return value
 
 
 def flags_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -110,7 +128,8 @@ async def run_daemon(settings: Settings, signer: UrlSigner | None) -> int:
     store = open_store(settings.object_storage)
     try:
         publisher = Publisher(settings, store, signer)
-        await Daemon(settings, layout, publisher, state, Notifier()).run()
+        resigner = Resigner(settings, signer) if signer else None
+        await Daemon(settings, layout, publisher, state, Notifier(), resigner).run()
     finally:
         await store.close()
         state.close()
@@ -122,7 +141,11 @@ async def run_sync(settings: Settings, signer: UrlSigner | None, exec_dirs: list
     results = [layout.for_tree(path) for path in exec_dirs]  # all usage errors before any upload
     state = StateStore(settings.syncd.state_dir)
     store = open_store(settings.object_storage)
-    attempts = Attempts(settings, Publisher(settings, store, signer), state)
+    # JSON logs are for collectors: keep stderr one JSON object per line.
+    publisher = Publisher(
+        settings, store, signer, show_progress=settings.syncd.log_format == "text"
+    )
+    attempts = Attempts(settings, publisher, state)
     failed = 0
     try:
         for result in results:
@@ -145,6 +168,20 @@ async def run_sync(settings: Settings, signer: UrlSigner | None, exec_dirs: list
         await store.close()
         state.close()
     return EXIT_FAILED if failed else 0
+
+
+def run_sign(settings: Settings, target: str, expires_in: int | None) -> int:
+    signer = UrlSigner.from_settings(settings.object_storage)
+    if signer is None:
+        raise ConfigError(
+            "CloudFront is not configured, so there is nothing to sign with: set "
+            "cloudfront_domain, cloudfront_key_pair_id and cloudfront_private_key_path"
+        )
+    path = Path(target)
+    remote_path = Layout(settings).for_tree(path).remote_path if path.is_dir() else target
+    lifetime = expires_in or settings.object_storage.signed_url_expires_in
+    print(signer.sign(remote_path.strip("/"), lifetime))
+    return 0
 
 
 def run_status(settings: Settings, as_json: bool) -> int:
@@ -187,6 +224,8 @@ def run_command(argv: list[str] | None = None) -> int:
             return asyncio.run(run_check(settings, config_file))
         if args.command == "status":
             return run_status(settings, args.json)
+        if args.command == "sign":
+            return run_sign(settings, args.target, args.expires_in)
         require_enabled(settings)
         signer = signer_for(settings)
         if args.command == "sync":

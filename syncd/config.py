@@ -157,6 +157,10 @@ class Daemon(BaseModel):
     # Several daemons may share outputs_dir: a claim not refreshed for this long is a dead
     # daemon's and is taken over.
     claim_timeout: float = Field(120.0, ge=10)
+    # A recorded result's signed URL is renewed once less than this part of its lifetime is left.
+    resign_fraction: float = Field(0.2, gt=0, lt=1)
+    # After a verified upload, remove the local tree (the metadata stays, pointing to S3).
+    delete_local_after_upload: bool = False
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

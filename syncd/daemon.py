@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from pathlib import Path
 
 from loguru import logger
@@ -21,6 +22,7 @@ from syncd.config import Settings
 from syncd.layout import Layout, Result
 from syncd.notify import Notifier
 from syncd.publish import Publisher
+from syncd.resign import Resigner
 from syncd.state import StateStore
 from syncd.watch import MarkerWatcher
 
@@ -33,6 +35,7 @@ class Daemon:
         publisher: Publisher,
         state: StateStore,
         notifier: Notifier,
+        resigner: Resigner | None,
     ) -> None:
         self.config = settings.syncd
         self.layout = layout
@@ -40,9 +43,10 @@ class Daemon:
         self.state = state
         self.attempts = Attempts(settings, publisher, state)
         self.notifier = notifier
+        self.resigner = resigner
         self.queue: asyncio.Queue[Result] = asyncio.Queue()
         self.queued: set[str] = set()  # waiting or in progress
-        self.done: set[str] = set()  # recorded; never looked at again
+        self.done: dict[str, Result] = {}  # recorded; only their signed URLs need care
         self.not_before: dict[str, float] = {}  # backoff: no new attempt before (loop time)
         self.reported: dict[str, str] = {}  # the permanent error already logged per result
         self.busy: set[asyncio.Task[None]] = set()
@@ -64,6 +68,10 @@ class Daemon:
         watcher.start()
         workers = [asyncio.create_task(self.work()) for _ in range(self.config.parallel_results)]
         helpers = [asyncio.create_task(self.rescan_every(self.config.rescan_interval))]
+        if self.resigner is not None:
+            # Look often enough to renew a URL inside its margin, at most once a rescan.
+            every = min(self.config.rescan_interval, max(self.resigner.margin / 2, 0.5))
+            helpers.append(asyncio.create_task(self.renew_every(every)))
         if self.notifier.watchdog_interval:
             helpers.append(asyncio.create_task(self.ping_watchdog(self.notifier.watchdog_interval)))
         logger.info(
@@ -120,6 +128,17 @@ class Daemon:
             await self.scan()
             await asyncio.sleep(interval)
 
+    async def renew_every(self, interval: float) -> None:
+        assert self.resigner is not None
+        while True:
+            await asyncio.sleep(interval)
+            now = time.time()
+            for result in [r for r in self.done.values() if self.resigner.due(r, now)]:
+                try:
+                    await asyncio.to_thread(self.resigner.refresh, result, now)
+                except OSError as exc:
+                    logger.warning("{}: cannot renew its signed URL: {}", result.name, exc)
+
     async def ping_watchdog(self, interval: float) -> None:
         # From the event loop that does the work: if it stalls, systemd notices and restarts.
         while True:
@@ -168,7 +187,7 @@ class Daemon:
         rel = result.rel.as_posix()
         outcome = await self.attempts.attempt(result)
         if outcome.done:
-            self.done.add(rel)
+            self.done[rel] = result
             self.not_before.pop(rel, None)
             return
         if outcome.held_by is not None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,6 +21,7 @@ from loguru import logger
 from syncd import metadata
 from syncd.config import Settings
 from syncd.layout import LocalFile, Result, tree_files
+from syncd.progress import Progress
 from syncd.signing import UrlSigner
 from syncd.storage import ObjectStore, StoreError
 
@@ -51,8 +54,16 @@ class Published:
 class Publisher:
     """Holds the store and signer shared by every result."""
 
-    def __init__(self, settings: Settings, store: ObjectStore, signer: UrlSigner | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: ObjectStore,
+        signer: UrlSigner | None,
+        show_progress: bool = False,
+    ) -> None:
+        self.show_progress = show_progress  # for a person running syncd sync
         self.storage = settings.object_storage
+        self.delete_local = settings.syncd.delete_local_after_upload
         self.store = store
         self.signer = signer
         self.cleanup_warned = False
@@ -78,7 +89,8 @@ class Publisher:
         total = sum(f.size for f in files)
         logger.info("{}: uploading {} files, {} bytes", result.name, len(files), total)
         await self._abort_unfinished(result)
-        await self._upload(result, files)
+        progress = Progress(result.name, len(files), total) if self.show_progress else None
+        await self._upload(result, files, progress)
         await self._verify(result, files)
         if not await asyncio.to_thread(self._unchanged, result, files):
             raise PublishError(
@@ -94,6 +106,8 @@ class Publisher:
         if still_ours is not None and not still_ours():
             raise PublishError(f"{result.name}: another daemon took over this result; leaving it")
         await asyncio.to_thread(self._record, result, files, signed_url)
+        if self.delete_local:
+            await asyncio.to_thread(remove_tree, result)
         return Published(result, len(files), total, seconds, signed_url)
 
     def _read_metadata(self, result: Result) -> metadata.Metadata | None:
@@ -131,7 +145,9 @@ class Publisher:
         if aborted:
             logger.info("{}: aborted {} unfinished multipart uploads", result.name, aborted)
 
-    async def _upload(self, result: Result, files: list[LocalFile]) -> None:
+    async def _upload(
+        self, result: Result, files: list[LocalFile], progress: Progress | None
+    ) -> None:
         pending = iter(files)
 
         async def worker() -> None:
@@ -141,6 +157,8 @@ class Publisher:
                 try:
                     with store_errors_of(result):
                         await self.store.put(path, result.key(file.rel))
+                    if progress is not None:
+                        progress.advance(file.size)
                 except FileNotFoundError:
                     raise PublishError(
                         f"{result.name}: {path} vanished during the upload; retrying once the "
@@ -203,3 +221,16 @@ def tree_errors(result: Result) -> Iterator[None]:
             "fix its permissions",
             permanent=True,
         ) from None
+
+
+def remove_tree(result: Result) -> None:
+    """Remove a published tree (delete_local_after_upload). It is first renamed aside, so a
+    crash mid-way never leaves a half tree under the result's own name."""
+    aside = result.tree.with_name(f".{result.name}.deleting")
+    if aside.exists():
+        shutil.rmtree(aside)  # left by an earlier crash
+    os.rename(result.tree, aside)
+    shutil.rmtree(aside)
+    logger.info(
+        "{}: removed the local tree {} (delete_local_after_upload)", result.name, result.tree
+    )

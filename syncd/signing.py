@@ -11,7 +11,7 @@ import base64
 import json
 import time
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -25,6 +25,17 @@ def cloudfront_b64(data: bytes) -> str:
     return (
         base64.b64encode(data).decode("ascii").replace("+", "-").replace("=", "_").replace("/", "~")
     )
+
+
+def expiry(signed_url: str) -> int | None:
+    """The DateLessThan of a custom-policy signed URL, or None if it has none."""
+    try:
+        policy = parse_qs(urlsplit(signed_url).query)["Policy"][0]
+        decoded = base64.b64decode(policy.replace("-", "+").replace("_", "=").replace("~", "/"))
+        statement = json.loads(decoded)["Statement"][0]
+        return int(statement["Condition"]["DateLessThan"]["AWS:EpochTime"])
+    except (KeyError, IndexError, ValueError, TypeError):
+        return None
 
 
 def load_private_key(path: Path) -> rsa.RSAPrivateKey:

@@ -1,0 +1,53 @@
+"""Signed URLs that never go stale: re-sign a recorded result's URL before it expires.
+
+A URL is renewed once less than `resign_fraction` of its lifetime is left, for as long as the
+result's metadata exists; the metadata is rewritten atomically with only `signed_url` changed.
+Each result's metadata is read once per URL lifetime, not at every scan.
+"""
+
+from __future__ import annotations
+
+import time
+
+from loguru import logger
+
+from syncd import metadata
+from syncd.config import Settings
+from syncd.layout import Result
+from syncd.signing import UrlSigner, expiry
+
+
+class Resigner:
+    def __init__(self, settings: Settings, signer: UrlSigner) -> None:
+        self.signer = signer
+        self.lifetime = settings.object_storage.signed_url_expires_in
+        self.margin = settings.syncd.resign_fraction * self.lifetime
+        self.next_look: dict[str, float] = {}  # rel -> when its URL needs a look again
+
+    def due(self, result: Result, now: float) -> bool:
+        return self.next_look.get(result.rel.as_posix(), 0) <= now
+
+    def refresh(self, result: Result, now: float) -> None:
+        """Re-sign `result` if its URL is close to expiry; remember when to look again."""
+        rel = result.rel.as_posix()
+        try:
+            document = metadata.read(result.metadata)
+        except metadata.MetadataError as exc:
+            logger.warning("{}: cannot renew its signed URL: {}", result.name, exc)
+            self.next_look[rel] = now + self.margin
+            return
+        if document is None or not metadata.is_recorded(document, result):
+            self.next_look.pop(rel, None)  # gone or not ours any more: nothing to renew
+            return
+        expires = expiry(document.get("signed_url") or "")
+        if expires is not None and expires - now > self.margin:
+            self.next_look[rel] = expires - self.margin
+            return
+        document["signed_url"] = self.signer.sign(result.remote_path, self.lifetime, now=now)
+        metadata.write_atomic(result.metadata, document)
+        self.next_look[rel] = now + self.lifetime - self.margin
+        logger.info(
+            "{}: signed URL renewed until {}",
+            result.name,
+            time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(now + self.lifetime)),
+        )
