@@ -80,6 +80,10 @@ class CloudFrontStandIn:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                if stand_in.fail_next > 0:  # a transient CloudFront error
+                    stand_in.fail_next -= 1
+                    self.reply(503, b"service unavailable")
+                    return
                 url = f"{stand_in.domain}{self.path}"
                 try:
                     verify(url, stand_in.keys)
@@ -93,19 +97,26 @@ class CloudFrontStandIn:
                 except s3_client.exceptions.NoSuchKey:
                     self.reply(404, b"not found")
                     return
+                stand_in.served.append(key)
                 self.reply(200, body)
+
+            def do_HEAD(self) -> None:
+                self.do_GET()
 
             def reply(self, status: int, body: bytes) -> None:
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if self.command != "HEAD":
+                    self.wfile.write(body)
 
             def log_message(self, *args: object) -> None:
                 pass
 
         self.keys = {key_pair_id: public_key}
         self.refusals: list[str] = []
+        self.fail_next = 0
+        self.served: list[str] = []
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.domain = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

@@ -1,0 +1,168 @@
+"""For readers of result metadata: a result's files and its Zarr store, whether it is in S3
+behind a CloudFront signed URL (`storage_type: "s3"`) or still on the server (`"server"`).
+
+    from syncd.client import open_dataset
+    ds = open_dataset(metadata)                        # lazily, over the signed URL
+    ds = open_dataset(metadata, outputs="/outputs")    # a result kept on the server
+
+Transient HTTP errors are retried. A 403 becomes `AccessError`, which says whether the URL
+expired or does not cover the path; within a valid URL, CloudFront's 403 for an object S3
+does not have is a missing file, as Zarr expects. Needs the `client` extra (xarray, zarr).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+import fsspec
+from fsspec.implementations.http import HTTPFileSystem
+
+from syncd.signing import expiry
+
+RETRIES = 4
+TRANSIENT = {500, 502, 503, 504}
+
+
+class AccessError(PermissionError):
+    """CloudFront refused a signed URL; the message says why."""
+
+
+def file_url(signed_url: str, path: str) -> str:
+    """The signed URL of one file of the result (`path` inside the result)."""
+    base, _, query = signed_url.partition("?")
+    return f"{base.removesuffix('*').rstrip('/')}/{quote(path.lstrip('/'))}?{query}"
+
+
+def refusal(signed_url: str, url: str, now: float | None = None) -> AccessError | None:
+    """Why CloudFront refuses `url` under `signed_url`, or None if the URL itself is fine
+    (then a 403 means the object does not exist)."""
+    now = time.time() if now is None else now
+    expires = expiry(signed_url)
+    if expires is not None and now >= expires:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(expires))
+        return AccessError(
+            f"the signed URL expired at {stamp}: fetch the result's metadata again (syncd "
+            "renews it) or ask the operator for `syncd sign`"
+        )
+    covered = signed_url.partition("?")[0].removesuffix("*")
+    requested = url.partition("?")[0]
+    if not requested.startswith(covered):
+        return AccessError(f"the signed URL covers {covered}*, not {requested}")
+    return None
+
+
+class SignedHTTPFileSystem(HTTPFileSystem):
+    """fsspec over one CloudFront signed URL: every request carries its signing query."""
+
+    def __init__(self, signed_url: str, **options: Any) -> None:
+        query = dict(p.split("=", 1) for p in urlsplit(signed_url).query.split("&") if p)
+        super().__init__(params=query, **options)
+        self.signed_url = signed_url
+
+    async def _cat_file(
+        self, url: str, start: int | None = None, end: int | None = None, **kwargs: Any
+    ) -> bytes:
+        return await self._retried(super()._cat_file, url, start=start, end=end, **kwargs)
+
+    async def _info(self, url: str, **kwargs: Any) -> dict[str, Any]:
+        return await self._retried(super()._info, url, **kwargs)
+
+    async def _retried(self, call: Any, url: str, **kwargs: Any) -> Any:
+        for attempt in range(RETRIES):
+            try:
+                return await call(url, **kwargs)
+            except aiohttp.ClientResponseError as exc:
+                if exc.status == 403:
+                    raise refusal(self.signed_url, url) or FileNotFoundError(url) from None
+                if exc.status not in TRANSIENT or attempt == RETRIES - 1:
+                    raise
+            except (TimeoutError, aiohttp.ClientConnectionError):
+                if attempt == RETRIES - 1:
+                    raise
+            await asyncio.sleep(0.2 * 2**attempt)
+        raise AssertionError("unreachable")
+
+
+def create_cloudfront_mapper(signed_url: str, zarr_path: str = "") -> fsspec.FSMap:
+    """An fsspec mapper over the result (or the Zarr store at `zarr_path` in it), for
+    `xr.open_zarr(mapper, consolidated=True)`."""
+    root = signed_url.partition("?")[0].removesuffix("*").rstrip("/")
+    if zarr_path:
+        root = f"{root}/{quote(zarr_path.strip('/'))}"
+    return SignedHTTPFileSystem(signed_url).get_mapper(root)
+
+
+def download_result(
+    metadata: dict[str, Any], path: str, outputs: str | Path | None = None
+) -> bytes:
+    """The bytes of one file of a result. `path` is as in `output_files`
+    (`exec_X/results.zarr/.zarray`) or inside the result (`results.zarr/.zarray`). For
+    `storage_type: "server"`, `outputs` is the server's outputs folder or an HTTP base URL."""
+    inside = _inside(metadata, path)
+    if metadata.get("storage_type") == "s3":
+        fs = SignedHTTPFileSystem(metadata["signed_url"])
+        return fs.cat_file(file_url(metadata["signed_url"], inside).partition("?")[0])
+    location = _server_location(metadata, outputs)
+    if isinstance(location, Path):
+        return (location / inside).read_bytes()
+    return fsspec.filesystem("http").cat_file(f"{location}/{quote(inside)}")
+
+
+def open_dataset(
+    metadata: dict[str, Any], outputs: str | Path | None = None, zarr_path: str | None = None
+) -> Any:
+    """The result's Zarr store as a lazily loaded xarray Dataset."""
+    import xarray as xr
+
+    zarr_path = zarr_path or _zarr_path(metadata)
+    consolidated = any(
+        _inside(metadata, f["path"]) == f"{zarr_path}/.zmetadata"
+        for f in metadata.get("output_files", [])
+    )
+    if metadata.get("storage_type") == "s3":
+        store: Any = create_cloudfront_mapper(metadata["signed_url"], zarr_path)
+    else:
+        location = _server_location(metadata, outputs)
+        if isinstance(location, Path):
+            store = str(location / zarr_path)
+        else:
+            store = fsspec.get_mapper(f"{location}/{quote(zarr_path)}")
+    return xr.open_zarr(store, consolidated=consolidated or None)
+
+
+def _exec_name(metadata: dict[str, Any]) -> str:
+    remote = metadata.get("remote_path") or ""
+    return remote.rstrip("/").rsplit("/", 1)[-1] or str(metadata.get("request_id", ""))
+
+
+def _inside(metadata: dict[str, Any], path: str) -> str:
+    name = _exec_name(metadata)
+    return path.removeprefix(f"{name}/") if name else path
+
+
+def _zarr_path(metadata: dict[str, Any]) -> str:
+    for entry in metadata.get("output_files", []):
+        parts = _inside(metadata, entry["path"]).split("/")
+        for depth, part in enumerate(parts[:-1]):
+            if part.endswith(".zarr"):
+                return "/".join(parts[: depth + 1])
+    raise FileNotFoundError("the result's output_files hold no *.zarr store")
+
+
+def _server_location(metadata: dict[str, Any], outputs: str | Path | None) -> Path | str:
+    """Where the result's tree is on the server: a folder, or an HTTP base URL."""
+    if outputs is None:
+        raise ValueError("a result kept on the server needs `outputs`: its folder or base URL")
+    name = _exec_name(metadata)
+    if isinstance(outputs, str) and outputs.startswith(("http://", "https://")):
+        return f"{outputs.rstrip('/')}/{quote(name)}"
+    base = Path(outputs)
+    candidates = [base / name]
+    if metadata.get("workflow_name"):
+        candidates.append(base / str(metadata["workflow_name"]) / name)
+    return next((c for c in candidates if c.is_dir()), candidates[0])
