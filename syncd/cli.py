@@ -127,6 +127,7 @@ async def run_daemon(settings: Settings, signer: UrlSigner | None) -> int:
     state = StateStore(settings.syncd.state_dir)
     store = open_store(settings.object_storage)
     try:
+        await store.connect()
         publisher = Publisher(settings, store, signer)
         resigner = Resigner(settings, signer) if signer else None
         await Daemon(settings, layout, publisher, state, Notifier(), resigner).run()

@@ -56,6 +56,10 @@ class ObjectStore(Protocol):
 
     description: str
 
+    async def connect(self) -> None:
+        """Build the clients (no request is sent), so the first result does not wait for it."""
+        ...
+
     async def put(self, path: Path, key: str) -> None: ...
 
     async def sizes(self, prefix: str) -> dict[str, int]:
@@ -159,6 +163,9 @@ class ObstoreStore:
         with store_errors(f"listing {self.description}"):
             await obstore.list_with_delimiter_async(self.store, self.storage.prefix or None)
 
+    async def connect(self) -> None:
+        await self.housekeeping.connect()
+
     async def abort_uploads(self, prefix: str) -> int:
         return await self.housekeeping.abort_uploads(prefix)
 
@@ -204,6 +211,9 @@ class S3fsStore:
             self.fs.retries = 3  # s3fs's own retry loop, around botocore's
             await self.fs.set_session()
         return self.fs
+
+    async def connect(self) -> None:
+        await self._client()
 
     async def put(self, path: Path, key: str) -> None:
         fs = await self._client()
