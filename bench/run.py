@@ -143,6 +143,7 @@ def run_raw(client: str, server: S3Server, tree: Path, prefix: str) -> dict:
         AWS_ACCESS_KEY_ID=KEY,
         AWS_SECRET_ACCESS_KEY=SECRET,
         AWS_REGION="us-east-1",
+        PYTHONUNBUFFERED="1",  # the report is out before an abort at exit can lose it
     )
     if client == "s5cmd":
         cmd = [
@@ -173,16 +174,22 @@ def run_raw(client: str, server: S3Server, tree: Path, prefix: str) -> dict:
     process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - started
-    out, err = process.stdout.read(), process.stderr.read()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{client} failed: {err.decode()[-500:]}")
+    out, err = process.stdout.read().decode(), process.stderr.read().decode()
+    code = os.waitstatus_to_exitcode(status)
     if client == "s5cmd":
+        if code != 0:
+            raise RuntimeError(f"{client} exited {code}: {err[-500:]}")
         return {
             "seconds": wall,
             "cpu_s": usage.ru_utime + usage.ru_stime,
             "rss_mb": usage.ru_maxrss / 1024,
         }
-    report = json.loads(out.decode().strip().splitlines()[-1])
+    # obstore now and then aborts at interpreter exit after its upload finished (field
+    # notes): the worker's report counts if it was printed; the listing verifies the upload.
+    lines = out.strip().splitlines()
+    if not lines:
+        raise RuntimeError(f"{client} exited {code} without a report: {err[-500:]}")
+    report = json.loads(lines[-1])
     return {"seconds": report["upload_s"], "cpu_s": report["cpu_s"], "rss_mb": report["rss_mb"]}
 
 

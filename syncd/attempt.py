@@ -34,7 +34,6 @@ class Outcome:
 class Attempts:
     def __init__(self, settings: Settings, publisher: Publisher, state: StateStore) -> None:
         self.config = settings.syncd
-        self.claim_timeout = settings.syncd.claim_timeout
         self.publisher = publisher
         self.state = state
 
@@ -46,7 +45,7 @@ class Attempts:
                 return Outcome(done=True)
         except PublishError as exc:
             return self.failed(result, exc)
-        claim = await asyncio.to_thread(claims.try_claim, result, self.claim_timeout)
+        claim = await asyncio.to_thread(claims.try_claim, result, self.config.claim_timeout)
         if isinstance(claim, str):
             return Outcome(done=False, held_by=claim)
         previous = self.state.get(rel)
@@ -82,7 +81,7 @@ class Attempts:
 
     async def keep(self, claim: claims.Claim) -> None:
         while True:
-            await asyncio.sleep(self.claim_timeout / 4)
+            await asyncio.sleep(self.config.claim_timeout / 4)
             await asyncio.to_thread(claim.refresh)
 
     def failed(self, result: Result, error: PublishError) -> Outcome:

@@ -128,7 +128,7 @@ def default_state_dir(environ: os._Environ[str] | dict[str, str]) -> Path:
     return Path(environ.get("STATE_DIRECTORY", "/var/lib/syncd").split(":")[0])
 
 
-class Daemon(BaseModel):
+class DaemonSettings(BaseModel):
     """The `syncd:` section: where results appear and how the daemon works through them."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True)
@@ -202,7 +202,7 @@ class Settings(BaseSettings):
     model_config = ConfigDict(extra="forbid")
 
     object_storage: ObjectStorage = Field(default_factory=ObjectStorage)
-    syncd: Daemon = Field(default_factory=Daemon)
+    syncd: DaemonSettings = Field(default_factory=DaemonSettings)
 
 
 # The seed's environment table, then the standard AWS names (lower priority: later wins less).
@@ -252,7 +252,7 @@ class Environment(PydanticBaseSettingsSource):
                 storage[key] = value
         daemon = {
             key: self.environ[env_name("syncd", key)]
-            for key in Daemon.model_fields
+            for key in DaemonSettings.model_fields
             if self.environ.get(env_name("syncd", key))
         }
         return {"object_storage": storage, "syncd": daemon}

@@ -13,7 +13,7 @@ from typing import Any
 
 from loguru import logger
 
-from syncd.config import Daemon
+from syncd.config import DaemonSettings
 
 TEXT_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}"
 SYSLOG_PRIORITY = {
@@ -27,7 +27,7 @@ SYSLOG_PRIORITY = {
 }
 
 
-def configure(daemon: Daemon) -> None:
+def configure(daemon: DaemonSettings) -> None:
     logger.remove()
     if daemon.log_format == "json":
         logger.add(sys.stderr, level=daemon.log_level, serialize=True)

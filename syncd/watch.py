@@ -20,7 +20,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from syncd.config import Daemon
+from syncd.config import DaemonSettings
 from syncd.layout import EXEC_PREFIX, Layout
 
 
@@ -31,7 +31,7 @@ class MarkerWatcher(FileSystemEventHandler):
     def __init__(
         self,
         layout: Layout,
-        daemon: Daemon,
+        daemon: DaemonSettings,
         on_marker: Callable[[Path], None],
         on_folder: Callable[[Path], None],
         on_lost: Callable[[str], None],

@@ -69,9 +69,9 @@ def test_unit_file_has_what_an_operator_relies_on():
     ]:
         assert re.search(rf"^{re.escape(line)}", text, re.MULTILINE), line
     timeout = int(re.search(r"^TimeoutStopSec=(\d+)s", text, re.MULTILINE).group(1))
-    from syncd.config import Daemon
+    from syncd.config import DaemonSettings
 
-    assert Daemon().stop_grace < timeout
+    assert DaemonSettings().stop_grace < timeout
 
 
 def test_daemon_notifies_ready_watchdog_and_stopping(moto_workspace, tmp_path):
