@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from loguru import logger
 
 from syncd import metadata
+from syncd.budget import ByteBudget
 from syncd.config import Settings
 from syncd.layout import LocalFile, Result, tree_files
 from syncd.progress import Progress
@@ -67,6 +68,8 @@ class Publisher:
         self.store = store
         self.signer = signer
         self.cleanup_warned = False
+        # One bound for every result this publisher uploads.
+        self.budget = ByteBudget(self.storage.max_concurrency * self.storage.multipart_chunksize)
 
     async def is_recorded(self, result: Result) -> bool:
         current = await asyncio.to_thread(self._read_metadata, result)
@@ -154,9 +157,11 @@ class Publisher:
             # Workers pull from one iterator, so memory does not grow with the file count.
             for file in pending:
                 path = result.tree / file.rel
+                cost = self.budget.cost(file.size, self.storage.multipart_chunksize)
                 try:
                     with store_errors_of(result):
-                        await self.store.put(path, result.key(file.rel))
+                        async with self.budget.hold(cost):
+                            await self.store.put(path, result.key(file.rel))
                     if progress is not None:
                         progress.advance(file.size)
                 except FileNotFoundError:

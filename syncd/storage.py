@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from loguru import logger
 
+from syncd.budget import PARTS_PER_FILE
 from syncd.config import ObjectStorage
 
 
@@ -142,7 +143,7 @@ class ObstoreStore:
                 key,
                 path,
                 chunk_size=self.storage.multipart_chunksize,
-                max_concurrency=self.storage.max_concurrency,
+                max_concurrency=PARTS_PER_FILE,
             )
 
     async def sizes(self, prefix: str) -> dict[str, int]:
@@ -222,7 +223,7 @@ class S3fsStore:
                 str(path),
                 f"{self.storage.bucket}/{key}",
                 chunksize=self.storage.multipart_chunksize,
-                max_concurrency=self.storage.max_concurrency,
+                max_concurrency=PARTS_PER_FILE,
             )
 
     async def _list(self, **params: Any) -> dict[str, Any]:
