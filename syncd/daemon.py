@@ -189,6 +189,7 @@ class Daemon:
         if outcome.done:
             self.done[rel] = result
             self.not_before.pop(rel, None)
+            self.reported.pop(rel, None)
             return
         if outcome.held_by is not None:
             logger.debug("{}: being published by {}", result.name, outcome.held_by)
