@@ -89,7 +89,7 @@ def test_transient_failures_retry_within_seconds_and_status_shows_done(moto_work
     lines = daemon.log().splitlines()
     failed = next(i for i, line in enumerate(lines) if "(attempt 1;" in line)
     retried = next(line for line in lines[failed:] if "exec_2_abcdef02: uploading" in line)
-    assert seconds(retried) - seconds(lines[failed]) <= 1.5  # the first retry within seconds
+    assert seconds(retried) - seconds(lines[failed]) <= 2.5  # the first retry within seconds
     records = status(ws)
     assert records["exec_2_abcdef02"]["state"] == "done"
     assert records["exec_2_abcdef02"]["files"] == 1
@@ -297,7 +297,7 @@ def test_inotify_overflow_is_answered_with_a_rescan(moto_workspace):
         daemon.wait_log("syncd watching")
     finally:
         limit.write_text(original)
-    for i in range(200):  # far more events than the queue holds, faster than it is read
+    for i in range(2000):  # far more events than the queue holds, faster than it is read
         (ws.outputs / f"noise-{i}").write_text("")
     ws.result("exec_15_abcdef15", {"a": b"a"})
     ws.mark("exec_15_abcdef15")
