@@ -62,9 +62,8 @@ def newest_generation(result: Result) -> int:
     return found[-1] if found else 0
 
 
-def holder(result: Result, timeout: float) -> str | None:
-    """Who holds a live claim on `result`, or None if nobody does."""
-    newest = newest_generation(result)
+def holder(result: Result, newest: int, timeout: float) -> str | None:
+    """Who holds a live claim of generation `newest` on `result`, or None if nobody does."""
     if not newest:
         return None
     path = claim_path(result, newest)
@@ -100,16 +99,17 @@ def died_here(owner: str) -> bool:
 
 def try_claim(result: Result, timeout: float) -> Claim | str:
     """A claim on `result`, or the owner of the live claim that stops us."""
-    owner = holder(result, timeout)
+    old = generations(result)  # one listing of the folder serves both checks
+    newest = old[-1] if old else 0
+    owner = holder(result, newest, timeout)
     if owner is not None:
         return owner
-    old = generations(result)
-    generation = (old[-1] if old else 0) + 1
+    generation = newest + 1
     path = claim_path(result, generation)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
-        return holder(result, timeout) or "another daemon"
+        return holder(result, newest_generation(result), timeout) or "another daemon"
     with os.fdopen(fd, "w") as f:
         json.dump({"owner": OWNER, "since": time.time()}, f)
     for stale in old:  # a dead daemon's claims

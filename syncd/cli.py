@@ -186,11 +186,11 @@ def run_sign(settings: Settings, target: str, expires_in: int | None) -> int:
 
 
 def run_status(settings: Settings, as_json: bool) -> int:
-    records = {r.rel: r for r in status.records(settings)}
+    records = status.records(settings)
     if as_json:
-        print(json.dumps([status.as_dict(r) for r in records.values()], indent=2))
+        print(json.dumps([status.as_dict(r) for r in records], indent=2))
     else:
-        print(status.table(list(records.values())))
+        print(status.table(records))
     return 0
 
 
