@@ -1,8 +1,11 @@
-"""Publish one result: upload its tree, check the bucket holds it, sign a URL, record it.
+"""Publish one result: upload its tree, sign a URL, record it in the metadata.
 
-The metadata is only rewritten once the bucket has been listed and holds every file with
-its size, and the tree has not changed while it was read, so a recorded result is always a
-complete one. Multipart uploads left by an interrupted attempt are aborted first.
+The metadata is only rewritten once the store has acknowledged every file (a PutObject or
+CompleteMultipartUpload answered with success is stored, in S3's terms) and the tree has not
+changed while it was read, so a recorded result is always a complete one. Before the local
+tree is deleted (delete_local_after_upload) the bucket is also listed, to check it holds every
+file with its size: the local copy is the last one then. Multipart uploads left by an
+interrupted attempt are aborted first.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 from loguru import logger
 
 from syncd import metadata
-from syncd.budget import ByteBudget
+from syncd.budget import TransferBudget
 from syncd.config import Settings
 from syncd.layout import LocalFile, Result, tree_files
 from syncd.progress import Progress
@@ -69,7 +72,10 @@ class Publisher:
         self.signer = signer
         self.cleanup_warned = False
         # One bound for every result this publisher uploads.
-        self.budget = ByteBudget(self.storage.max_concurrency * self.storage.multipart_chunksize)
+        self.budget = TransferBudget(
+            self.storage.max_concurrency,
+            self.storage.max_concurrency * self.storage.multipart_chunksize,
+        )
 
     async def is_recorded(self, result: Result) -> bool:
         current = await asyncio.to_thread(self._read_metadata, result)
@@ -94,12 +100,15 @@ class Publisher:
         await self._abort_unfinished(result)
         progress = Progress(result.name, len(files), total) if self.show_progress else None
         await self._upload(result, files, progress)
-        await self._verify(result, files)
         if not await asyncio.to_thread(self._unchanged, result, files):
             raise PublishError(
                 f"{result.name}: files changed while they were uploaded; retrying once the "
                 "tree is quiet (a marker must only be dropped when the result is complete)"
             )
+        if self.delete_local:
+            # A listing costs little on S3, but some servers hash every object to answer it
+            # (rclone: ~0.7 s per 500 MB), so it is paid only where it guards the last copy.
+            await self._verify(result, files)
         seconds = time.monotonic() - started
         signed_url = (
             self.signer.sign(result.remote_path, self.storage.signed_url_expires_in)
@@ -157,10 +166,9 @@ class Publisher:
             # Workers pull from one iterator, so memory does not grow with the file count.
             for file in pending:
                 path = result.tree / file.rel
-                cost = self.budget.cost(file.size, self.storage.multipart_chunksize)
                 try:
                     with store_errors_of(result):
-                        async with self.budget.hold(cost):
+                        async with self.budget.hold(self.store.held(file.size)):
                             await self.store.put(path, result.key(file.rel))
                     if progress is not None:
                         progress.advance(file.size)
