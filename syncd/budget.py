@@ -1,10 +1,10 @@
-"""The memory bound: at most a fixed number of bytes of file data in flight, across every
-result being uploaded.
+"""What every result uploading at once shares: at most `max_concurrency` files in flight, and
+at most a fixed number of bytes of their data held in memory.
 
-Both clients hold a file (or, for multipart, up to PARTS_PER_FILE parts of it) in memory
-while they send it. A file reserves that much before its upload starts and gives it back
-after, so memory stays near max_concurrency x multipart_chunksize however large the files
-are and however many results upload at once.
+A file takes one transfer slot and reserves what its client holds in memory while sending it
+(the store's `held()`), and gives both back when it is done. So requests in flight stay at
+max_concurrency and memory near the byte limit, however large the files are and however many
+results upload at once.
 """
 
 from __future__ import annotations
@@ -17,24 +17,29 @@ from contextlib import asynccontextmanager
 PARTS_PER_FILE = 4
 
 
-class ByteBudget:
-    def __init__(self, limit: int) -> None:
+class TransferBudget:
+    def __init__(self, transfers: int, limit: int) -> None:
+        self.transfers = transfers
         self.limit = limit
+        self.active = 0
         self.used = 0
         self.changed = asyncio.Condition()
 
-    def cost(self, size: int, chunksize: int) -> int:
-        """What uploading a file of `size` bytes holds in memory at most."""
-        return min(size, PARTS_PER_FILE * chunksize, self.limit)
-
     @asynccontextmanager
     async def hold(self, amount: int) -> AsyncIterator[None]:
+        """One transfer slot and `amount` bytes (at most the whole limit, so a file larger
+        than the limit still goes, alone)."""
+        amount = min(amount, self.limit)
         async with self.changed:
-            await self.changed.wait_for(lambda: self.used + amount <= self.limit)
+            await self.changed.wait_for(
+                lambda: self.active < self.transfers and self.used + amount <= self.limit
+            )
+            self.active += 1
             self.used += amount
         try:
             yield
         finally:
             async with self.changed:
+                self.active -= 1
                 self.used -= amount
                 self.changed.notify_all()

@@ -63,6 +63,10 @@ class ObjectStore(Protocol):
 
     async def put(self, path: Path, key: str) -> None: ...
 
+    def held(self, size: int) -> int:
+        """Bytes this client holds in memory at most while it uploads a file of `size`."""
+        ...
+
     async def sizes(self, prefix: str) -> dict[str, int]:
         """Size of every object whose key starts with `prefix`."""
         ...
@@ -146,6 +150,10 @@ class ObstoreStore:
                 max_concurrency=PARTS_PER_FILE,
             )
 
+    def held(self, size: int) -> int:
+        # Measured: obstore reads one part ahead of the parts it sends.
+        return min(size, (PARTS_PER_FILE + 1) * self.storage.multipart_chunksize)
+
     async def sizes(self, prefix: str) -> dict[str, int]:
         import obstore
 
@@ -225,6 +233,12 @@ class S3fsStore:
                 chunksize=self.storage.multipart_chunksize,
                 max_concurrency=PARTS_PER_FILE,
             )
+
+    def held(self, size: int) -> int:
+        # Measured: s3fs reads PARTS_PER_FILE parts (or a file under 2 parts) at once, and
+        # botocore holds a second copy of each while it signs and sends it.
+        chunksize = self.storage.multipart_chunksize
+        return 2 * (size if size < 2 * chunksize else PARTS_PER_FILE * chunksize)
 
     async def _list(self, **params: Any) -> dict[str, Any]:
         fs = await self._client()
