@@ -4,8 +4,9 @@
     .venv/bin/python bench/run.py --reps 1 --profiles mixed --servers rclone   # a quick look
 
 Trees come from ../shared/bench/gen_tree.py (small-many, large-few, mixed). rclone serve s3
-and moto start on 127.0.0.1. Per repetition, interleaved: syncd (the real daemon, marker
-dropped -> metadata rewritten) with each client, and the raw clients (obstore with 64
+and moto start on 127.0.0.1. Before each upload the tree is read once, untimed, as the
+baseline does. Per repetition, interleaved: syncd (the real daemon, marker dropped ->
+metadata rewritten) with each client, and the raw clients (obstore with 64
 concurrent puts, s3fs's default put, s5cmd) through ../shared/bench/upload_bench.py. Every
 upload is verified by listing. Printed per profile and server: median seconds, MB/s,
 files/s, CPU seconds, peak RSS, and the ratio to the best raw client; then syncd's own
@@ -52,6 +53,16 @@ def manifest(tree: Path) -> dict[str, int]:
 def listed(server: S3Server, prefix: str) -> dict[str, int]:
     pages = server.client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
     return {o["Key"][len(prefix) :]: o["Size"] for page in pages for o in page.get("Contents", [])}
+
+
+def warm(tree: Path) -> None:
+    """Read the tree once, untimed: a daemon uploads files just written, still in the page
+    cache (the raw-client baseline does the same)."""
+    for path in tree.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                while f.read(1 << 20):
+                    pass
 
 
 def proc_cpu(pid: int) -> float:
@@ -238,6 +249,7 @@ def main() -> int:
                     server = servers[name]
                     for client in clients:
                         prefix = f"{run_id}/{profile}/{name}/{client}/r{rep}/"
+                        warm(tree)
                         if client in SYNCD_CLIENTS:
                             record = run_syncd(
                                 server, outputs, tree.name, prefix, SYNCD_CLIENTS[client], work
