@@ -50,10 +50,12 @@ class Attempts:
             return Outcome(done=False, held_by=claim)
         previous = self.state.get(rel)
         self.state.set(Record(rel, State.UPLOADING, attempts=previous.attempts if previous else 0))
+        # Only an attempt that failed or was killed can have left multipart uploads behind.
+        interrupted = claim.took_over or (previous is not None and previous.state != State.DONE)
         heartbeat = asyncio.create_task(self.keep(claim))
         try:
             published = await self.publisher.publish(
-                result, force=force, still_ours=claim.still_ours
+                result, force=force, still_ours=claim.still_ours, clean_up=interrupted
             )
         except PublishError as exc:
             return self.failed(result, exc)

@@ -26,9 +26,10 @@ OWNER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 class Claim:
     """This daemon's claim on one result."""
 
-    def __init__(self, result: Result, generation: int) -> None:
+    def __init__(self, result: Result, generation: int, took_over: bool) -> None:
         self.result = result
         self.generation = generation
+        self.took_over = took_over  # from a daemon that died holding it, mid-upload maybe
         self.path = claim_path(result, generation)
 
     def refresh(self) -> None:
@@ -114,4 +115,4 @@ def try_claim(result: Result, timeout: float) -> Claim | str:
         json.dump({"owner": OWNER, "since": time.time()}, f)
     for stale in old:  # a dead daemon's claims
         claim_path(result, stale).unlink(missing_ok=True)
-    return Claim(result, generation)
+    return Claim(result, generation, took_over=bool(old))

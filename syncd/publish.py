@@ -5,7 +5,7 @@ CompleteMultipartUpload answered with success is stored, in S3's terms) and the 
 changed while it was read, so a recorded result is always a complete one. Before the local
 tree is deleted (delete_local_after_upload) the bucket is also listed, to check it holds every
 file with its size: the local copy is the last one then. Multipart uploads left by an
-interrupted attempt are aborted first.
+interrupted or failed attempt are aborted first.
 """
 
 from __future__ import annotations
@@ -82,10 +82,15 @@ class Publisher:
         return metadata.is_recorded(current, result)
 
     async def publish(
-        self, result: Result, force: bool = False, still_ours: Callable[[], bool] | None = None
+        self,
+        result: Result,
+        force: bool = False,
+        still_ours: Callable[[], bool] | None = None,
+        clean_up: bool = False,
     ) -> Published | None:
         """Upload and record `result`; None if its metadata already records it (unless forced).
-        `still_ours` is asked just before the metadata is written; False abandons the result."""
+        `still_ours` is asked just before the metadata is written; False abandons the result.
+        `clean_up` first aborts the multipart uploads an earlier attempt left."""
         current = await asyncio.to_thread(self._read_metadata, result)
         if metadata.is_recorded(current, result) and not force:
             return None
@@ -97,7 +102,8 @@ class Publisher:
         started = time.monotonic()
         total = sum(f.size for f in files)
         logger.info("{}: uploading {} files, {} bytes", result.name, len(files), total)
-        await self._abort_unfinished(result)
+        if clean_up:
+            await self._abort_unfinished(result)
         progress = Progress(result.name, len(files), total) if self.show_progress else None
         await self._upload(result, files, progress)
         if not await asyncio.to_thread(self._unchanged, result, files):
