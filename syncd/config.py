@@ -140,6 +140,9 @@ class DaemonSettings(BaseModel):
     # ("" at the top level). Earth2Studio's own layout is "metadata_{workflow}:{exec}.json".
     metadata_file: str = "{exec_path}.json"
     parallel_results: int = Field(2, ge=1, le=256)
+    # Bytes of file data the uploads in flight hold in memory, every result together (a file
+    # that needs more goes alone). The process needs about 100 MB besides.
+    upload_buffer: int = Field(64 * MiB, ge=5 * MiB)
     rescan_interval: float = Field(60.0, gt=0)
     # inotify sees nothing another host does on NFS/CIFS: "poll" compares listings instead.
     watch: Literal["inotify", "poll"] = "inotify"
@@ -159,7 +162,8 @@ class DaemonSettings(BaseModel):
     claim_timeout: float = Field(120.0, ge=10)
     # A recorded result's signed URL is renewed once less than this part of its lifetime is left.
     resign_fraction: float = Field(0.2, gt=0, lt=1)
-    # After a verified upload, remove the local tree (the metadata stays, pointing to S3).
+    # Once the bucket lists every file with its size, remove the local tree (the metadata
+    # stays, pointing to S3).
     delete_local_after_upload: bool = False
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -72,10 +72,7 @@ class Publisher:
         self.signer = signer
         self.cleanup_warned = False
         # One bound for every result this publisher uploads.
-        self.budget = TransferBudget(
-            self.storage.max_concurrency,
-            self.storage.max_concurrency * self.storage.multipart_chunksize,
-        )
+        self.budget = TransferBudget(self.storage.max_concurrency, settings.syncd.upload_buffer)
 
     async def is_recorded(self, result: Result) -> bool:
         current = await asyncio.to_thread(self._read_metadata, result)
