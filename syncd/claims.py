@@ -1,11 +1,13 @@
 """Claims: several daemons may share one outputs_dir (two servers on one NFS export); each
 result is published by whichever claims it first.
 
-A claim is a file `.<exec>.claim.<n>` beside the result's marker, created with O_EXCL (atomic
-on local filesystems and NFSv3+). Its owner refreshes its mtime while it works. A claim whose
-mtime is older than claim_timeout belongs to a dead daemon: another takes over by creating
-generation n+1, which again only one can do. An owner checks before recording that no newer
-generation exists. Hosts are assumed to keep their clocks in step (NTP), well within the timeout.
+A claim is a file `.syncd-claims/<exec>.<n>` in the folder of the result's marker, created with
+O_EXCL (atomic on local filesystems and NFSv3+). The claims have a folder of their own so that
+finding a result's claims lists a handful of files, not every result of outputs_dir. An owner
+refreshes its mtime while it works. A claim whose mtime is older than claim_timeout belongs to
+a dead daemon: another takes over by creating generation n+1, which again only one can do. An
+owner checks before recording that no newer generation exists. Hosts are assumed to keep their
+clocks in step (NTP), well within the timeout.
 """
 
 from __future__ import annotations
@@ -44,14 +46,21 @@ class Claim:
         self.path.unlink(missing_ok=True)
 
 
+CLAIMS = ".syncd-claims"
+
+
 def claim_path(result: Result, generation: int) -> Path:
-    return result.marker.parent / f".{result.name}.claim.{generation}"
+    return result.marker.parent / CLAIMS / f"{result.name}.{generation}"
 
 
 def generations(result: Result) -> list[int]:
-    prefix = f".{result.name}.claim."
+    prefix = f"{result.name}."
     found = []
-    for entry in os.scandir(result.marker.parent):
+    try:
+        entries = list(os.scandir(result.marker.parent / CLAIMS))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
         suffix = entry.name[len(prefix) :] if entry.name.startswith(prefix) else ""
         if suffix.isdigit():
             found.append(int(suffix))
@@ -107,6 +116,7 @@ def try_claim(result: Result, timeout: float) -> Claim | str:
         return owner
     generation = newest + 1
     path = claim_path(result, generation)
+    path.parent.mkdir(exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:

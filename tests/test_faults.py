@@ -192,7 +192,7 @@ def test_two_daemons_on_one_outputs_dir_publish_each_result_once(moto_workspace)
     ]
     assert sorted(uploads) == sorted(rel.split("/")[1] for rel in rels)  # each exactly once
     assert len(ws.objects()) == 40
-    leftovers = [p.name for p in ws.outputs.rglob(".*claim*")]
+    leftovers = [p.name for p in ws.outputs.rglob(".syncd-claims/*")]
     assert leftovers == []
 
 
@@ -200,7 +200,8 @@ def test_a_dead_daemons_claim_is_taken_over(moto_workspace):
     ws = moto_workspace
     ws.settings["syncd"]["claim_timeout"] = 10
     ws.result("exec_8_abcdef08", {"a": b"a"})
-    claim = ws.outputs / ".exec_8_abcdef08.claim.1"
+    claim = ws.outputs / ".syncd-claims" / "exec_8_abcdef08.1"
+    claim.parent.mkdir()
     claim.write_text('{"owner": "deadhost:4242:0badc0de"}')
     stale = time.time() - 3600
     os.utime(claim, (stale, stale))
@@ -210,13 +211,15 @@ def test_a_dead_daemons_claim_is_taken_over(moto_workspace):
 
     wait_until(lambda: ws.recorded("exec_8_abcdef08"))
     assert daemon.terminate() == 0
-    assert sorted(p.name for p in ws.outputs.glob(".*claim*")) == []
+    assert sorted(p.name for p in claim.parent.iterdir()) == []
 
 
 def test_a_live_claim_is_respected_by_sync(moto_workspace):
     ws = moto_workspace
     ws.result("exec_9_abcdef09", {"a": b"a"})
-    (ws.outputs / ".exec_9_abcdef09.claim.1").write_text('{"owner": "otherhost:7:cafe0001"}')
+    claim = ws.outputs / ".syncd-claims" / "exec_9_abcdef09.1"
+    claim.parent.mkdir()
+    claim.write_text('{"owner": "otherhost:7:cafe0001"}')
 
     done = ws.sync("exec_9_abcdef09")
 
