@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/run.py                        # 3 profiles x 2 servers x 3 reps
     .venv/bin/python bench/run.py --reps 1 --profiles mixed --servers rclone   # a quick look
+    .venv/bin/python bench/run.py --scale           # also 2,000 marked results, 100,000 files
 
 Trees come from ../shared/bench/gen_tree.py (small-many, large-few, mixed). rclone serve s3
 and moto start on 127.0.0.1. Before each upload the tree is read once, untimed, as the
@@ -11,6 +12,8 @@ concurrent puts, s3fs's default put, s5cmd) through ../shared/bench/upload_bench
 upload is verified by listing. Printed per profile and server: median seconds, MB/s,
 files/s, CPU seconds, peak RSS, and the ratio to the best raw client; then syncd's own
 overhead on a one-file result (marker seen -> upload starts, upload done -> metadata written).
+With --scale, into the first server: 2,000 one-file results already marked when the daemon
+starts (seconds to the first upload and to all recorded), and one result of 100,000 files.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ BUCKET = "bench"  # the raw-client bench's own bucket name
 PROFILES = ["small-many", "large-few", "mixed"]
 SYNCD_CLIENTS = {"syncd-obstore": True, "syncd-s3fs": False}
 RAW_CLIENTS = ["obstore_async64", "s3fs_default", "s5cmd"]
+BACKLOG = 2000  # results marked before the daemon starts
+WIDE = 100_000  # files in one result
 
 
 def manifest(tree: Path) -> dict[str, int]:
@@ -77,10 +82,9 @@ def proc_hwm_mb(pid: int) -> float:
     return 0.0
 
 
-def run_syncd(
-    server: S3Server, outputs: Path, exec_name: str, prefix: str, rust: bool, work: Path
-) -> dict:
-    """The real daemon: start it, drop the marker, wait for the metadata to say s3."""
+def write_config(
+    server: S3Server, outputs: Path, prefix: str, rust: bool, work: Path, **daemon: object
+) -> Path:
     config = work / f"{prefix.replace('/', '_')}.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -101,21 +105,34 @@ def run_syncd(
                 "syncd": {
                     "outputs_dir": str(outputs),
                     "state_dir": str(work / f"state-{prefix.replace('/', '_')}"),
+                    **daemon,
                 },
             }
         )
     )
-    marker, meta = outputs / f"{exec_name}.done", outputs / f"{exec_name}.json"
-    marker.unlink(missing_ok=True)
-    meta.unlink(missing_ok=True)
-    log = work / "syncd.log"
+    return config
+
+
+def start_syncd(config: Path, log: Path) -> subprocess.Popen:
     with open(log, "wb") as out:
-        daemon = subprocess.Popen(
+        return subprocess.Popen(
             [str(BIN / "syncd"), "run", "--config", str(config)],
             stdout=out,
             stderr=out,
             start_new_session=True,
         )
+
+
+def run_syncd(
+    server: S3Server, outputs: Path, exec_name: str, prefix: str, rust: bool, work: Path
+) -> dict:
+    """The real daemon: start it, drop the marker, wait for the metadata to say s3."""
+    config = write_config(server, outputs, prefix, rust, work)
+    marker, meta = outputs / f"{exec_name}.done", outputs / f"{exec_name}.json"
+    marker.unlink(missing_ok=True)
+    meta.unlink(missing_ok=True)
+    log = work / "syncd.log"
+    daemon = start_syncd(config, log)
     try:
         wait_until(lambda: "syncd watching" in log.read_text(), timeout=60, what="syncd ready")
         cpu0 = proc_cpu(daemon.pid)
@@ -144,6 +161,59 @@ def run_syncd(
         "rss_mb": rss,
         "upload_s": float(upload.group(1)) if upload else None,
     }
+
+
+def run_backlog(server: S3Server, work: Path, prefix: str, count: int) -> dict:
+    """`count` one-file results already marked when the daemon starts: seconds until the
+    first upload starts and until all are recorded, and the daemon's peak RSS."""
+    outputs = DATA / "backlog"
+    shutil.rmtree(outputs, ignore_errors=True)
+    for i in range(count):
+        name = f"exec_{1769560000 + i}_{i:08x}"
+        (outputs / name).mkdir(parents=True)
+        (outputs / name / "data.bin").write_bytes(os.urandom(1024))
+        (outputs / f"{name}.done").write_text("")
+    log = work / "backlog.log"
+    started = time.perf_counter()
+    daemon = start_syncd(write_config(server, outputs, prefix, True, work), log)
+    try:
+        wait_until(lambda: " uploading " in log.read_text(), timeout=60, what="first upload")
+        first = time.perf_counter() - started
+        wait_until(
+            lambda: log.read_text().count("; recorded in ") >= count,
+            timeout=600,
+            what=f"{count} results recorded",
+        )
+        seconds = time.perf_counter() - started
+        cpu, rss = proc_cpu(daemon.pid), proc_hwm_mb(daemon.pid)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(60)
+    recorded = sum(
+        json.loads(meta.read_text()).get("storage_type") == "s3" for meta in outputs.glob("*.json")
+    )
+    keys = listed(server, prefix)
+    return {
+        "first_s": first,
+        "seconds": seconds,
+        "cpu_s": cpu,
+        "rss_mb": rss,
+        "verified": recorded == count and len(keys) == count,
+    }
+
+
+def wide_tree(files: int) -> Path:
+    """One result of `files` 1 KiB files in 100 folders, made once."""
+    outputs = DATA / "trees" / "wide"
+    tree = outputs / "exec_wide"
+    if not (outputs / "complete").exists():
+        shutil.rmtree(outputs, ignore_errors=True)
+        for i in range(files):
+            folder = tree / f"v{i % 100:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{i}.bin").write_bytes(os.urandom(1024))
+        (outputs / "complete").write_text("")
+    return outputs
 
 
 def run_raw(client: str, server: S3Server, tree: Path, prefix: str) -> dict:
@@ -211,8 +281,14 @@ def main() -> int:
     parser.add_argument("--profiles", default=",".join(PROFILES))
     parser.add_argument("--servers", default="rclone,moto")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="also: 2,000 results marked before start, and one 100,000-file result",
+    )
     args = parser.parse_args()
-    profiles, servers_wanted = args.profiles.split(","), args.servers.split(",")
+    profiles = [p for p in args.profiles.split(",") if p]
+    servers_wanted = args.servers.split(",")
 
     trees_root = DATA / "trees"
     for profile in profiles:
@@ -283,12 +359,39 @@ def main() -> int:
                     work,
                 )
                 overhead.append(record["seconds"] - (record["upload_s"] or 0))
+        scale = []
+        if args.scale:
+            server = servers[servers_wanted[0]]
+            backlog = run_backlog(server, work, f"{run_id}/backlog/", BACKLOG)
+            scale.append(
+                f"- {BACKLOG} one-file results marked before start -> {server.name}: first "
+                f"upload after {backlog['first_s']:.2f} s, all recorded after "
+                f"{backlog['seconds']:.1f} s ({BACKLOG / backlog['seconds']:.0f} results/s), "
+                f"cpu {backlog['cpu_s']:.1f} s, peak rss {backlog['rss_mb']:.0f} MB"
+                + ("" if backlog["verified"] else " NOT VERIFIED")
+            )
+            outputs = wide_tree(WIDE)
+            prefix = f"{run_id}/wide/"
+            wide = run_syncd(server, outputs, "exec_wide", prefix, True, work)
+            wide["verified"] = listed(server, f"{prefix}exec_wide/") == manifest(
+                outputs / "exec_wide"
+            )
+            scale.append(
+                f"- one result of {WIDE} files of 1 KiB -> {server.name}: recorded after "
+                f"{wide['seconds']:.1f} s ({WIDE / wide['seconds']:.0f} files/s), cpu "
+                f"{wide['cpu_s']:.1f} s, peak rss {wide['rss_mb']:.0f} MB"
+                + ("" if wide["verified"] else " NOT VERIFIED")
+            )
+            at = {"server": server.name, "client": "syncd-obstore", "rep": 0}
+            results += [backlog | at | {"profile": "backlog"}, wide | at | {"profile": "wide"}]
     finally:
         for server in servers.values():
             server.stop()
         shutil.rmtree(work / "rclone" / "root", ignore_errors=True)
     (work / "results.json").write_text(json.dumps(results, indent=1))
     print(summary(results, profiles, servers_wanted, expected_sizes(trees_root, profiles)))
+    if scale:
+        print("\n### scale (syncd-obstore)\n\n" + "\n".join(scale))
     print(
         f"\nsyncd overhead on a one-file result (marker dropped -> metadata written, minus the "
         f"upload itself): median {statistics.median(overhead) * 1000:.0f} ms "
@@ -323,6 +426,8 @@ def summary(
                         k: statistics.median(r[k] for r in runs)
                         for k in ("seconds", "cpu_s", "rss_mb")
                     }
+            if not rows:
+                continue
             best_raw = min((rows[c]["seconds"] for c in RAW_CLIENTS if c in rows), default=None)
             lines.append(f"\n### {profile} -> {server}: {files} files, {size / 1e6:.1f} MB\n")
             lines.append(
