@@ -2,12 +2,12 @@
 result is published by whichever claims it first.
 
 A claim is a file `.syncd-claims/<exec>.<n>` in the folder of the result's marker, created with
-O_EXCL (atomic on local filesystems and NFSv3+). The claims have a folder of their own so that
-finding a result's claims lists a handful of files, not every result of outputs_dir. An owner
-refreshes its mtime while it works. A claim whose mtime is older than claim_timeout belongs to
-a dead daemon: another takes over by creating generation n+1, which again only one can do. An
-owner checks before recording that no newer generation exists. Hosts are assumed to keep their
-clocks in step (NTP), well within the timeout.
+O_EXCL (atomic on local filesystems and NFSv3+). The claims have a folder of their own (gone
+when empty) so that finding a result's claims lists a handful of files, not every result of
+outputs_dir. An owner refreshes its mtime while it works. A claim whose mtime is older than
+claim_timeout belongs to a dead daemon: another takes over by creating generation n+1, which
+again only one can do. An owner checks before recording that no newer generation exists. Hosts
+are assumed to keep their clocks in step (NTP), well within the timeout.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ class Claim:
 
     def release(self) -> None:
         self.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # only when empty: others may hold claims in it
+            self.path.parent.rmdir()
 
 
 CLAIMS = ".syncd-claims"
@@ -116,11 +118,17 @@ def try_claim(result: Result, timeout: float) -> Claim | str:
         return owner
     generation = newest + 1
     path = claim_path(result, generation)
-    path.parent.mkdir(exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return holder(result, newest_generation(result), timeout) or "another daemon"
+    for tries_left in reversed(range(3)):
+        path.parent.mkdir(exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            break
+        except FileExistsError:
+            return holder(result, newest_generation(result), timeout) or "another daemon"
+        except FileNotFoundError:
+            if not tries_left:
+                raise
+            # Another daemon released its claim and removed the empty folder just now.
     with os.fdopen(fd, "w") as f:
         json.dump({"owner": OWNER, "since": time.time()}, f)
     for stale in old:  # a dead daemon's claims
