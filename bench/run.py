@@ -72,6 +72,15 @@ def warm(tree: Path) -> None:
                     pass
 
 
+def delete(server: S3Server, keys: list[str]) -> None:
+    """Remove a measured upload (untimed): a full run would otherwise leave ~21 GB in
+    rclone's folder and in moto's memory."""
+    s3 = server.client()
+    for start in range(0, len(keys), 1000):
+        batch = [{"Key": key} for key in keys[start : start + 1000]]
+        s3.delete_objects(Bucket=BUCKET, Delete={"Objects": batch, "Quiet": True})
+
+
 def proc_cpu(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -195,6 +204,7 @@ def run_backlog(server: S3Server, work: Path, prefix: str, count: int) -> dict:
         json.loads(meta.read_text()).get("storage_type") == "s3" for meta in outputs.glob("*.json")
     )
     keys = listed(server, prefix)
+    delete(server, [prefix + key for key in keys])
     return {
         "first_s": first,
         "seconds": seconds,
@@ -342,6 +352,7 @@ def main() -> int:
                         else:
                             record = run_raw(client, server, tree, prefix)
                         got = listed(server, f"{prefix}{tree.name}/")
+                        delete(server, [f"{prefix}{tree.name}/{rel}" for rel in got])
                         record.update(
                             profile=profile,
                             server=name,
@@ -382,9 +393,9 @@ def main() -> int:
             outputs = wide_tree(WIDE)
             prefix = f"{run_id}/wide/"
             wide = run_syncd(server, outputs, "exec_wide", prefix, True, work)
-            wide["verified"] = listed(server, f"{prefix}exec_wide/") == manifest(
-                outputs / "exec_wide"
-            )
+            got = listed(server, f"{prefix}exec_wide/")
+            wide["verified"] = got == manifest(outputs / "exec_wide")
+            delete(server, [f"{prefix}exec_wide/{rel}" for rel in got])
             scale.append(
                 f"- one result of {WIDE} files of 1 KiB -> {server.name}: recorded after "
                 f"{wide['seconds']:.1f} s ({WIDE / wide['seconds']:.0f} files/s), cpu "
