@@ -191,6 +191,8 @@ class S3fsStore:
     def __init__(self, storage: ObjectStorage) -> None:
         self.storage = storage
         self.description = f"{_location(storage)} via s3fs"
+        # s3fs's own threshold: a file under two parts goes as one PutObject.
+        self.single_put_below = 2 * storage.multipart_chunksize
         self.fs: Any = None
 
     async def _client(self) -> Any:
@@ -232,8 +234,7 @@ class S3fsStore:
         chunksize = self.storage.multipart_chunksize
         with store_errors(f"upload of {key}"):
             with open(path, "rb") as f:
-                # s3fs's own threshold: one PutObject below two parts.
-                body = f.read() if os.fstat(f.fileno()).st_size < 2 * chunksize else None
+                body = f.read() if os.fstat(f.fileno()).st_size < self.single_put_below else None
             if body is not None:
                 # Straight to s3fs's client call: _put_file around it costs ~12 % more CPU
                 # per small file (type guessing, checks, callbacks), the bottleneck here.
@@ -249,8 +250,8 @@ class S3fsStore:
     def held(self, size: int) -> int:
         # Measured: s3fs reads PARTS_PER_FILE parts (or a file under 2 parts) at once, and
         # botocore holds a second copy of each while it signs and sends it.
-        chunksize = self.storage.multipart_chunksize
-        return 2 * (size if size < 2 * chunksize else PARTS_PER_FILE * chunksize)
+        parts = PARTS_PER_FILE * self.storage.multipart_chunksize
+        return 2 * (size if size < self.single_put_below else parts)
 
     async def _list(self, **params: Any) -> dict[str, Any]:
         fs = await self._client()
