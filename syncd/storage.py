@@ -231,7 +231,6 @@ class S3fsStore:
 
     async def put(self, path: Path, key: str) -> None:
         fs = await self._client()
-        chunksize = self.storage.multipart_chunksize
         with store_errors(f"upload of {key}"):
             with open(path, "rb") as f:
                 body = f.read() if os.fstat(f.fileno()).st_size < self.single_put_below else None
@@ -243,7 +242,7 @@ class S3fsStore:
             await fs._put_file(
                 str(path),
                 f"{self.storage.bucket}/{key}",
-                chunksize=chunksize,
+                chunksize=self.storage.multipart_chunksize,
                 max_concurrency=PARTS_PER_FILE,
             )
 
