@@ -1,9 +1,12 @@
 """One attempt at one result, as the daemon and `syncd sync` both make it: claim the result,
-publish it, keep its state, log the upload, and after a failure say when to try again.
+upload it, remember the upload, record it, keep its state, and after a failure say when to
+try again.
 
-Retries back off exponentially from retry_min_delay to retry_max_delay, with jitter so that
-many results failing together do not retry together; a failure only a person can fix
-waits retry_permanent_delay.
+An attempt never raises: whatever fails becomes a SyncdError in the outcome (an exception of
+an unexpected kind is classified as transient and its traceback logged at DEBUG), so the
+worker that made it always goes on with the next result. Retries back off exponentially from
+retry_min_delay to retry_max_delay, with jitter so that many results failing together do not
+retry together; a failure only a person can fix waits retry_permanent_delay.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from dataclasses import dataclass
 
 from loguru import logger
 
-from syncd import claims
+from syncd import claims, metadata
 from syncd.config import Settings
+from syncd.errors import SyncdError, classify
 from syncd.layout import Result
-from syncd.publish import Publisher, PublishError
+from syncd.publish import Publisher, Uploaded
 from syncd.state import Record, State, StateStore
 
 
@@ -26,7 +30,7 @@ from syncd.state import Record, State, StateStore
 class Outcome:
     done: bool  # recorded now or before
     held_by: str | None = None  # another daemon is publishing it
-    error: PublishError | None = None
+    error: SyncdError | None = None
     attempts: int = 0  # failed attempts so far, this one included
     retry_in: float = 0.0  # seconds until the next attempt, after a failure
 
@@ -38,44 +42,66 @@ class Attempts:
         self.state = state
 
     async def attempt(self, result: Result, force: bool = False) -> Outcome:
-        rel = result.rel.as_posix()
+        """Publish `result` unless its metadata records it already (or `force`)."""
         try:
-            # Cheap check first, so results recorded long ago cost no claim.
-            if not force and await self.publisher.is_recorded(result):
-                return Outcome(done=True)
-        except PublishError as exc:
-            return self.failed(result, exc)
+            return await self._attempt(result, force)
+        except Exception as exc:  # never CancelledError: a stop must stop the attempt
+            error = classify(exc)
+            if error is not exc:
+                logger.opt(exception=exc).debug("{}: where this error came from", result.name)
+            return self.failed(result, error)
+
+    async def _attempt(self, result: Result, force: bool) -> Outcome:
+        # Cheap check first, so results recorded long ago cost no claim; a metadata file that
+        # cannot be recorded into stops the attempt before anything is uploaded.
+        if await self.is_recorded(result) and not force:
+            return Outcome(done=True)
         claim = await asyncio.to_thread(claims.try_claim, result, self.config.claim_timeout)
         if isinstance(claim, str):
             return Outcome(done=False, held_by=claim)
-        previous = self.state.get(rel)
-        self.state.set(Record(rel, State.UPLOADING, attempts=previous.attempts if previous else 0))
-        # Only an attempt that failed or was killed can have left multipart uploads behind.
-        interrupted = claim.took_over or (previous is not None and previous.state != State.DONE)
         heartbeat = asyncio.create_task(self.keep(claim))
         try:
-            published = await self.publisher.publish(
-                result, force=force, still_ours=claim.still_ours, clean_up=interrupted
-            )
-        except PublishError as exc:
-            return self.failed(result, exc)
-        except Exception as exc:
-            logger.exception("{}: unexpected error", result.name)
-            return self.failed(result, PublishError(f"{result.name}: unexpected error: {exc!r}"))
+            # Under the claim, look again: another daemon may have recorded it meanwhile.
+            if await self.is_recorded(result) and not force:
+                return self.done(result, None)
+            uploaded = await self.upload(result, force, claim.took_over)
+            if not await asyncio.to_thread(claim.still_ours):
+                raise SyncdError("another daemon took over this result; leaving it")
+            await self.publisher.record(result, uploaded)
         finally:
             heartbeat.cancel()
             await asyncio.to_thread(claim.release)
-        if published is None:
+        return self.done(result, uploaded)
+
+    async def is_recorded(self, result: Result) -> bool:
+        return metadata.is_recorded(await self.publisher.read_metadata(result), result)
+
+    async def upload(self, result: Result, force: bool, took_over: bool) -> Uploaded:
+        rel = result.rel.as_posix()
+        previous = self.state.get(rel)
+        acknowledged = previous.uploaded if previous is not None else None
+        attempts = previous.attempts if previous is not None else 0
+        self.state.set(Record(rel, State.UPLOADING, attempts=attempts, uploaded=acknowledged))
+        # Only an attempt that failed or was killed can have left parts or objects behind.
+        interrupted = force or took_over or (previous is not None and previous.state != State.DONE)
+        uploaded = await self.publisher.upload(result, interrupted, acknowledged)
+        if uploaded.sent:
+            self.state.remember_upload(rel, uploaded.fingerprint)
+        return uploaded
+
+    def done(self, result: Result, uploaded: Uploaded | None) -> Outcome:
+        rel = result.rel.as_posix()
+        if uploaded is None:
             self.state.set(Record(rel, State.DONE))
             return Outcome(done=True)
-        self.state.set(Record(rel, State.DONE, files=published.files, bytes=published.bytes))
+        self.state.set(Record(rel, State.DONE, files=len(uploaded.files), bytes=uploaded.bytes))
         logger.info(
             "{}: uploaded {} files, {} bytes in {:.2f} s ({:.1f} MB/s) to {}; recorded in {}",
             result.name,
-            published.files,
-            published.bytes,
-            published.seconds,
-            published.mb_per_s,
+            len(uploaded.files),
+            uploaded.bytes,
+            uploaded.seconds,
+            uploaded.mb_per_s,
             result.remote_path,
             result.metadata,
         )
@@ -84,11 +110,19 @@ class Attempts:
     async def keep(self, claim: claims.Claim) -> None:
         while True:
             await asyncio.sleep(self.config.claim_timeout / 4)
-            await asyncio.to_thread(claim.refresh)
+            try:
+                await asyncio.to_thread(claim.refresh)
+            except Exception as exc:  # a full disk, say: still_ours() decides before recording
+                logger.warning("{}: cannot refresh its claim: {}", claim.result.name, classify(exc))
 
-    def failed(self, result: Result, error: PublishError) -> Outcome:
+    def failed(self, result: Result, error: SyncdError) -> Outcome:
+        """The outcome of a failed attempt, with its backoff; kept in the state if it can be
+        (the database failing too is only logged: the retry is not lost with it)."""
         rel = result.rel.as_posix()
-        previous = self.state.get(rel)
+        try:
+            previous = self.state.get(rel)
+        except SyncdError:
+            previous = None
         attempts = (previous.attempts if previous else 0) + 1
         if error.permanent:
             delay = self.config.retry_permanent_delay
@@ -97,7 +131,17 @@ class Attempts:
                 self.config.retry_max_delay, self.config.retry_min_delay * 2 ** (attempts - 1)
             )
             delay = random.uniform(ceiling / 2, ceiling)
-        self.state.set(
-            Record(rel, State.RETRYING, attempts, str(error), error.permanent, time.time() + delay)
+        record = Record(
+            rel,
+            State.RETRYING,
+            attempts,
+            str(error),
+            error.permanent,
+            time.time() + delay,
+            uploaded=previous.uploaded if previous else None,
         )
+        try:
+            self.state.set(record)
+        except SyncdError as exc:
+            logger.warning("{}: {}", result.name, exc)
         return Outcome(done=False, error=error, attempts=attempts, retry_in=delay)

@@ -16,13 +16,48 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
+from syncd.errors import Kind, SyncdError, os_error
 from syncd.layout import Result
 
-OWNER = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _started(pid: int) -> str:
+    """When process `pid` started (clock ticks since boot), to tell it from a reused pid."""
+    fields = _read(f"/proc/{pid}/stat").rpartition(")")[2].split()
+    return fields[19] if len(fields) > 19 else ""
+
+
+def _pidns() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+# Who this process is, unique per process instance: two daemons in containers with the same
+# hostname and pid 1 differ in their pid namespace, and each run has its own instance id.
+IDENTITY: dict[str, Any] = {
+    "host": socket.gethostname(),
+    "boot": _read("/proc/sys/kernel/random/boot_id"),
+    "pidns": _pidns(),
+    "pid": os.getpid(),
+    "started": _started(os.getpid()),
+    "instance": uuid.uuid4().hex[:8],
+}
+OWNER = f"{IDENTITY['host']}:{IDENTITY['pid']}:{IDENTITY['instance']}"
 
 
 class Claim:
@@ -40,10 +75,16 @@ class Claim:
             os.utime(self.path)
 
     def still_ours(self) -> bool:
-        return self.path.exists() and newest_generation(self.result) == self.generation
+        try:
+            return self.path.exists() and newest_generation(self.result) == self.generation
+        except OSError:
+            return False
 
     def release(self) -> None:
-        self.path.unlink(missing_ok=True)
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            return  # it expires after claim_timeout; nothing here is worth failing for
         with contextlib.suppress(OSError):  # only when empty: others may hold claims in it
             self.path.parent.rmdir()
 
@@ -62,9 +103,12 @@ def generations(result: Result) -> list[int]:
         entries = list(os.scandir(result.marker.parent / CLAIMS))
     except FileNotFoundError:
         return []
+    except NotADirectoryError:
+        raise FileExistsError(result.marker.parent / CLAIMS) from None
     for entry in entries:
+        # Anything else in the folder (other names, folders, links) is not a claim.
         suffix = entry.name[len(prefix) :] if entry.name.startswith(prefix) else ""
-        if suffix.isdigit():
+        if suffix.isdigit() and entry.is_file(follow_symlinks=False):
             found.append(int(suffix))
     return sorted(found)
 
@@ -80,37 +124,57 @@ def holder(result: Result, newest: int, timeout: float) -> str | None:
         return None
     path = claim_path(result, newest)
     try:
-        if time.time() - path.stat().st_mtime >= timeout:
+        # A claim whose mtime lies further in the future than the timeout is as stale as an
+        # old one: no live owner sets its clock that far off.
+        if abs(time.time() - path.stat().st_mtime) >= timeout:
             return None
     except FileNotFoundError:
         return None  # released a moment ago
     try:
-        owner = str(json.loads(path.read_text())["owner"])
-    except (OSError, ValueError, KeyError):
+        owner = json.loads(path.read_text())
+        name = str(owner["owner"])
+    except (OSError, ValueError, KeyError, TypeError):
         return "another daemon"  # its owner is still writing it, or just released it
-    return None if died_here(owner) else owner
+    return None if died_here(owner) else name
 
 
-def died_here(owner: str) -> bool:
-    """True for a claim of a daemon on this host that is gone (killed, restarted): no need
-    to wait claim_timeout for it."""
-    host, _, rest = owner.partition(":")
-    pid, _, _ = rest.partition(":")
-    if host != socket.gethostname() or not pid.isdigit() or owner == OWNER:
+def died_here(owner: dict[str, Any]) -> bool:
+    """True for a claim of a daemon in this very process namespace that is gone (killed,
+    restarted): no need to wait claim_timeout for it. Any doubt (another host, container or
+    boot) waits."""
+    if owner.get("instance") == IDENTITY["instance"]:
         return False
-    if int(pid) == os.getpid():
-        return True  # our pid, another run (pid 1 in a container, say)
+    if any(owner.get(key) != IDENTITY[key] for key in ("host", "boot", "pidns")):
+        return False
+    pid = owner.get("pid")
+    if not isinstance(pid, int):
+        return False
+    if pid == IDENTITY["pid"]:
+        return True  # our pid, an earlier run of ours
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:
-        return False  # alive, another user's
-    return False
+        pass  # alive, another user's
+    return _started(pid) != owner.get("started")  # alive, but a reused pid
 
 
 def try_claim(result: Result, timeout: float) -> Claim | str:
     """A claim on `result`, or the owner of the live claim that stops us."""
+    folder = result.marker.parent / CLAIMS
+    try:
+        return _try_claim(result, timeout)
+    except FileExistsError:  # from mkdir: something that is not a folder has its name
+        raise SyncdError(
+            f"{folder} is not a folder, and syncd keeps its claims there: remove it",
+            Kind.OPERATOR,
+        ) from None
+    except OSError as exc:
+        raise os_error(exc, "claiming the result in", folder) from None
+
+
+def _try_claim(result: Result, timeout: float) -> Claim | str:
     old = generations(result)  # one listing of the folder serves both checks
     newest = old[-1] if old else 0
     owner = holder(result, newest, timeout)
@@ -119,7 +183,7 @@ def try_claim(result: Result, timeout: float) -> Claim | str:
     generation = newest + 1
     path = claim_path(result, generation)
     for tries_left in reversed(range(3)):
-        path.parent.mkdir(exist_ok=True)
+        make_folder(path.parent)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             break
@@ -129,8 +193,23 @@ def try_claim(result: Result, timeout: float) -> Claim | str:
             if not tries_left:
                 raise
             # Another daemon released its claim and removed the empty folder just now.
-    with os.fdopen(fd, "w") as f:
-        json.dump({"owner": OWNER, "since": time.time()}, f)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"owner": OWNER, **IDENTITY, "since": time.time()}, f)
+    except BaseException:
+        path.unlink(missing_ok=True)  # an empty claim would hold the result for claim_timeout
+        raise
     for stale in old:  # a dead daemon's claims
         claim_path(result, stale).unlink(missing_ok=True)
     return Claim(result, generation, took_over=bool(old))
+
+
+def make_folder(folder: Path) -> None:
+    """The claims folder; a symlink or a file in its place is refused."""
+    try:
+        os.mkdir(folder, 0o755)
+        return
+    except FileExistsError:
+        pass
+    if not stat.S_ISDIR(os.lstat(folder).st_mode):
+        raise FileExistsError(folder)

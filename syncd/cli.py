@@ -22,13 +22,14 @@ from syncd import __version__, logs, status
 from syncd.attempt import Attempts
 from syncd.config import ConfigError, Settings, load_settings, redacted
 from syncd.daemon import Daemon
+from syncd.errors import SyncdError
 from syncd.layout import Layout, LayoutError
 from syncd.notify import Notifier
 from syncd.publish import Publisher
 from syncd.resign import Resigner
 from syncd.signing import UrlSigner
 from syncd.state import StateStore
-from syncd.storage import StoreError, open_store
+from syncd.storage import open_store
 
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
@@ -164,7 +165,7 @@ async def run_sync(settings: Settings, signer: UrlSigner | None, exec_dirs: list
                     outcome.held_by,
                 )
             else:
-                logger.error("{}", outcome.error)
+                logger.error("{}: {}", result.name, outcome.error)
     finally:
         await store.close()
         state.close()
@@ -235,7 +236,7 @@ def run_command(argv: list[str] | None = None) -> int:
     except (ConfigError, LayoutError) as exc:
         print(f"syncd: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except StoreError as exc:
+    except SyncdError as exc:
         print(f"syncd: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

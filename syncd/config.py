@@ -59,8 +59,16 @@ class ObjectStorage(BaseModel):
 
     @field_validator("prefix")
     @classmethod
-    def _strip_slashes(cls, value: str) -> str:
-        return value.strip("/")
+    def _key_prefix(cls, value: str) -> str:
+        value = value.strip("/")
+        if value and any(part in ("", ".", "..") for part in value.split("/")):
+            raise ValueError(
+                "must be names separated by single slashes, without '.' or '..' parts, "
+                "e.g. outputs or team/results: keys made from it would not name one path"
+            )
+        if re.search("[\x00-\x1f\x7f]", value):
+            raise ValueError("must not hold control characters")
+        return value
 
     @field_validator("multipart_chunksize")
     @classmethod
@@ -197,6 +205,14 @@ class DaemonSettings(BaseModel):
             raise ValueError("must contain {exec} or {exec_path} so each result has its own file")
         if value.startswith("/") or ".." in Path(value).parts:
             raise ValueError("must be a relative path inside outputs_dir")
+        for workflow in ("", "wf"):
+            tree = f"{workflow}/exec_x".lstrip("/")
+            path = value.format(exec="exec_x", exec_path=tree, workflow=workflow)
+            if Path(path) == Path(tree) or Path(tree) in Path(path).parents:
+                raise ValueError(
+                    "puts the metadata inside the result tree, where it would be uploaded as "
+                    "part of the result: put it beside the tree, e.g. {exec_path}.json"
+                )
         return value
 
 

@@ -3,9 +3,17 @@
 Results go through one queue to `parallel_results` workers. A result is queued at most once
 at a time and published under a claim, so daemons sharing outputs_dir never both record it.
 A failure is retried with capped exponential backoff and jitter; one only a person can fix is
-logged once and retried slowly. The first SIGTERM stops new work and gives uploads in flight
-`stop_grace` seconds; a second SIGTERM or SIGINT stops at once. Unfinished results resume on
-the next start.
+logged once and retried slowly. A fresh event for a waiting result (its marker dropped again,
+its folder appearing after the marker) tries it at once; a removed marker forgets it.
+
+Workers never die: an attempt turns every failure into its outcome, and the worker loop logs
+whatever escapes its own bookkeeping and goes on. The systemd watchdog is fed only while the
+pipeline is healthy: every worker and helper task alive, the watcher running, and either
+nothing to do or something moving (a file acknowledged, an attempt finished, a transfer within
+its deadline) in the last `STALL` seconds; otherwise systemd restarts the daemon.
+
+The first SIGTERM stops new work and gives uploads in flight `stop_grace` seconds; a second
+SIGTERM or SIGINT stops at once. Unfinished results resume on the next start.
 """
 
 from __future__ import annotations
@@ -19,12 +27,19 @@ from loguru import logger
 
 from syncd.attempt import Attempts
 from syncd.config import Settings
+from syncd.errors import SyncdError, classify
 from syncd.layout import Layout, Result
 from syncd.notify import Notifier
-from syncd.publish import Publisher
+from syncd.publish import Publisher, recover_leftovers
 from syncd.resign import Resigner
-from syncd.state import StateStore
+from syncd.state import Record, State, StateStore
 from syncd.watch import MarkerWatcher
+
+# Seconds without any progress while results are being worked on before the daemon counts as
+# wedged (every transfer has its own deadline; this catches what has none).
+STALL = 600.0
+# Seconds between looks at the watched folders and the pipeline's health.
+TEND_EVERY = 2.0
 
 
 class Daemon:
@@ -45,11 +60,14 @@ class Daemon:
         self.notifier = notifier
         self.resigner = resigner
         self.queue: asyncio.Queue[Result] = asyncio.Queue()
-        self.queued: set[str] = set()  # waiting or in progress
+        self.queued: set[str] = set()  # waiting in the queue or in progress
         self.done: dict[str, Result] = {}  # recorded; only their signed URLs need care
-        self.not_before: dict[str, float] = {}  # backoff: no new attempt before (loop time)
+        self.waiting: dict[str, asyncio.TimerHandle] = {}  # backoff until the next attempt
         self.reported: dict[str, str] = {}  # the permanent error already logged per result
         self.busy: set[asyncio.Task[None]] = set()
+        self.tasks: list[asyncio.Task[None]] = []  # workers and helpers; none may end
+        self.progress_at = 0.0  # loop time of the last finished attempt
+        self.unhealthy: str | None = None
         self.stopping = asyncio.Event()
         self.aborting = asyncio.Event()
 
@@ -58,22 +76,27 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         self.state.reset_interrupted()
+        await asyncio.to_thread(recover_leftovers, self.layout)
+        self.progress_at = loop.time()
         watcher = MarkerWatcher(
             self.layout,
             self.config,
             on_marker=lambda path: loop.call_soon_threadsafe(self.offer_marker, path),
+            on_gone=lambda path: loop.call_soon_threadsafe(self.marker_gone, path),
             on_folder=lambda _: loop.call_soon_threadsafe(self.start_scan),
             on_lost=lambda why: loop.call_soon_threadsafe(self.events_lost, why),
         )
         watcher.start()
         workers = [asyncio.create_task(self.work()) for _ in range(self.config.parallel_results)]
-        helpers = [asyncio.create_task(self.rescan_every(self.config.rescan_interval))]
+        helpers = [
+            asyncio.create_task(self.rescan_every(self.config.rescan_interval)),
+            asyncio.create_task(self.tend(watcher)),
+        ]
         if self.resigner is not None:
             # Look often enough to renew a URL inside its margin, at most once a rescan.
             every = min(self.config.rescan_interval, max(self.resigner.margin / 2, 0.5))
             helpers.append(asyncio.create_task(self.renew_every(every)))
-        if self.notifier.watchdog_interval:
-            helpers.append(asyncio.create_task(self.ping_watchdog(self.notifier.watchdog_interval)))
+        self.tasks = workers + helpers
         logger.info(
             "syncd watching {} ({}) for *{} markers; uploading to {}; {} results in parallel",
             self.layout.outputs_dir,
@@ -121,7 +144,10 @@ class Daemon:
         for task in unfinished:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
-        logger.info("syncd stopped; {} results left for the next start", len(self.queued))
+        for handle in self.waiting.values():
+            handle.cancel()
+        left = len(self.queued) + len(self.waiting)
+        logger.info("syncd stopped; {} results left for the next start", left)
 
     async def rescan_every(self, interval: float) -> None:
         while True:  # the first pass is the start-up scan
@@ -136,14 +162,42 @@ class Daemon:
             for result in [r for r in self.done.values() if self.resigner.due(r, now)]:
                 try:
                     await asyncio.to_thread(self.resigner.refresh, result, now)
-                except OSError as exc:
-                    logger.warning("{}: cannot renew its signed URL: {}", result.name, exc)
+                except Exception as exc:  # one bad metadata file never stops the others
+                    logger.warning(
+                        "{}: cannot renew its signed URL: {}", result.name, classify(exc)
+                    )
+                    self.resigner.later(result, now)
 
-    async def ping_watchdog(self, interval: float) -> None:
-        # From the event loop that does the work: if it stalls, systemd notices and restarts.
+    async def tend(self, watcher: MarkerWatcher) -> None:
+        """Every few seconds: watch again what was replaced, and feed systemd's watchdog
+        while the pipeline is healthy."""
         while True:
-            self.notifier.watchdog()
-            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(watcher.check)
+            except Exception as exc:
+                logger.warning("cannot look at {}: {}", self.layout.outputs_dir, classify(exc))
+            problem = self.health(watcher)
+            if problem is None:
+                self.notifier.watchdog()
+            elif problem != self.unhealthy:
+                logger.error("syncd is not healthy: {}; no longer feeding the watchdog", problem)
+            self.unhealthy = problem
+            await asyncio.sleep(TEND_EVERY)
+
+    def health(self, watcher: MarkerWatcher) -> str | None:
+        """None while the pipeline works; otherwise what is wrong with it."""
+        ended = [t for t in self.tasks if t.done() and t is not asyncio.current_task()]
+        if ended:
+            return f"{len(ended)} of its tasks ended"
+        if not watcher.alive:
+            return "the watcher of outputs_dir stopped"
+        if not self.busy:
+            return None
+        now = asyncio.get_running_loop().time()
+        moved = max(self.progress_at, self.publisher.acknowledged_at)
+        if now - moved < STALL or now < self.publisher.busy_until():
+            return None
+        return f"{len(self.busy)} results in progress and nothing moved for {now - moved:.0f} s"
 
     def events_lost(self, why: str) -> None:
         logger.warning("{}: events may have been lost; rescanning {}", why, self.layout.outputs_dir)
@@ -154,20 +208,46 @@ class Daemon:
             asyncio.get_running_loop().create_task(self.scan())
 
     async def scan(self) -> None:
-        for result in await asyncio.to_thread(lambda: list(self.layout.marked())):
+        try:
+            marked = await asyncio.to_thread(lambda: list(self.layout.marked()))
+        except Exception as exc:
+            logger.warning("cannot scan {}: {}", self.layout.outputs_dir, classify(exc))
+            return
+        for result in marked:
             self.offer(result)
 
     def offer_marker(self, path: Path) -> None:
+        """A file or result folder appeared: its result is tried now, even if it waits."""
         result = self.layout.for_marker(path)
-        if result is not None:
-            self.offer(result)
+        if result is not None and result.marker.exists():
+            self.offer(result, fresh=True)
 
-    def offer(self, result: Result) -> None:
+    def marker_gone(self, path: Path) -> None:
+        result = self.layout.for_marker(path)
+        if result is not None and result.rel.as_posix() in self.waiting:
+            self.forget(result)
+
+    def forget(self, result: Result) -> None:
+        """Its marker was removed: nothing more is done for it until a marker comes again."""
+        rel = result.rel.as_posix()
+        handle = self.waiting.pop(rel, None)
+        if handle is not None:
+            handle.cancel()
+        self.reported.pop(rel, None)
+        logger.info("{}: its marker was removed; forgotten", result.name)
+        try:
+            self.state.set(Record(rel, State.FORGOTTEN, last_error="marker removed"))
+        except SyncdError as exc:
+            logger.warning("{}: {}", result.name, exc)
+
+    def offer(self, result: Result, fresh: bool = False) -> None:
         rel = result.rel.as_posix()
         if rel in self.queued or rel in self.done or self.stopping.is_set():
             return
-        if self.not_before.get(rel, 0) > asyncio.get_running_loop().time():
-            return
+        if rel in self.waiting:
+            if not fresh:
+                return
+            self.waiting.pop(rel).cancel()
         self.queued.add(rel)
         self.queue.put_nowait(result)
 
@@ -179,23 +259,30 @@ class Daemon:
             self.busy.add(task)
             try:
                 await self.process(result)
+            except Exception as exc:  # a bug in the bookkeeping below: the worker goes on
+                logger.opt(exception=exc).debug("{}: where it came from", result.name)
+                logger.error("{}: {}", result.name, classify(exc))
+                self.retry_later(result, self.config.retry_max_delay)
             finally:
                 self.busy.discard(task)
                 self.queued.discard(result.rel.as_posix())
+                self.progress_at = asyncio.get_running_loop().time()
 
     async def process(self, result: Result) -> None:
         rel = result.rel.as_posix()
+        if not await asyncio.to_thread(result.marker.exists):
+            self.forget(result)
+            return
         outcome = await self.attempts.attempt(result)
         if outcome.done:
             self.done[rel] = result
-            self.not_before.pop(rel, None)
             self.reported.pop(rel, None)
             return
         if outcome.held_by is not None:
             logger.debug("{}: being published by {}", result.name, outcome.held_by)
             return  # a rescan looks again; a dead owner's claim expires
         assert outcome.error is not None
-        message = str(outcome.error)
+        message = f"{result.name}: {outcome.error}"
         if not outcome.error.permanent:
             logger.warning(
                 "{} (attempt {}; retrying in {:.1f} s)", message, outcome.attempts, outcome.retry_in
@@ -203,6 +290,17 @@ class Daemon:
         elif self.reported.get(rel) != message:  # log it once, not every retry
             logger.error("{} (retrying every {:.0f} s)", message, outcome.retry_in)
             self.reported[rel] = message
+        self.retry_later(result, outcome.retry_in)
+
+    def retry_later(self, result: Result, delay: float) -> None:
+        rel = result.rel.as_posix()
         loop = asyncio.get_running_loop()
-        self.not_before[rel] = loop.time() + outcome.retry_in
-        loop.call_later(outcome.retry_in, self.offer, result)
+
+        def again() -> None:
+            self.waiting.pop(rel, None)
+            self.offer(result)
+
+        old = self.waiting.pop(rel, None)
+        if old is not None:
+            old.cancel()
+        self.waiting[rel] = loop.call_later(delay, again)

@@ -7,15 +7,19 @@ relative to outputs_dir. Objects go to `<prefix>/<exec path under outputs_dir>/<
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import stat
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from loguru import logger
 
 from syncd.config import Settings
+from syncd.errors import Kind, SyncdError, os_error, printable
 
 EXEC_PREFIX = "exec_"
 
@@ -48,13 +52,17 @@ class Result:
 
 @dataclass(frozen=True, slots=True)
 class LocalFile:
-    """A regular file of a result tree: its path in the tree, its size, and its modification
-    time (to notice a file that changes while it is uploaded). Kept small: a tree may hold
-    100,000 of them."""
+    """A regular file of a result tree: its path in the tree, its size and modification time
+    (to notice a file that changes while it is uploaded), its inode and device (to read the
+    file that was listed and no other), and whether its path is a symlink inside the tree.
+    Kept small: a tree may hold 100,000 of them."""
 
     rel: str
     size: int
     mtime_ns: int
+    ino: int
+    dev: int
+    follow: bool = False
 
 
 class Layout:
@@ -66,6 +74,7 @@ class Layout:
         self.marker_suffix = daemon.marker_suffix
         self.metadata_file = daemon.metadata_file
         self.prefix = settings.object_storage.prefix
+        self.reported: set[str] = set()  # symlinked workflow folders already logged
 
     def result(self, rel: PurePosixPath) -> Result:
         workflow = rel.parent.name if len(rel.parts) == 2 else ""
@@ -130,16 +139,28 @@ class Layout:
                         yield result
 
     def workflow_dirs(self) -> list[Path]:
-        """Folders of outputs_dir that may hold results (anything but exec trees)."""
+        """Folders of outputs_dir that may hold results (anything but exec trees). A symlink to
+        a folder is never one: it is reported once and left alone."""
         try:
-            return sorted(
-                Path(e.path)
-                for e in os.scandir(self.outputs_dir)
-                if e.is_dir(follow_symlinks=False) and not e.name.startswith((EXEC_PREFIX, "."))
-            )
+            entries = list(os.scandir(self.outputs_dir))
         except OSError as exc:
             logger.warning("cannot list {}: {}", self.outputs_dir, exc.strerror)
             return []
+        folders = []
+        for entry in entries:
+            if entry.name.startswith((EXEC_PREFIX, ".")):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                folders.append(Path(entry.path))
+            elif entry.is_symlink() and entry.is_dir() and entry.path not in self.reported:
+                self.reported.add(entry.path)
+                logger.error(
+                    "workflow folder {} is a symlink; syncd never follows one, so its results "
+                    "are not uploaded: move the folder itself into {}",
+                    printable(entry.path),
+                    self.outputs_dir,
+                )
+        return sorted(folders)
 
 
 def normalized(path: Path) -> Path:
@@ -147,40 +168,114 @@ def normalized(path: Path) -> Path:
     return Path(os.path.normpath(path.absolute()))
 
 
-def tree_files(tree: Path) -> Iterator[LocalFile]:
+# The longest key S3 accepts, in UTF-8 bytes.
+MAX_KEY_BYTES = 1024
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def tree_files(result: Result) -> Iterator[LocalFile]:
     """Every regular file of the tree, in a stable order; symlinks only when they stay inside.
 
-    A symlink is uploaded as the file it points to when that file lies inside the tree, and is
-    skipped with a warning otherwise: a result must never carry data from elsewhere on the host.
-    Symlinked folders are never followed.
+    Never follows a symlink out of the tree: the result folder and its workflow folder must not
+    be symlinks, folders are walked by descriptor (a folder swapped for a symlink while it is
+    walked is not entered), and a symlink to a file is uploaded as that file only when the file
+    lies inside the tree. Each file's device and inode are kept, so that the upload reads the
+    file that was listed and nothing else. A name no store can take is this result's input
+    error.
     """
-    root = tree.resolve()
-    if not root.is_dir():
-        raise FileNotFoundError(f"result folder {tree} does not exist")
-    for folder, dirnames, filenames in os.walk(root, onerror=_raise):
-        base = Path(folder)
-        for name in dirnames:
-            if (base / name).is_symlink():
-                logger.warning("{}: skipping symlinked folder {}", tree.name, base / name)
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = base / name
-            rel = path.relative_to(root).as_posix()
-            info = path.lstat()
-            if stat.S_ISLNK(info.st_mode):
-                target = path.resolve()
-                if not target.is_relative_to(root) or not target.is_file():
+    with open_folder(result) as tree_fd:
+        root = Path(os.path.realpath(f"/proc/self/fd/{tree_fd}"))
+        for folder, dirnames, filenames, dir_fd in os.fwalk(".", onerror=_raise, dir_fd=tree_fd):
+            base = PurePosixPath(folder)
+            for name in list(dirnames):
+                if stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode):
                     logger.warning(
-                        "{}: skipping symlink {} that leads outside the tree", tree.name, rel
+                        "{}: skipping symlinked folder {}", result.name, printable(f"{base / name}")
+                    )
+                    dirnames.remove(name)
+            dirnames.sort()
+            for name in sorted(filenames):
+                rel = (base / name).as_posix().removeprefix("./")
+                check_name(result, rel)
+                info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                follow = stat.S_ISLNK(info.st_mode)
+                if follow:
+                    target = Path(os.path.realpath(root / rel))
+                    try:
+                        info = target.stat()
+                    except FileNotFoundError:
+                        info = None
+                    if info is None or not target.is_relative_to(root) or target == root:
+                        logger.warning(
+                            "{}: skipping symlink {} that leads outside the tree",
+                            result.name,
+                            printable(rel),
+                        )
+                        continue
+                if not stat.S_ISREG(info.st_mode):
+                    logger.warning(
+                        "{}: skipping {}: not a regular file", result.name, printable(rel)
                     )
                     continue
-                info = target.stat()
-            elif not stat.S_ISREG(info.st_mode):
-                logger.warning("{}: skipping {}: not a regular file", tree.name, rel)
-                continue
-            yield LocalFile(rel, info.st_size, info.st_mtime_ns)
+                yield LocalFile(
+                    rel, info.st_size, info.st_mtime_ns, info.st_ino, info.st_dev, follow
+                )
+
+
+@contextmanager
+def open_folder(result: Result) -> Iterator[int]:
+    """A descriptor of the result folder, opened one folder at a time from outputs_dir without
+    following a symlink, so neither the workflow folder nor the tree can lead elsewhere."""
+    fd = os.open(result.outputs_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for depth, part in enumerate(result.rel.parts):
+            what = "result folder" if depth == len(result.rel.parts) - 1 else "workflow folder"
+            path = result.outputs_dir.joinpath(*result.rel.parts[: depth + 1])
+            try:
+                child = os.open(
+                    part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+                )
+            except FileNotFoundError:
+                raise SyncdError(
+                    f"marker {result.marker} has no result folder {result.tree} (yet): restore "
+                    "the folder or remove the marker; published as soon as the folder appears",
+                    Kind.TRANSIENT,
+                ) from None
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(path):
+                    raise SyncdError(
+                        f"{what} {printable(str(path))} is a symlink; syncd never follows one: "
+                        "move the folder itself there",
+                        Kind.INPUT,
+                    ) from None
+                raise os_error(exc, f"opening {what}", path) from None
+            os.close(fd)
+            fd = child
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def check_name(result: Result, rel: str) -> None:
+    """Refuse a file whose key a store would refuse or a reader would misread."""
+    problem = None
+    try:
+        key_bytes = len(result.key(rel).encode("utf-8"))
+    except UnicodeEncodeError:
+        problem = "its name is not valid UTF-8, which S3 keys must be"
+    else:
+        if CONTROL.search(rel):
+            problem = "its name holds control characters"
+        elif key_bytes > MAX_KEY_BYTES:
+            problem = f"its key would be {key_bytes} bytes, above S3's limit of {MAX_KEY_BYTES}"
+    if problem:
+        raise SyncdError(
+            f"file {printable(str(result.tree / rel))} cannot be uploaded: {problem}: rename it "
+            "(the result is published once it is fixed)",
+            Kind.INPUT,
+        )
 
 
 def _raise(error: OSError) -> None:
-    # os.walk skips folders it cannot list unless told otherwise; a skipped folder is lost data.
+    # os.fwalk skips folders it cannot list unless told otherwise; a skipped folder is lost data.
     raise error

@@ -14,6 +14,7 @@ from typing import Any
 from loguru import logger
 
 from syncd.config import DaemonSettings
+from syncd.errors import printable
 
 TEXT_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}"
 SYSLOG_PRIORITY = {
@@ -29,6 +30,9 @@ SYSLOG_PRIORITY = {
 
 def configure(daemon: DaemonSettings) -> None:
     logger.remove()
+    # A name from the disk may hold a newline or bytes that are not UTF-8: escaped, so one
+    # event is always one line.
+    logger.configure(patcher=lambda record: record.update(message=printable(record["message"])))
     if daemon.log_format == "json":
         logger.add(sys.stderr, level=daemon.log_level, serialize=True)
     elif stderr_is_journal():

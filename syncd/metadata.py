@@ -6,44 +6,68 @@ The rewrite keeps every field the file had and sets `storage_type`, `signed_url`
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from syncd.errors import Kind, SyncdError, os_error
 from syncd.layout import LocalFile, Result
 
 Metadata = dict[str, Any]
-
-
-class MetadataError(Exception):
-    """A metadata file that exists but cannot be used; it is left untouched."""
+# Temporary files of the rewrite; one a kill left behind is removed at the next start.
+TEMP_SUFFIX = ".syncd.tmp"
 
 
 def read(path: Path) -> Metadata | None:
-    """The metadata object, or None when the file does not exist."""
+    """The metadata object, or None when the file does not exist. A symlink is refused: the
+    rewrite would have to write through it or replace it, and neither is syncd's to do."""
     try:
-        raw = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise MetadataError(
-            f"metadata {path} cannot be read ({exc.strerror}): fix its permissions"
-        ) from None
+        raise unusable(path, exc) from None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise SyncdError(
+                    f"metadata {path} is not a regular file; left as it is: replace it with the "
+                    "metadata JSON, or remove it",
+                    Kind.INPUT,
+                )
+            raw = f.read()
+    except OSError as exc:
+        raise unusable(path, exc) from None
     try:
         document = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MetadataError(
+        raise SyncdError(
             f"metadata {path} is not valid JSON ({exc}); left as it is: fix or remove it "
-            "and the result is uploaded on the next scan"
+            "and the result is uploaded on the next scan",
+            Kind.INPUT,
         ) from None
     if not isinstance(document, dict):
-        raise MetadataError(
+        raise SyncdError(
             f"metadata {path} is not a JSON object; left as it is: fix or remove it "
-            "and the result is uploaded on the next scan"
+            "and the result is uploaded on the next scan",
+            Kind.INPUT,
         )
     return document
+
+
+def unusable(path: Path, exc: OSError) -> SyncdError:
+    if exc.errno == errno.ELOOP:
+        return SyncdError(
+            f"metadata {path} is a symlink; left as it is: syncd never writes through one or "
+            "replaces it: put the metadata file itself there",
+            Kind.INPUT,
+        )
+    return os_error(exc, "reading metadata", path)
 
 
 def is_recorded(document: Metadata | None, result: Result) -> bool:
@@ -77,18 +101,41 @@ def recorded(
 
 
 def write_atomic(path: Path, document: Metadata) -> None:
-    """Replace `path` so readers see the old file or the new one, never a partial one."""
-    data = (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode()
+    """Replace `path` so readers see the old file or the new one, never a partial one. The new
+    file keeps the old one's mode, and its owner and group where this user may set them (so
+    the server can still write it). Failures come as SyncdError; no temporary file stays."""
     try:
-        mode = path.stat().st_mode & 0o7777
+        text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+        data = text.encode()
+    except UnicodeEncodeError:  # a lone surrogate in a value: keep it, as a JSON escape
+        data = (json.dumps(document, indent=2) + "\n").encode()
+    try:
+        _write(path, data)
+    except OSError as exc:
+        raise os_error(exc, "writing metadata", path) from None
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        old = path.lstat()
     except FileNotFoundError:
-        mode = 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        old = None
+    if old is not None and not stat.S_ISREG(old.st_mode):
+        raise SyncdError(
+            f"metadata {path} is {'a symlink' if stat.S_ISLNK(old.st_mode) else 'not a file'}; "
+            "left as it is: syncd never writes through one or replaces it: put the metadata "
+            "file itself there",
+            Kind.INPUT,
+        )
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fchmod(f.fileno(), mode)
+            if old is not None:
+                with contextlib.suppress(PermissionError):
+                    os.fchown(f.fileno(), old.st_uid, old.st_gid)
+            os.fchmod(f.fileno(), old.st_mode & 0o7777 if old is not None else 0o644)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -1,58 +1,76 @@
-"""Publish one result: upload its tree, sign a URL, record it in the metadata.
+"""Publish one result, in two steps the attempt calls: `upload` its tree, then `record` it.
 
-The metadata is only rewritten once the store has acknowledged every file (a PutObject or
-CompleteMultipartUpload answered with success is stored, in S3's terms) and the tree has not
-changed while it was read, so a recorded result is always a complete one. Before the local
-tree is deleted (delete_local_after_upload) the bucket is also listed, to check it holds every
-file with its size: the local copy is the last one then. Multipart uploads left by an
-interrupted or failed attempt are aborted first.
+`upload` sends every file of the tree and checks the tree did not change while it was read:
+a file is read only if it is still the file that was listed (same inode, size and mtime,
+opened without following a symlink), so nothing from outside the tree is ever sent. A PutObject
+or CompleteMultipartUpload answered with success is stored, in S3's terms, so the store's
+acknowledgements are the proof. After an interrupted or failed attempt, the multipart uploads
+and the objects it left that are not in the tree any more are removed first and last, so the
+signed prefix serves exactly `output_files`.
+
+`record` signs the URL and rewrites the metadata. With delete_local_after_upload it first lists
+the bucket (the local copy is about to be the last one), moves the tree aside, checks that what
+was moved is exactly what the bucket holds, records, and only then deletes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import errno
+import hashlib
 import itertools
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 from loguru import logger
 
 from syncd import metadata
 from syncd.budget import TransferBudget
 from syncd.config import Settings
-from syncd.layout import LocalFile, Result, tree_files
+from syncd.errors import Kind, SyncdError, os_error
+from syncd.layout import EXEC_PREFIX, Layout, LocalFile, Result, tree_files
 from syncd.progress import Progress
 from syncd.signing import UrlSigner
-from syncd.storage import ObjectStore, StoreError
+from syncd.storage import ObjectStore
 
 # Answers that mean this store or these credentials cannot clean up, while uploads may work.
 CLEANUP_REFUSED = {"AccessDenied", "NotImplemented", "MethodNotAllowed"}
+DELETING = ".deleting"  # suffix of a tree moved aside to be deleted
 
 
-class PublishError(Exception):
-    """A result that could not be published this time; the message says why and what to do.
-    `permanent` when only a person can fix it, so retrying fast is pointless."""
-
-    def __init__(self, message: str, permanent: bool = False) -> None:
-        super().__init__(message)
-        self.permanent = permanent
+def changed() -> SyncdError:
+    return SyncdError(
+        "files changed while they were uploaded; retrying once the tree is quiet (a marker "
+        "must only be dropped when the result is complete)"
+    )
 
 
 @dataclass(frozen=True)
-class Published:
-    result: Result
-    files: int
+class Uploaded:
+    """A tree the store has acknowledged, file by file."""
+
+    files: list[LocalFile]
     bytes: int
     seconds: float
-    signed_url: str | None
+    fingerprint: str  # of the listing: the same tree needs no second upload
+    sent: bool  # False when an earlier attempt had uploaded this very tree
 
     @property
     def mb_per_s(self) -> float:
         return self.bytes / max(self.seconds, 1e-9) / 1e6
+
+
+def fingerprint(result: Result, files: list[LocalFile]) -> str:
+    digest = hashlib.sha256(result.remote_path.encode())
+    for f in files:
+        digest.update(f"\0{f.rel}\0{f.size}\0{f.mtime_ns}\0{f.ino}\0{f.dev}".encode())
+    return digest.hexdigest()
 
 
 class Publisher:
@@ -71,94 +89,120 @@ class Publisher:
         self.store = store
         self.signer = signer
         self.cleanup_warned = False
+        self.acknowledged_at = time.monotonic()  # the last file the store acknowledged
+        self.deadlines: dict[str, float] = {}  # key -> when its transfer must have ended
         # One bound for every result this publisher uploads.
         self.budget = TransferBudget(self.storage.max_concurrency, settings.syncd.upload_buffer)
 
-    async def is_recorded(self, result: Result) -> bool:
-        current = await asyncio.to_thread(self._read_metadata, result)
-        return metadata.is_recorded(current, result)
+    async def read_metadata(self, result: Result) -> metadata.Metadata | None:
+        return await asyncio.to_thread(metadata.read, result.metadata)
 
-    async def publish(
-        self,
-        result: Result,
-        force: bool = False,
-        still_ours: Callable[[], bool] | None = None,
-        clean_up: bool = False,
-    ) -> Published | None:
-        """Upload and record `result`; None if its metadata already records it (unless forced).
-        `still_ours` is asked just before the metadata is written; False abandons the result.
-        `clean_up` first aborts the multipart uploads an earlier attempt left."""
-        current = await asyncio.to_thread(self._read_metadata, result)
-        if metadata.is_recorded(current, result) and not force:
-            return None
+    async def upload(
+        self, result: Result, interrupted: bool, acknowledged: str | None = None
+    ) -> Uploaded:
+        """Upload the tree. `interrupted`: an earlier attempt may have left parts and objects.
+        `acknowledged`: the fingerprint of a tree an earlier attempt uploaded whole."""
         files = await asyncio.to_thread(self._list_tree, result)
+        started = time.monotonic()
+        total = sum(f.size for f in files)
+        done = fingerprint(result, files)
+        if done == acknowledged:
+            logger.info("{}: already uploaded by an earlier attempt; recording it", result.name)
+            return Uploaded(files, total, 0.0, done, sent=False)
         if not files:
             logger.warning(
                 "{}: the result folder is empty; recording it with no files", result.name
             )
-        started = time.monotonic()
-        total = sum(f.size for f in files)
         logger.info("{}: uploading {} files, {} bytes", result.name, len(files), total)
-        if clean_up:
+        if interrupted:
             await self._abort_unfinished(result)
         progress = Progress(result.name, len(files), total) if self.show_progress else None
         await self._upload(result, files, progress)
         if not await asyncio.to_thread(self._unchanged, result, files):
-            raise PublishError(
-                f"{result.name}: files changed while they were uploaded; retrying once the "
-                "tree is quiet (a marker must only be dropped when the result is complete)"
-            )
-        if self.delete_local:
-            # A listing costs little on S3, but some servers hash every object to answer it
-            # (rclone: ~0.7 s per 500 MB), so it is paid only where it guards the last copy.
-            await self._verify(result, files)
-        seconds = time.monotonic() - started
+            raise changed()
+        if interrupted:
+            await self._remove_strays(result, files)
+        return Uploaded(files, total, time.monotonic() - started, done, sent=True)
+
+    async def record(self, result: Result, uploaded: Uploaded) -> None:
+        """Sign and rewrite the metadata; with delete_local_after_upload, delete the tree only
+        once the bucket verifiably holds every file of it."""
         signed_url = (
             self.signer.sign(result.remote_path, self.storage.signed_url_expires_in)
             if self.signer
             else None
         )
-        if still_ours is not None and not still_ours():
-            raise PublishError(f"{result.name}: another daemon took over this result; leaving it")
-        await asyncio.to_thread(self._record, result, files, signed_url)
-        if self.delete_local:
-            await asyncio.to_thread(remove_tree, result)
-        return Published(result, len(files), total, seconds, signed_url)
-
-    def _read_metadata(self, result: Result) -> metadata.Metadata | None:
+        if not self.delete_local:
+            await asyncio.to_thread(self._record, result, uploaded.files, signed_url)
+            return
+        # A listing costs little on S3, but some servers hash every object to answer it
+        # (rclone: ~0.7 s per 500 MB), so it is paid only where it guards the last copy.
+        await self._verify(result, uploaded.files)
+        aside = await asyncio.to_thread(move_aside, result, uploaded.files)
         try:
-            return metadata.read(result.metadata)
-        except metadata.MetadataError as exc:
-            raise PublishError(f"{result.name}: {exc}", permanent=True) from None
+            await asyncio.to_thread(self._record, result, uploaded.files, signed_url)
+        except BaseException:
+            await asyncio.to_thread(move_back, result, aside)
+            raise
+        await asyncio.to_thread(delete_aside, result, aside)
 
     def _list_tree(self, result: Result) -> list[LocalFile]:
         with tree_errors(result):
-            return list(tree_files(result.tree))
+            return list(tree_files(result))
 
     def _unchanged(self, result: Result, before: list[LocalFile]) -> bool:
         """True when the tree still holds exactly `before`, compared as it is walked."""
         with tree_errors(result):
-            return all(a == b for a, b in itertools.zip_longest(before, tree_files(result.tree)))
+            return all(a == b for a, b in itertools.zip_longest(before, tree_files(result)))
 
     async def _abort_unfinished(self, result: Result) -> None:
         """Abort multipart uploads an interrupted attempt left. Best effort: the seed's IAM
         policy does not grant listing them, and some S3-compatible servers cannot."""
         try:
             aborted = await self.store.abort_uploads(f"{result.remote_path}/")
-        except StoreError as exc:
-            if exc.code not in CLEANUP_REFUSED:  # the upload itself says what is wrong next
-                logger.debug("{}: no multipart clean-up: {}", result.name, exc)
-            elif not self.cleanup_warned:
-                self.cleanup_warned = True
-                logger.warning(
-                    "cannot clean up unfinished multipart uploads ({}): grant "
-                    "s3:ListBucketMultipartUploads and s3:AbortMultipartUpload, or add a "
-                    "lifecycle rule that aborts incomplete multipart uploads",
-                    exc,
-                )
+        except SyncdError as exc:
+            self._cleanup_refused(result, exc)
             return
         if aborted:
             logger.info("{}: aborted {} unfinished multipart uploads", result.name, aborted)
+
+    async def _remove_strays(self, result: Result, files: list[LocalFile]) -> None:
+        """Delete objects under the result's prefix that are not files of the tree (left by an
+        attempt on a tree that has changed since), so the signed prefix serves only the
+        result."""
+        listed = await self.store.sizes(f"{result.remote_path}/")
+        wanted = {result.key(f.rel) for f in files}
+        strays = sorted(set(listed) - wanted)
+        if not strays:
+            return
+        try:
+            await self.store.delete(strays)
+        except SyncdError as exc:
+            if exc.code not in CLEANUP_REFUSED:
+                raise
+            raise SyncdError(
+                f"the bucket holds {len(strays)} objects under {result.remote_path}/ that are "
+                f"not in the tree (first: {strays[0]}) and deleting them was refused: grant "
+                "s3:DeleteObject, or delete them",
+                Kind.OPERATOR,
+            ) from None
+        logger.info(
+            "{}: deleted {} objects an earlier attempt left that are not in the tree",
+            result.name,
+            len(strays),
+        )
+
+    def _cleanup_refused(self, result: Result, exc: SyncdError) -> None:
+        if exc.code not in CLEANUP_REFUSED:  # the upload itself says what is wrong next
+            logger.debug("{}: no multipart clean-up: {}", result.name, exc)
+        elif not self.cleanup_warned:
+            self.cleanup_warned = True
+            logger.warning(
+                "cannot clean up unfinished multipart uploads ({}): grant "
+                "s3:ListBucketMultipartUploads and s3:AbortMultipartUpload, or add a "
+                "lifecycle rule that aborts incomplete multipart uploads",
+                exc,
+            )
 
     async def _upload(
         self, result: Result, files: list[LocalFile], progress: Progress | None
@@ -168,85 +212,184 @@ class Publisher:
         async def worker() -> None:
             # Workers pull from one iterator, so memory does not grow with the file count.
             for file in pending:
-                path = result.tree / file.rel
-                try:
-                    with store_errors_of(result):
-                        async with self.budget.hold(self.store.held(file.size)):
-                            await self.store.put(path, result.key(file.rel))
-                    if progress is not None:
-                        progress.advance(file.size)
-                except FileNotFoundError:
-                    raise PublishError(
-                        f"{result.name}: {path} vanished during the upload; retrying once the "
-                        "tree is quiet"
-                    ) from None
-                except OSError as exc:
-                    raise PublishError(
-                        f"{result.name}: cannot read {path} ({exc.strerror}): fix its permissions",
-                        permanent=True,
-                    ) from None
+                async with self.budget.hold(self.store.held(file.size)):
+                    with open_listed(result, file) as path:
+                        await self._put(path, result.key(file.rel), file.size)
+                self.acknowledged_at = time.monotonic()
+                if progress is not None:
+                    progress.advance(file.size)
 
         try:
             async with asyncio.TaskGroup() as group:
                 for _ in range(min(self.storage.max_concurrency, len(files))):
                     group.create_task(worker())
-        except* PublishError as errors:
+        except* SyncdError as errors:
             raise errors.exceptions[0] from None
 
+    async def _put(self, path: Path, key: str, size: int) -> None:
+        """One file, within a deadline the client's own timeouts should never reach: a
+        transfer that hangs anyway becomes a transient failure instead of a stuck worker."""
+        limit = self.store.deadline(size)
+        self.deadlines[key] = time.monotonic() + limit
+        try:
+            async with asyncio.timeout(limit):
+                await self.store.put(path, key)
+        except TimeoutError:
+            raise SyncdError(
+                f"upload of {key} did not end within {limit:.0f} s; retrying"
+            ) from None
+        finally:
+            del self.deadlines[key]
+
+    def busy_until(self) -> float:
+        """When the slowest transfer in flight must have ended (0 if none is)."""
+        return max(self.deadlines.values(), default=0.0)
+
     async def _verify(self, result: Result, files: list[LocalFile]) -> None:
-        with store_errors_of(result):
-            listed = await self.store.sizes(f"{result.remote_path}/")
+        listed = await self.store.sizes(f"{result.remote_path}/")
         wrong = [f for f in files if listed.get(result.key(f.rel)) != f.size]
         if wrong:
             first = wrong[0]
-            raise PublishError(
-                f"{result.name}: after upload the bucket lacks {len(wrong)} of {len(files)} files "
+            raise SyncdError(
+                f"after upload the bucket lacks {len(wrong)} of {len(files)} files "
                 f"or holds other sizes (first: {result.key(first.rel)}, "
-                f"{first.size} bytes locally, {listed.get(result.key(first.rel))} in the bucket)"
+                f"{first.size} bytes locally, {listed.get(result.key(first.rel))} in the bucket); "
+                "the local tree is kept"
             )
 
     def _record(self, result: Result, files: list[LocalFile], signed_url: str | None) -> None:
         # Re-read: the server may have added fields while the upload ran.
-        latest = self._read_metadata(result)
+        latest = metadata.read(result.metadata)
         metadata.write_atomic(result.metadata, metadata.recorded(latest, result, files, signed_url))
 
 
-@contextmanager
-def store_errors_of(result: Result) -> Iterator[None]:
-    """A StoreError becomes this result's PublishError, keeping whether it is permanent."""
+@contextlib.contextmanager
+def open_listed(result: Result, file: LocalFile) -> Iterator[Path]:
+    """A path that reads exactly the listed file: the file is opened without following a
+    symlink (unless the listing found a symlink inside the tree), checked to be the same inode,
+    size and mtime, and handed to the client as its /proc/self/fd path, which cannot be
+    swapped any more."""
+    path = result.tree / file.rel
+    flags = os.O_RDONLY | os.O_CLOEXEC | (0 if file.follow else os.O_NOFOLLOW)
     try:
-        yield
-    except StoreError as exc:
-        raise PublishError(f"{result.name}: {exc}", permanent=exc.permanent) from None
-
-
-@contextmanager
-def tree_errors(result: Result) -> Iterator[None]:
-    """A tree that cannot be walked becomes this result's PublishError, for a person to fix."""
-    try:
-        yield
+        fd = os.open(path, flags)
     except FileNotFoundError:
-        raise PublishError(
-            f"{result.name}: marker {result.marker} has no result folder {result.tree}: "
-            "remove the marker or restore the folder",
-            permanent=True,
-        ) from None
+        raise changed() from None
     except OSError as exc:
-        raise PublishError(
-            f"{result.name}: cannot read {exc.filename or result.tree} ({exc.strerror}): "
-            "fix its permissions",
-            permanent=True,
-        ) from None
+        if exc.errno == errno.ELOOP:  # swapped for a symlink since it was listed
+            raise changed() from None
+        raise os_error(exc, "reading", path) from None
+    try:
+        info = os.fstat(fd)
+        same = (info.st_ino, info.st_dev, info.st_size, info.st_mtime_ns) == (
+            file.ino,
+            file.dev,
+            file.size,
+            file.mtime_ns,
+        )
+        if not same:
+            raise changed()
+        try:
+            yield Path(f"/proc/self/fd/{fd}")
+        except OSError as exc:
+            if exc.filename is not None:  # a local read failed, not a store request
+                raise os_error(exc, "reading", path) from None
+            raise
+    finally:
+        os.close(fd)
 
 
-def remove_tree(result: Result) -> None:
-    """Remove a published tree (delete_local_after_upload). It is first renamed aside, so a
-    crash mid-way never leaves a half tree under the result's own name."""
-    aside = result.tree.with_name(f".{result.name}.deleting")
+@contextlib.contextmanager
+def tree_errors(result: Result) -> Iterator[None]:
+    """A tree that cannot be walked, in the taxonomy's words."""
+    try:
+        yield
+    except OSError as exc:
+        raise os_error(exc, "reading", exc.filename or result.tree) from None
+
+
+def aside_path(result: Result) -> Path:
+    return result.tree.with_name(f".{result.name}{DELETING}")
+
+
+def move_aside(result: Result, files: list[LocalFile]) -> Path:
+    """Move the tree aside (a crash never leaves a half tree under its name) and check it holds
+    exactly the uploaded files; if not, move it back and retry: something was written after
+    the upload, and it is not in the bucket."""
+    aside = aside_path(result)
     if aside.exists():
-        shutil.rmtree(aside)  # left by an earlier crash
-    os.rename(result.tree, aside)
+        shutil.rmtree(aside)  # a recorded result's, left by an earlier crash
+    try:
+        os.rename(result.tree, aside)
+    except OSError as exc:
+        raise os_error(exc, "moving aside", result.tree) from None
+    moved = dataclasses.replace(result, rel=result.rel.with_name(aside.name))
+    try:
+        same = all(a == b for a, b in itertools.zip_longest(files, tree_files(moved)))
+    except (OSError, SyncdError):
+        same = False
+    if not same:
+        move_back(result, aside)
+        raise SyncdError(
+            "files appeared or changed after the upload; the local tree is kept and the "
+            "result uploaded again"
+        )
+    return aside
+
+
+def move_back(result: Result, aside: Path) -> None:
+    try:
+        os.rename(aside, result.tree)
+    except OSError as exc:
+        raise os_error(exc, f"moving {aside} back to", result.tree) from None
+
+
+def delete_aside(result: Result, aside: Path) -> None:
     shutil.rmtree(aside)
     logger.info(
         "{}: removed the local tree {} (delete_local_after_upload)", result.name, result.tree
     )
+
+
+def recover_leftovers(layout: Layout) -> None:
+    """What a killed daemon left in the folders of outputs_dir: metadata temp files are
+    removed, trees moved aside for deletion are deleted or put back (`recover_aside`)."""
+    workflows = layout.workflow_dirs()
+    samples = [PurePosixPath("exec_x")] + [PurePosixPath(w.name, "exec_x") for w in workflows]
+    folders = {layout.outputs_dir, *workflows, *(layout.result(r).metadata.parent for r in samples)}
+    for folder in sorted(folders):
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            name = entry.name
+            try:
+                if name.startswith(".") and name.endswith(metadata.TEMP_SUFFIX):
+                    if entry.is_file(follow_symlinks=False):
+                        os.unlink(entry.path)
+                        logger.info("removed {} that a stopped daemon left", entry.path)
+                elif name.startswith(f".{EXEC_PREFIX}") and name.endswith(DELETING):
+                    rel = PurePosixPath(Path(folder).relative_to(layout.outputs_dir).as_posix())
+                    result = layout.result(rel / name[1 : -len(DELETING)])
+                    try:
+                        recorded = metadata.is_recorded(metadata.read(result.metadata), result)
+                    except SyncdError:
+                        recorded = False
+                    recover_aside(result, recorded)
+            except OSError as exc:
+                logger.warning("cannot clean up {}: {}", entry.path, os_error(exc, "removing"))
+
+
+def recover_aside(result: Result, recorded: bool) -> None:
+    """A tree a killed daemon left moved aside: deleted if its result is recorded (the bucket
+    was verified before), otherwise put back under its name."""
+    aside = aside_path(result)
+    if not aside.is_dir() or aside.is_symlink():
+        return
+    if recorded:
+        shutil.rmtree(aside)
+        logger.info("{}: removed {} that a stopped daemon left", result.name, aside)
+    elif not result.tree.exists():
+        os.rename(aside, result.tree)
+        logger.warning("{}: put back {} that a stopped daemon left aside", result.name, aside)

@@ -27,15 +27,14 @@ class Resigner:
     def due(self, result: Result, now: float) -> bool:
         return self.next_look.get(result.rel.as_posix(), 0) <= now
 
+    def later(self, result: Result, now: float) -> None:
+        """After a failed renewal: look again within the margin, not at every pass."""
+        self.next_look[result.rel.as_posix()] = now + max(self.margin / 4, 1.0)
+
     def refresh(self, result: Result, now: float) -> None:
         """Re-sign `result` if its URL is close to expiry; remember when to look again."""
         rel = result.rel.as_posix()
-        try:
-            document = metadata.read(result.metadata)
-        except metadata.MetadataError as exc:
-            logger.warning("{}: cannot renew its signed URL: {}", result.name, exc)
-            self.next_look[rel] = now + self.margin
-            return
+        document = metadata.read(result.metadata)
         if document is None or not metadata.is_recorded(document, result):
             self.next_look.pop(rel, None)  # gone or not ours any more: nothing to renew
             return

@@ -1,18 +1,30 @@
 """Each result's state, kept in SQLite under state_dir so it survives restarts.
 
 A result is `pending` (marked, not started), `uploading`, `retrying` (with attempts, last
-error and next try) or `done`. `syncd status` reads the same file while the daemon runs.
+error and next try), `done`, or `forgotten` (its marker was removed while it waited). A
+result whose tree was uploaded whole but not recorded keeps that upload's fingerprint, so the
+next attempt records it without sending the tree again. `syncd status` reads the same file
+while the daemon runs.
+
+The metadata files are the record of what is published; this database is only a journal. A
+corrupt one is moved aside with one warning and started afresh. Every failure to use it is a
+SyncdError (a lock held too long is transient).
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from loguru import logger
+
 from syncd.config import ConfigError
+from syncd.errors import state_error
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
@@ -24,9 +36,12 @@ CREATE TABLE IF NOT EXISTS results (
     next_try   REAL,
     files      INTEGER,
     bytes      INTEGER,
-    updated    REAL NOT NULL
+    updated    REAL NOT NULL,
+    uploaded   TEXT
 )
 """
+# How long a write waits for another process's lock before it counts as a failure.
+LOCK_TIMEOUT = 10.0
 
 
 class State(StrEnum):
@@ -34,6 +49,7 @@ class State(StrEnum):
     UPLOADING = "uploading"
     RETRYING = "retrying"
     DONE = "done"
+    FORGOTTEN = "forgotten"
 
 
 @dataclass(frozen=True)
@@ -47,6 +63,7 @@ class Record:
     files: int | None = None
     bytes: int | None = None
     updated: float = 0.0
+    uploaded: str | None = None  # fingerprint of a tree uploaded whole, not yet recorded
 
 
 class StateStore:
@@ -56,64 +73,124 @@ class StateStore:
         self.path = state_dir / "state.db"
         try:
             if readonly:
-                self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
-            else:
-                state_dir.mkdir(parents=True, exist_ok=True)
-                # `syncd sync` and `syncd status` may open it while the daemon runs.
-                self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-                if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                    self.db.execute("PRAGMA journal_mode=WAL")
-                self.db.execute("PRAGMA synchronous=NORMAL")
-                self.db.execute(SCHEMA)
+                self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=2)
+                return
+            state_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.db = self._open()
+            except sqlite3.DatabaseError as exc:
+                if "locked" in str(exc) or "busy" in str(exc):
+                    raise
+                self._move_aside(exc)
+                self.db = self._open()
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(
                 f"state_dir {state_dir}: cannot open {self.path} ({exc}): make it writable by "
                 "this user or set syncd.state_dir (SYNCD_STATE_DIR)"
             ) from None
 
+    def _open(self) -> sqlite3.Connection:
+        # `syncd sync` and `syncd status` may open it while the daemon runs.
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=LOCK_TIMEOUT)
+        try:
+            if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("database disk image is malformed")
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(results)")}
+            if "uploaded" not in columns:  # a state file from before fingerprints
+                db.execute("ALTER TABLE results ADD COLUMN uploaded TEXT")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _move_aside(self, exc: sqlite3.Error) -> None:
+        aside = self.path.with_name(f"state.db.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        self.path.rename(aside)
+        for extra in ("-wal", "-shm"):
+            self.path.with_name(f"state.db{extra}").unlink(missing_ok=True)
+        logger.warning(
+            "state database {} is corrupt ({}); moved it to {} and started a new one: the "
+            "metadata files are the record, so nothing published is lost",
+            self.path,
+            exc,
+            aside,
+        )
+
+    @contextmanager
+    def errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise state_error(exc, self.path) from None
+
     def close(self) -> None:
         self.db.close()
 
     def reset_interrupted(self) -> None:
         """Results a killed daemon was uploading are pending again."""
-        self.db.execute(
-            "UPDATE results SET state = ? WHERE state = ?",
-            (State.PENDING.value, State.UPLOADING.value),
-        )
+        with self.errors():
+            self.db.execute(
+                "UPDATE results SET state = ? WHERE state = ?",
+                (State.PENDING.value, State.UPLOADING.value),
+            )
 
     def get(self, rel: str) -> Record | None:
-        row = self.db.execute(f"SELECT {COLUMNS} FROM results WHERE rel = ?", (rel,)).fetchone()
+        with self.errors():
+            row = self.db.execute(f"SELECT {COLUMNS} FROM results WHERE rel = ?", (rel,)).fetchone()
         return _record(row) if row else None
 
     def all(self) -> list[Record]:
         try:
             rows = self.db.execute(f"SELECT {COLUMNS} FROM results ORDER BY rel").fetchall()
-        except sqlite3.OperationalError:  # a read-only look at a state file not yet created
-            return []
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):  # a read-only look at a state file not yet made
+                return []
+            raise state_error(exc, self.path) from None
+        except sqlite3.Error as exc:
+            raise state_error(exc, self.path) from None
         return [_record(row) for row in rows]
 
     def set(self, record: Record) -> None:
-        self.db.execute(
-            f"INSERT OR REPLACE INTO results ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                record.rel,
-                record.state.value,
-                record.attempts,
-                record.last_error,
-                int(record.permanent),
-                record.next_try,
-                record.files,
-                record.bytes,
-                time.time(),
-            ),
-        )
+        with self.errors():
+            self.db.execute(
+                f"INSERT OR REPLACE INTO results ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.rel,
+                    record.state.value,
+                    record.attempts,
+                    record.last_error,
+                    int(record.permanent),
+                    record.next_try,
+                    record.files,
+                    record.bytes,
+                    time.time(),
+                    record.uploaded,
+                ),
+            )
+
+    def remember_upload(self, rel: str, fingerprint: str) -> None:
+        with self.errors():
+            self.db.execute("UPDATE results SET uploaded = ? WHERE rel = ?", (fingerprint, rel))
 
 
-COLUMNS = "rel, state, attempts, last_error, permanent, next_try, files, bytes, updated"
+COLUMNS = "rel, state, attempts, last_error, permanent, next_try, files, bytes, updated, uploaded"
 
 
 def _record(row: tuple) -> Record:
-    rel, state, attempts, last_error, permanent, next_try, files, size, updated = row
+    rel, state, attempts, last_error, permanent, next_try, files, size, updated, uploaded = row
     return Record(
-        rel, State(state), attempts, last_error, bool(permanent), next_try, files, size, updated
+        rel,
+        State(state),
+        attempts,
+        last_error,
+        bool(permanent),
+        next_try,
+        files,
+        size,
+        updated,
+        uploaded,
     )

@@ -13,10 +13,17 @@ from typing import Any
 
 from syncd import metadata
 from syncd.config import Settings
+from syncd.errors import SyncdError
 from syncd.layout import Layout
 from syncd.state import Record, State, StateStore
 
-ORDER = {State.RETRYING: 0, State.UPLOADING: 1, State.PENDING: 2, State.DONE: 3}
+ORDER = {
+    State.RETRYING: 0,
+    State.UPLOADING: 1,
+    State.PENDING: 2,
+    State.DONE: 3,
+    State.FORGOTTEN: 4,
+}
 
 
 def records(settings: Settings) -> list[Record]:
@@ -27,11 +34,11 @@ def records(settings: Settings) -> list[Record]:
         store.close()
     for result in Layout(settings).marked():
         rel = result.rel.as_posix()
-        if rel in known:
+        if rel in known and known[rel].state != State.FORGOTTEN:
             continue
         try:
             recorded = metadata.is_recorded(metadata.read(result.metadata), result)
-        except metadata.MetadataError:
+        except SyncdError:
             recorded = False
         known[rel] = Record(rel, State.DONE if recorded else State.PENDING)
     return sorted(known.values(), key=lambda r: (ORDER[r.state], r.rel))
@@ -52,7 +59,7 @@ def table(rows: list[Record], now: float | None = None) -> str:
             f"in {max(r.next_try - now, 0):.0f} s"
             if r.next_try and r.state == State.RETRYING
             else "-",
-            (r.last_error or "-") if r.state == State.RETRYING else "-",
+            (r.last_error or "-") if r.state in (State.RETRYING, State.FORGOTTEN) else "-",
         )
         for r in rows
     ]

@@ -8,7 +8,6 @@ region, credentials (or the standard AWS chain when none are set), transfer acce
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -19,38 +18,7 @@ from loguru import logger
 
 from syncd.budget import PARTS_PER_FILE
 from syncd.config import ObjectStorage
-
-
-class StoreError(Exception):
-    """The bucket could not be reached or refused a request. `permanent` when retrying alone
-    cannot fix it (credentials, permissions, bucket name); the message then says what to do."""
-
-    def __init__(self, message: str, permanent: bool = False, code: str | None = None) -> None:
-        super().__init__(message)
-        self.permanent = permanent
-        self.code = code
-
-
-# S3 error codes a retry cannot fix, with the remedy (the seed's Troubleshooting section).
-CHECK_CREDENTIALS = (
-    "check the credentials: access_key_id, secret_access_key, session_token, or the instance role"
-)
-CHECK_PERMISSIONS = "verify the IAM credentials have s3:PutObject and s3:ListBucket on the bucket"
-CHECK_BUCKET = "check that object_storage.bucket and region are correct"
-PERMANENT = {
-    "AccessDenied": CHECK_PERMISSIONS,
-    "AllAccessDisabled": CHECK_PERMISSIONS,
-    "AccountProblem": CHECK_PERMISSIONS,
-    "InvalidAccessKeyId": CHECK_CREDENTIALS,
-    "SignatureDoesNotMatch": CHECK_CREDENTIALS,
-    "ExpiredToken": CHECK_CREDENTIALS,
-    "InvalidToken": CHECK_CREDENTIALS,
-    "NoSuchBucket": CHECK_BUCKET,
-    "InvalidBucketName": CHECK_BUCKET,
-    "PermanentRedirect": CHECK_BUCKET,
-    "AuthorizationHeaderMalformed": CHECK_BUCKET,
-    "InvalidRequest": "if use_transfer_acceleration is on, ensure it is enabled on the bucket",
-}
+from syncd.errors import store_error
 
 
 class ObjectStore(Protocol):
@@ -68,12 +36,21 @@ class ObjectStore(Protocol):
         """Bytes this client holds in memory at most while it uploads a file of `size`."""
         ...
 
+    def deadline(self, size: int) -> float:
+        """Seconds after which the upload of a file of `size` can only be hung: every
+        request and retry of it would have timed out by then."""
+        ...
+
+    async def delete(self, keys: list[str]) -> None:
+        """Delete these objects."""
+        ...
+
     async def sizes(self, prefix: str) -> dict[str, int]:
         """Size of every object whose key starts with `prefix`."""
         ...
 
     async def probe(self) -> None:
-        """Reach the bucket with one cheap listing; raise StoreError if that fails."""
+        """Reach the bucket with one cheap listing; raise SyncdError if that fails."""
         ...
 
     async def abort_uploads(self, prefix: str) -> int:
@@ -106,6 +83,24 @@ CLIENT_RETRIES: Any = {
 }
 
 
+# The slowest link a request must still get through, in bytes per second per request. A
+# request is failed only once it has taken longer than its bytes need at this rate (plus a
+# minute), so a slow uplink shared by many transfers never fails one that is moving.
+SLOWEST_RATE = 16 * 1024
+CONNECT_TIMEOUT = 10.0
+
+
+def request_timeout(request_bytes: int) -> float:
+    """Seconds a request carrying `request_bytes` may take."""
+    return 60.0 + request_bytes / SLOWEST_RATE
+
+
+def file_deadline(size: int, request_bytes: int, retries: int) -> float:
+    """Seconds the requests of one file may take, every retry included."""
+    rounds = -(-max(size, 1) // (request_bytes * PARTS_PER_FILE))  # parts go PARTS_PER_FILE at once
+    return (retries + 1) * rounds * request_timeout(request_bytes) + 60.0
+
+
 def _location(storage: ObjectStorage) -> str:
     endpoint = storage.endpoint_url or ("s3-accelerate" if storage.accelerated else "AWS S3")
     return f"s3://{storage.bucket} ({endpoint}, {storage.region})"
@@ -132,7 +127,14 @@ class ObstoreStore:
         elif storage.accelerated:
             config["endpoint"] = f"https://{storage.bucket}.s3-accelerate.amazonaws.com"
             config["virtual_hosted_style_request"] = True
-        client = {"allow_http": True} if (storage.endpoint_url or "").startswith("http:") else {}
+        client: dict[str, Any] = {
+            "connect_timeout": timedelta(seconds=CONNECT_TIMEOUT),
+            # A whole-request timeout (obstore has no progress-based one for uploads), set
+            # from the largest request it sends: one part, or one file below a part.
+            "timeout": timedelta(seconds=request_timeout(storage.multipart_chunksize)),
+        }
+        if (storage.endpoint_url or "").startswith("http:"):
+            client["allow_http"] = True
         self.store = S3Store(
             storage.bucket, config=config, client_options=client, retry_config=CLIENT_RETRIES
         )
@@ -156,6 +158,16 @@ class ObstoreStore:
     def held(self, size: int) -> int:
         # Measured: obstore reads one part ahead of the parts it sends.
         return min(size, (PARTS_PER_FILE + 1) * self.storage.multipart_chunksize)
+
+    def deadline(self, size: int) -> float:
+        retries = CLIENT_RETRIES["max_retries"]
+        return file_deadline(size, self.storage.multipart_chunksize, retries)
+
+    async def delete(self, keys: list[str]) -> None:
+        import obstore
+
+        with store_errors(f"deleting {len(keys)} objects"):
+            await obstore.delete_async(self.store, keys)
 
     async def sizes(self, prefix: str) -> dict[str, int]:
         import obstore
@@ -203,6 +215,10 @@ class S3fsStore:
             config: dict[str, Any] = {
                 "max_pool_connections": max(10, storage.max_concurrency),
                 "retries": {"max_attempts": 3, "mode": "standard"},
+                "connect_timeout": CONNECT_TIMEOUT,
+                # aiohttp starts the read timeout while the body is still being sent: it
+                # must cover the largest request (a file just under two parts).
+                "read_timeout": request_timeout(self.single_put_below),
             }
             if storage.accelerated:
                 config["s3"] = {"use_accelerate_endpoint": True}
@@ -245,6 +261,21 @@ class S3fsStore:
                 chunksize=self.storage.multipart_chunksize,
                 max_concurrency=PARTS_PER_FILE,
             )
+
+    def deadline(self, size: int) -> float:
+        return file_deadline(size, self.single_put_below, retries=3 * 3)
+
+    async def delete(self, keys: list[str]) -> None:
+        fs = await self._client()
+        with store_errors(f"deleting {len(keys)} objects"):
+            for start in range(0, len(keys), 1000):
+                batch = [{"Key": key} for key in keys[start : start + 1000]]
+                answer = await fs._call_s3(
+                    "delete_objects", Bucket=self.storage.bucket, Delete={"Objects": batch}
+                )
+                if answer.get("Errors"):
+                    first = answer["Errors"][0]
+                    raise StoreRefused(first.get("Code"), first.get("Message"), first.get("Key"))
 
     def held(self, size: int) -> int:
         # Measured: s3fs reads PARTS_PER_FILE parts (or a file under 2 parts) at once, and
@@ -298,40 +329,21 @@ class S3fsStore:
         self.fs = None
 
 
+class StoreRefused(Exception):
+    """An S3 answer of success that refuses part of the request (DeleteObjects' Errors)."""
+
+    def __init__(self, code: str | None, message: str | None, key: str | None) -> None:
+        super().__init__(f"{code}: {message} ({key})")
+        self.response = {"Error": {"Code": code, "Message": f"{message} ({key})"}}
+
+
 @contextmanager
 def store_errors(action: str) -> Iterator[None]:
-    """Turn a client's exception into a one-line StoreError; local read errors pass through."""
+    """Translate a client's exception into the taxonomy, once; local read errors pass through."""
     try:
         yield
     except Exception as exc:
         # obstore raises FileNotFoundError for a missing bucket, but without a file name.
         if isinstance(exc, OSError) and exc.filename is not None:
             raise
-        code, summary, remedy = describe(exc)
-        if remedy is None:
-            raise StoreError(f"{action} failed: {summary}", code=code) from exc
-        message = f"{action} failed: {summary.rstrip('.')}: {remedy}"
-        raise StoreError(message, permanent=True, code=code) from exc
-
-
-def describe(exc: BaseException) -> tuple[str | None, str, str | None]:
-    """The S3 error code of a client error (if it has one), a one-line summary, and the
-    remedy when a retry cannot fix it."""
-    text = str(exc).strip() or type(exc).__name__
-    code = message = None
-    for cause in (exc, exc.__cause__, exc.__context__):
-        error = getattr(cause, "response", {}) or {}
-        if isinstance(error, dict) and error.get("Error", {}).get("Code"):
-            code, message = error["Error"]["Code"], error["Error"].get("Message")
-            break
-    else:  # obstore carries the S3 error document in its message
-        found = re.search(r"<Code>([^<]+)</Code>", text)
-        if found:
-            code = found.group(1)
-            message = (re.search(r"<Message>([^<]+)</Message>", text) or found).group(1)
-    summary = f"{code}: {message}" if code else text.splitlines()[0]
-    if code in PERMANENT:
-        return code, summary, PERMANENT[code]
-    if type(exc).__name__ in ("PermissionDeniedError", "UnauthenticatedError"):
-        return code, summary, CHECK_CREDENTIALS
-    return code, summary, None
+        raise store_error(exc, action) from exc

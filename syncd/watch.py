@@ -5,27 +5,48 @@ so the watch count stays at one per workflow however large the result trees are.
 can lose events (its queue overflows, the watch limit is reached): each loss calls
 `on_lost`, and the daemon answers with a full rescan. On NFS/CIFS, where inotify sees nothing
 other hosts do, `watch: poll` compares folder listings instead.
+
+A watch ends silently when its folder is removed or mounted over, so `check()` (called every
+few seconds) compares each watched folder with what is at its path now and watches again
+what was replaced. A folder that is a symlink is never watched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import os
+import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from loguru import logger
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
+from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
 from syncd.config import DaemonSettings
 from syncd.layout import EXEC_PREFIX, Layout
 
+Identity = tuple[int, int]  # (st_dev, st_ino) of a watched folder
+
+
+def identity(folder: Path, follow: bool = False) -> Identity | None:
+    """The folder at `folder` now, or None if there is none (or, unless `follow`, only a
+    symlink)."""
+    try:
+        info = os.stat(folder, follow_symlinks=follow)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino) if stat.S_ISDIR(info.st_mode) else None
+
 
 class MarkerWatcher(FileSystemEventHandler):
-    """Calls, from watchdog's threads, `on_marker(path)` for each file that appears,
+    """Calls, from watchdog's threads: `on_marker(path)` for each file that appears (a marker,
+    or a result folder whose marker came first), `on_gone(path)` for each file removed,
     `on_folder(path)` for each new workflow folder and `on_lost(why)` when events were lost."""
 
     def __init__(
@@ -33,23 +54,32 @@ class MarkerWatcher(FileSystemEventHandler):
         layout: Layout,
         daemon: DaemonSettings,
         on_marker: Callable[[Path], None],
+        on_gone: Callable[[Path], None],
         on_folder: Callable[[Path], None],
         on_lost: Callable[[str], None],
     ) -> None:
         self.layout = layout
+        self.marker_suffix = daemon.marker_suffix
         self.poll_interval = daemon.poll_interval
         self.polling = daemon.watch == "poll"
         self.on_marker = on_marker
+        self.on_gone = on_gone
         self.on_folder = on_folder
         self.on_lost = on_lost
         self.observer: BaseObserver = self._observer()
-        self.watched: set[Path] = set()
+        self.watched: dict[Path, tuple[Identity, ObservedWatch]] = {}
         self.overflow = OverflowAlarm(on_lost)
+        self.missing_reported = False
+        self.lock = threading.RLock()  # watchdog's threads and the daemon both watch folders
 
     def _observer(self) -> BaseObserver:
         if self.polling:
             return PollingObserver(timeout=self.poll_interval)
         return Observer()
+
+    @property
+    def alive(self) -> bool:
+        return self.observer.is_alive()
 
     def start(self) -> None:
         logging.getLogger("watchdog.observers.inotify_c").addHandler(self.overflow)
@@ -79,11 +109,25 @@ class MarkerWatcher(FileSystemEventHandler):
         self.observer.stop()
         self.observer.join(timeout=5)
 
+    def identity(self, folder: Path) -> Identity | None:
+        # outputs_dir itself may be a symlink (an operator's choice); nothing under it may.
+        return identity(folder, follow=folder == self.layout.outputs_dir)
+
     def watch(self, folder: Path) -> None:
-        if folder in self.watched:
+        with self.lock:
+            self._watch(folder)
+
+    def _watch(self, folder: Path) -> None:
+        now = self.identity(folder)
+        if now is None:
             return
+        known = self.watched.get(folder)
+        if known is not None:
+            if known[0] == now:
+                return
+            self._unwatch(folder)  # the folder was replaced: its watch is dead
         try:
-            self.observer.schedule(self, str(folder), recursive=False)
+            handle = self.observer.schedule(self, str(folder), recursive=False)
         except OSError as exc:
             if folder == self.layout.outputs_dir:
                 raise
@@ -93,21 +137,66 @@ class MarkerWatcher(FileSystemEventHandler):
                 + ("; raise fs.inotify.max_user_watches" if limit else "")
             )
             return
-        self.watched.add(folder)
+        self.watched[folder] = (now, handle)
+
+    def _unwatch(self, folder: Path) -> None:
+        _, handle = self.watched.pop(folder)
+        with contextlib.suppress(KeyError, OSError):  # dropped already when the folder went
+            self.observer.unschedule(handle)
+
+    def check(self) -> None:
+        """Watch again what was replaced: outputs_dir removed and made again or remounted, a
+        workflow folder made anew. Reports a loss (so the daemon rescans) when it does."""
+        with self.lock:
+            self._check()
+
+    def _check(self) -> None:
+        outputs = self.layout.outputs_dir
+        now = self.identity(outputs)
+        if now is None:
+            if not self.missing_reported:
+                self.missing_reported = True
+                logger.warning("outputs_dir {} is gone; watching for it to come back", outputs)
+            return
+        replaced = [f for f, (known, _) in self.watched.items() if self.identity(f) != known]
+        if self.missing_reported or outputs in replaced:
+            self.missing_reported = False
+            for folder in list(self.watched):
+                self._unwatch(folder)
+            self._rewatch("outputs_dir {} was replaced or remounted; watching it again")
+            return
+        for folder in replaced:
+            self._unwatch(folder)
+            self._watch(folder)
+
+    def _rewatch(self, message: str) -> None:
+        try:
+            self._watch(self.layout.outputs_dir)
+        except OSError as exc:
+            self.on_lost(f"cannot watch {self.layout.outputs_dir} ({exc.strerror or exc})")
+            return
+        for folder in self.layout.workflow_dirs():
+            self._watch(folder)
+        self.on_lost(message.format(self.layout.outputs_dir))
 
     def on_created(self, event: FileSystemEvent) -> None:
         self._appeared(Path(str(event.src_path)), event.is_directory)
 
     def on_moved(self, event: FileSystemEvent) -> None:
-        # Writers create markers by rename.
+        # Writers create markers, and often result folders, by rename.
         self._appeared(Path(str(event.dest_path)), event.is_directory)
+
+    def on_deleted(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self.on_gone(Path(str(event.src_path)))
 
     def _appeared(self, path: Path, is_directory: bool) -> None:
         if not is_directory:
             self.on_marker(path)
-        elif path.parent == self.layout.outputs_dir and not path.name.startswith(
-            (EXEC_PREFIX, ".")
-        ):
+        elif path.name.startswith(EXEC_PREFIX):
+            # A result folder that came after its marker.
+            self.on_marker(path.with_name(path.name + self.marker_suffix))
+        elif path.parent == self.layout.outputs_dir and not path.name.startswith("."):
             self.watch(path)
             self.on_folder(path)
 

@@ -270,9 +270,9 @@ def test_unreadable_metadata_is_named_and_the_others_are_served(moto_workspace):
         ws.mark(rel)
     daemon = ws.daemon()
     wait_until(lambda: ws.recorded("exec_13_abcdef13"))
-    log = daemon.wait_log(f"metadata {ws.metadata_path('exec_12_abcdef12')} cannot be read")
+    log = daemon.wait_log(f"reading metadata {ws.metadata_path('exec_12_abcdef12')} failed")
     assert daemon.terminate() == 0
-    assert "fix its permissions" in log
+    assert "(Is a directory): it is a folder where a file belongs (retrying every 900 s)" in log
     assert ws.objects() == {"outputs/exec_13_abcdef13/b": b"b"}
 
 

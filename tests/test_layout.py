@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import PurePosixPath
 
 import pytest
 
@@ -67,13 +68,13 @@ def test_command_line_folder_must_be_a_result_under_outputs_dir(layout, tmp_path
         layout.for_tree(tmp_path / "exec_1_a")
 
 
-def test_tree_files_lists_names_with_spaces_and_unicode(tmp_path):
-    tree = tmp_path / "exec_1_a"
+def test_tree_files_lists_names_with_spaces_and_unicode(layout):
+    result = layout.result(PurePosixPath("exec_1_a"))
     names = ["a b.bin", "é/ü #1.bin", "q?%+.bin"]
     for name in names:
-        (tree / name).parent.mkdir(parents=True, exist_ok=True)
-        (tree / name).write_bytes(name.encode())
-    files = list(tree_files(tree))
+        (result.tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (result.tree / name).write_bytes(name.encode())
+    files = list(tree_files(result))
     assert [(f.rel, f.size) for f in files] == sorted((n, len(n.encode())) for n in names)
 
 
