@@ -54,7 +54,8 @@ class Attempts:
     async def _attempt(self, result: Result, force: bool) -> Outcome:
         # Cheap check first, so results recorded long ago cost no claim; a metadata file that
         # cannot be recorded into stops the attempt before anything is uploaded.
-        if await self.is_recorded(result) and not force:
+        recorded = await self.is_recorded(result)
+        if recorded and not force:
             return Outcome(done=True)
         claim = await asyncio.to_thread(claims.try_claim, result, self.config.claim_timeout)
         if isinstance(claim, str):
@@ -64,7 +65,9 @@ class Attempts:
             # Under the claim, look again: another daemon may have recorded it meanwhile.
             if await self.is_recorded(result) and not force:
                 return self.done(result, None)
-            uploaded = await self.upload(result, force, claim.took_over)
+            # Published before (and forced now), or left by a killed daemon: the bucket may
+            # hold objects that are not in the tree any more.
+            uploaded = await self.upload(result, recorded or claim.took_over)
             if not await asyncio.to_thread(claim.still_ours):
                 raise SyncdError("another daemon took over this result; leaving it")
             await self.publisher.record(result, uploaded)
@@ -76,14 +79,14 @@ class Attempts:
     async def is_recorded(self, result: Result) -> bool:
         return metadata.is_recorded(await self.publisher.read_metadata(result), result)
 
-    async def upload(self, result: Result, force: bool, took_over: bool) -> Uploaded:
+    async def upload(self, result: Result, maybe_left: bool) -> Uploaded:
         rel = result.rel.as_posix()
         previous = self.state.get(rel)
         acknowledged = previous.uploaded if previous is not None else None
         attempts = previous.attempts if previous is not None else 0
         self.state.set(Record(rel, State.UPLOADING, attempts=attempts, uploaded=acknowledged))
         # Only an attempt that failed or was killed can have left parts or objects behind.
-        interrupted = force or took_over or (previous is not None and previous.state != State.DONE)
+        interrupted = maybe_left or (previous is not None and previous.state != State.DONE)
         uploaded = await self.publisher.upload(result, interrupted, acknowledged)
         if uploaded.sent:
             self.state.remember_upload(rel, uploaded.fingerprint)
