@@ -197,7 +197,8 @@ def _try_claim(result: Result, timeout: float) -> Claim | str:
         with os.fdopen(fd, "w") as f:
             json.dump({"owner": OWNER, **IDENTITY, "since": time.time()}, f)
     except BaseException:
-        path.unlink(missing_ok=True)  # an empty claim would hold the result for claim_timeout
+        # An empty claim would hold the result for claim_timeout.
+        Claim(result, generation, took_over=False).release()
         raise
     for stale in old:  # a dead daemon's claims
         claim_path(result, stale).unlink(missing_ok=True)

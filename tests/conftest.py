@@ -250,3 +250,54 @@ def moto_workspace(tmp_path: Path, moto: S3Server, signing_key) -> Iterator[Work
     ws = Workspace(tmp_path, moto, signing_key[0])
     yield ws
     ws.kill_daemons()
+
+
+class Tmpfs:
+    """A small tmpfs mounted for one test (a real full disk), always unmounted after it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.mounted: list[Path] = []
+
+    def mount(self, path: Path, size: str = "1m", readonly: bool = False) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        options = f"size={size}" + (",ro" if readonly else "")
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+        self.mounted.append(path)
+        return path
+
+    def fill(self, path: Path) -> Path:
+        """Fill the filesystem of `path` with one file; remove that file to free it."""
+        filler = path / ".filler"
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        return filler
+
+    def unmount_all(self) -> None:
+        for path in reversed(self.mounted):
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Tmpfs]:
+    mounts = Tmpfs(tmp_path)
+    yield mounts
+    mounts.unmount_all()
+
+
+def status_of(ws: Workspace) -> dict[str, dict]:
+    """`syncd status --json` by result."""
+    done = ws.syncd("status", "--config", str(ws.config), "--json")
+    assert done.returncode == 0, done.stderr
+    return {r["rel"]: r for r in json.loads(done.stdout)}

@@ -1,0 +1,333 @@
+"""Hosts and workflows that do odd things: junk where claims go, two daemons that look alike,
+folders syncd cannot write, a full disk, a locked or corrupt state database, names no store
+takes, markers that come early or go away, an outputs dir that is replaced. Each time the
+daemon says what is wrong in one line, keeps serving the other results, and resumes by itself
+once the cause is gone."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+
+from tests.conftest import status_of
+from tests.servers import wait_until
+
+MiB = 1024 * 1024
+
+
+def test_a_file_where_the_claims_folder_goes_is_named_and_the_others_are_served(moto_workspace):
+    ws = moto_workspace
+    ws.settings["syncd"]["parallel_results"] = 1  # one dead worker would stop everything
+    ws.settings["syncd"]["retry_permanent_delay"] = 0.5
+    (ws.outputs / ".syncd-claims").write_text("not a folder")
+    ws.result("exec_1_abcdef01", {"a": b"a"})
+    ws.result("wf/exec_2_abcdef02", {"b": b"b"})
+    ws.mark("exec_1_abcdef01")
+    ws.mark("wf/exec_2_abcdef02")
+    daemon = ws.daemon()
+
+    wait_until(lambda: ws.recorded("wf/exec_2_abcdef02"), what="the other result recorded")
+    daemon.wait_log(f"{ws.outputs / '.syncd-claims'} is not a folder")
+    (ws.outputs / ".syncd-claims").unlink()
+    wait_until(lambda: ws.recorded("exec_1_abcdef01"), what="recorded once it was removed")
+    assert daemon.terminate() == 0
+    errors = [line for line in daemon.log().splitlines() if " ERROR " in line]
+    assert len(errors) == 1
+    assert errors[0].endswith(
+        f"exec_1_abcdef01: {ws.outputs / '.syncd-claims'} is not a folder, and syncd keeps its "
+        "claims there: remove it (retrying every 0 s)"
+    )
+
+
+def test_junk_in_the_claims_folder_and_a_claim_from_the_future_do_not_hold_a_result(
+    moto_workspace,
+):
+    ws = moto_workspace
+    ws.settings["syncd"]["claim_timeout"] = 10
+    claims = ws.outputs / ".syncd-claims"
+    claims.mkdir()
+    (claims / "README").write_text("left by someone")
+    (claims / "exec_3_abcdef03.x").write_text("")
+    (claims / "exec_3_abcdef03.7").mkdir()  # a folder with a claim's name
+    garbage = claims / "exec_3_abcdef03.2"
+    garbage.write_bytes(b"\x00garbage")
+    future = time.time() + 86400  # a clock a day ahead wrote it
+    os.utime(garbage, (future, future))
+    ws.result("exec_3_abcdef03", {"c": b"c"})
+    ws.mark("exec_3_abcdef03")
+
+    daemon = ws.daemon()
+
+    wait_until(lambda: ws.recorded("exec_3_abcdef03"), what="recorded despite the junk")
+    assert daemon.terminate() == 0
+    assert sorted(p.name for p in claims.iterdir()) == [
+        "README",
+        "exec_3_abcdef03.7",
+        "exec_3_abcdef03.x",
+    ]
+
+
+def test_a_live_claim_of_a_lookalike_daemon_in_another_container_is_respected(moto_workspace):
+    ws = moto_workspace
+    ws.settings["syncd"]["log_level"] = "DEBUG"
+    ws.result("exec_4_abcdef04", {"d": b"d"})
+    daemon = ws.daemon()
+    daemon.wait_log("syncd watching")
+    claims = ws.outputs / ".syncd-claims"
+    claims.mkdir()
+    pid = daemon.process.pid  # the same hostname and pid, another pid namespace
+    (claims / "exec_4_abcdef04.1").write_text(
+        json.dumps(
+            {
+                "owner": f"{socket.gethostname()}:{pid}:0therrun",
+                "host": socket.gethostname(),
+                "pid": pid,
+                "pidns": "pid:[4026599999]",
+                "instance": "0therrun",
+            }
+        )
+    )
+
+    ws.mark("exec_4_abcdef04")
+    daemon.wait_log(f"exec_4_abcdef04: being published by {socket.gethostname()}:{pid}:0therrun")
+    assert daemon.terminate() == 0
+    assert ws.objects() == {}
+    assert not ws.recorded("exec_4_abcdef04")
+
+
+def test_a_read_only_workflow_folder_is_named_and_the_others_are_served(moto_workspace, tmpfs):
+    ws = moto_workspace
+    readonly = ws.outputs / "ro_workflow"
+    tmpfs.mount(readonly)
+    ws.result("ro_workflow/exec_5_abcdef05", {"e": b"e"}, metadata=None)
+    ws.mark("ro_workflow/exec_5_abcdef05")
+    os.system(f"mount -o remount,ro {readonly}")
+    ws.result("wf/exec_6_abcdef06", {"f": b"f"})
+    ws.mark("wf/exec_6_abcdef06")
+    daemon = ws.daemon()
+
+    wait_until(lambda: ws.recorded("wf/exec_6_abcdef06"))
+    log = daemon.wait_log(f"claiming the result in {readonly / '.syncd-claims'} failed")
+    assert daemon.terminate() == 0
+    assert "(Read-only file system): its filesystem is read-only: mount it read-write" in log
+    assert set(ws.objects()) == {"outputs/wf/exec_6_abcdef06/f"}
+
+
+def test_a_full_outputs_filesystem_resumes_by_itself_and_leaves_nothing_behind(
+    moto_workspace, tmpfs
+):
+    ws = moto_workspace
+    ws.settings["syncd"]["retry_max_delay"] = 1
+    tmpfs.mount(ws.outputs, size="2m")
+    ws.result("exec_7_abcdef07", {"g": b"g" * 1000})
+    before = ws.metadata_path("exec_7_abcdef07").read_bytes()
+    filler = tmpfs.fill(ws.outputs)
+    ws.mark("exec_7_abcdef07")
+    daemon = ws.daemon()
+    daemon.wait_log("its filesystem is full: free space; syncd resumes by itself")
+    daemon.wait_log("(attempt 3;")
+    assert ws.metadata_path("exec_7_abcdef07").read_bytes() == before
+    leftovers = [p.name for p in ws.outputs.rglob("*") if p.name.startswith(".") and p != filler]
+    assert leftovers == []
+
+    filler.unlink()
+
+    wait_until(lambda: ws.recorded("exec_7_abcdef07"), what="recorded once space was freed")
+    assert daemon.terminate() == 0
+    assert [p.name for p in ws.outputs.rglob(".*")] == []  # no claim, no temp file
+
+
+def test_a_full_disk_while_recording_does_not_upload_again(moto_workspace, tmpfs):
+    ws = moto_workspace
+    ws.settings["syncd"]["retry_max_delay"] = 1
+    ws.settings["syncd"]["metadata_file"] = "meta/{exec}.json"
+    meta = tmpfs.mount(ws.outputs / "meta", size="1m")
+    ws.result("exec_8_abcdef08", {"h.bin": os.urandom(MiB)}, metadata=None)
+    filler = tmpfs.fill(meta)
+    ws.mark("exec_8_abcdef08")
+    daemon = ws.daemon()
+    daemon.wait_log("writing metadata")
+    daemon.wait_log("(attempt 3;")
+
+    filler.unlink()
+
+    wait_until(lambda: (meta / "exec_8_abcdef08.json").exists(), what="recorded after all")
+    assert daemon.terminate() == 0
+    log = daemon.log()
+    assert log.count("exec_8_abcdef08: uploading 1 files") == 1
+    assert "exec_8_abcdef08: already uploaded by an earlier attempt; recording it" in log
+    assert json.loads((meta / "exec_8_abcdef08.json").read_text())["storage_type"] == "s3"
+    assert [p.name for p in meta.iterdir()] == ["exec_8_abcdef08.json"]
+
+
+def test_what_a_killed_daemon_left_is_cleaned_up_at_the_next_start(moto_workspace):
+    ws = moto_workspace
+    ws.settings["syncd"]["delete_local_after_upload"] = True
+    temp = ws.outputs / ".exec_9_abcdef09.json.k2j3h4g5.syncd.tmp"
+    temp.write_text('{"half": ')
+    # Recorded, then killed while its tree was being deleted.
+    ws.result("wf/exec_10_abcdef10", {"i": b"i"})
+    ws.mark("wf/exec_10_abcdef10")
+    assert ws.sync("wf/exec_10_abcdef10").returncode == 0
+    ws.result("wf/.exec_10_abcdef10.deleting", {"i": b"i"}, metadata=None)
+    # Killed after moving its tree aside, before recording: it must come back, not go.
+    ws.result("exec_11_abcdef11", {"j": b"j"})
+    ws.mark("exec_11_abcdef11")
+    (ws.outputs / "exec_11_abcdef11").rename(ws.outputs / ".exec_11_abcdef11.deleting")
+
+    daemon = ws.daemon()
+
+    wait_until(lambda: ws.recorded("exec_11_abcdef11"), what="the moved tree put back, published")
+    assert daemon.terminate() == 0
+    assert not temp.exists()
+    assert not (ws.outputs / "wf" / ".exec_10_abcdef10.deleting").exists()
+    assert ws.objects("outputs/exec_11_abcdef11/") == {"outputs/exec_11_abcdef11/j": b"j"}
+
+
+def test_a_state_database_locked_too_long_is_a_transient_error(moto_workspace):
+    ws = moto_workspace
+    ws.settings["syncd"]["retry_max_delay"] = 1
+    daemon = ws.daemon()
+    daemon.wait_log("syncd watching")
+    lock = sqlite3.connect(ws.root / "state" / "state.db", isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    ws.result("exec_12_abcdef12", {"k": b"k"})
+    ws.mark("exec_12_abcdef12")
+    daemon.wait_log("is locked by another process", timeout=60)
+
+    lock.execute("ROLLBACK")
+    lock.close()
+
+    wait_until(lambda: ws.recorded("exec_12_abcdef12"), timeout=60, what="recorded after")
+    assert daemon.terminate() == 0
+    assert status_of(ws)["exec_12_abcdef12"]["state"] == "done"
+
+
+def test_a_corrupt_state_database_is_moved_aside_and_rebuilt(moto_workspace):
+    ws = moto_workspace
+    state = ws.root / "state"
+    state.mkdir()
+    (state / "state.db").write_bytes(b"this is not a database" * 100)
+    ws.result("exec_13_abcdef13", {"l": b"l"})
+    ws.mark("exec_13_abcdef13")
+
+    daemon = ws.daemon()
+
+    wait_until(lambda: ws.recorded("exec_13_abcdef13"))
+    assert daemon.terminate() == 0
+    warnings = [line for line in daemon.log().splitlines() if "is corrupt" in line]
+    assert len(warnings) == 1
+    assert "the metadata files are the record, so nothing published is lost" in warnings[0]
+    assert len(list(state.glob("state.db.corrupt-*"))) == 1
+    assert status_of(ws)["exec_13_abcdef13"]["state"] == "done"
+
+
+def test_names_no_store_takes_are_named_safely_on_one_line(moto_workspace):
+    ws = moto_workspace
+    tree = ws.result("exec_14_abcdef14", {"good.bin": b"1"})
+    (tree / os.fsdecode(b"bad\xff.bin")).write_bytes(b"2")
+
+    done = ws.sync("exec_14_abcdef14")
+
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1
+    assert errors[0].endswith(
+        f"exec_14_abcdef14: file {tree}/bad\\xff.bin cannot be uploaded: its name is not valid "
+        "UTF-8, which S3 keys must be: rename it (the result is published once it is fixed)"
+    )
+    assert ws.objects() == {}
+
+    os.unlink(tree / os.fsdecode(b"bad\xff.bin"))
+    (tree / "new\nline.bin").write_bytes(b"3")
+    done = ws.sync("exec_14_abcdef14")
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1
+    assert f"file {tree}/new\\nline.bin cannot be uploaded: its name holds control" in errors[0]
+
+    os.unlink(tree / "new\nline.bin")
+    deep = tree / ("d" * 250) / ("e" * 250) / ("f" * 250) / ("g" * 250)
+    deep.mkdir(parents=True)
+    (deep / "h.bin").write_bytes(b"4")
+    done = ws.sync("exec_14_abcdef14")
+    assert done.returncode == 1
+    assert "bytes, above S3's limit of 1024: rename it" in done.stderr
+    assert ws.objects() == {}
+
+
+def test_a_prefix_that_cannot_make_a_key_is_refused_by_check(moto_workspace):
+    ws = moto_workspace
+    for prefix in ("a//b", "..", "./x", "results/../x"):
+        ws.settings["object_storage"]["prefix"] = prefix
+        done = ws.syncd("check", "--config", str(ws.config))
+        assert done.returncode == 2, prefix
+        assert done.stderr.splitlines()[-1].startswith(
+            f"syncd: error: invalid setting object_storage.prefix (in {ws.root}"
+        )
+        assert "must be names separated by single slashes, without '.' or '..' parts" in (
+            done.stderr
+        )
+
+
+def test_a_marker_that_comes_before_its_folder_is_published_when_the_folder_appears(
+    moto_workspace,
+):
+    ws = moto_workspace
+    ws.settings["syncd"]["retry_max_delay"] = 3600  # only the folder's arrival can help
+    ws.settings["syncd"]["retry_min_delay"] = 3600
+    (ws.outputs / "wf").mkdir()
+    daemon = ws.daemon()
+    daemon.wait_log("syncd watching")
+    ws.mark("wf/exec_15_abcdef15")
+    daemon.wait_log("has no result folder")
+    staging = ws.result("wf/.staging", {"m": b"m"}, metadata=None)
+    ws.metadata_path("wf/exec_15_abcdef15").write_text("{}")
+
+    staging.rename(ws.outputs / "wf" / "exec_15_abcdef15")  # the folder's final rename
+
+    wait_until(lambda: ws.recorded("wf/exec_15_abcdef15"), timeout=10, what="published")
+    assert daemon.terminate() == 0
+    assert ws.objects() == {"outputs/wf/exec_15_abcdef15/m": b"m"}
+
+
+def test_a_marker_removed_while_its_result_waits_forgets_the_result(moto_workspace):
+    ws = moto_workspace
+    ws.result("exec_16_abcdef16", {"n": b"n"}, metadata="{broken")
+    marker = ws.mark("exec_16_abcdef16")
+    daemon = ws.daemon()
+    daemon.wait_log("is not valid JSON")
+    assert status_of(ws)["exec_16_abcdef16"]["state"] == "retrying"
+
+    marker.unlink()
+
+    wait_until(
+        lambda: status_of(ws).get("exec_16_abcdef16", {}).get("state") == "forgotten",
+        timeout=10,
+        what="status says the result is forgotten",
+    )
+    table = ws.syncd("status", "--config", str(ws.config)).stdout
+    row = next(line for line in table.splitlines() if line.startswith("exec_16_abcdef16"))
+    assert row.split() == ["exec_16_abcdef16", "forgotten", "0", "-", "marker", "removed"]
+    assert daemon.terminate() == 0
+    assert "exec_16_abcdef16: its marker was removed; forgotten" in daemon.log()
+
+
+def test_an_outputs_dir_removed_and_made_again_is_watched_again(moto_workspace):
+    ws = moto_workspace
+    daemon = ws.daemon()
+    daemon.wait_log("syncd watching")
+    os.rename(ws.outputs, ws.root / "outputs-old")
+    ws.outputs.mkdir()
+
+    daemon.wait_log("was replaced or remounted; watching it again", timeout=10)
+    ws.result("new_wf/exec_17_abcdef17", {"o": b"o"})
+    ws.mark("new_wf/exec_17_abcdef17")
+
+    wait_until(lambda: ws.recorded("new_wf/exec_17_abcdef17"), timeout=10, what="recorded")
+    assert daemon.terminate() == 0
+    assert daemon.log().count("was replaced or remounted") == 1
