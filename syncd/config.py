@@ -27,12 +27,18 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource
 
+from syncd.errors import Kind, SyncdError
+
 MiB = 1024 * 1024
 DEFAULT_CONFIG_FILE = Path("/etc/syncd/config.yaml")
 
 
-class ConfigError(Exception):
-    """A configuration problem, worded for the operator who has to fix it."""
+class ConfigError(SyncdError):
+    """A configuration problem, worded for the operator who has to fix it; found at start,
+    before any result is touched (exit code 2)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, Kind.OPERATOR)
 
 
 class ObjectStorage(BaseModel):

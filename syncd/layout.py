@@ -24,8 +24,11 @@ from syncd.errors import Kind, SyncdError, os_error, printable
 EXEC_PREFIX = "exec_"
 
 
-class LayoutError(Exception):
-    """A path that is not a result under outputs_dir."""
+class LayoutError(SyncdError):
+    """A path given on the command line that is not a result under outputs_dir (exit 2)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, Kind.INPUT)
 
 
 @dataclass(frozen=True)

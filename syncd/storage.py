@@ -215,10 +215,9 @@ class S3fsStore:
             config: dict[str, Any] = {
                 "max_pool_connections": max(10, storage.max_concurrency),
                 "retries": {"max_attempts": 3, "mode": "standard"},
+                # botocore's read timeout (60 s) only runs while it waits for bytes of the
+                # answer, never while a slow body is sent (measured): it stays.
                 "connect_timeout": CONNECT_TIMEOUT,
-                # aiohttp starts the read timeout while the body is still being sent: it
-                # must cover the largest request (a file just under two parts).
-                "read_timeout": request_timeout(self.single_put_below),
             }
             if storage.accelerated:
                 config["s3"] = {"use_accelerate_endpoint": True}

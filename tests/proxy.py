@@ -20,12 +20,14 @@ class Proxy:
         delay: float = 0.0,  # seconds before each chunk towards the server
         drop_after: int | None = None,  # close each connection after this many bytes up
         corrupt_at: int | None = None,  # flip one byte at this offset of each connection
+        delay_listings: float = 0.0,  # seconds before each GET (a listing) reaches the server
     ) -> None:
         self.target_port = target_port
         self.rate = rate
         self.delay = delay
         self.drop_after = drop_after
         self.corrupt_at = corrupt_at
+        self.delay_listings = delay_listings
         self.port = 0
         self.sent = 0  # bytes forwarded to the server, all connections
         self.loop = asyncio.new_event_loop()
@@ -34,6 +36,7 @@ class Proxy:
         self.last = time.monotonic()
         self.lock: asyncio.Lock | None = None
         self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
 
     @property
     def endpoint(self) -> str:
@@ -59,9 +62,9 @@ class Proxy:
     async def _stop(self) -> None:
         assert self.server is not None
         self.server.close()
-        for task in asyncio.all_tasks(self.loop):
-            if task is not asyncio.current_task():
-                task.cancel()
+        for writer in list(self.writers):  # each connection then ends by itself
+            writer.close()
+        await self.server.wait_closed()
 
     async def _connection(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter):
         try:
@@ -69,15 +72,24 @@ class Proxy:
         except OSError:
             client_w.close()
             return
+        self.writers |= {client_w, server_w}
         up = asyncio.ensure_future(self._pipe(client_r, server_w, upstream=True))
         down = asyncio.ensure_future(self._pipe(server_r, client_w, upstream=False))
         await asyncio.wait([up, down], return_when=asyncio.FIRST_COMPLETED)
-        for task in (up, down):
-            task.cancel()
         for writer in (client_w, server_w):
             writer.close()
+            self.writers.discard(writer)
+        await asyncio.gather(up, down, return_exceptions=True)
 
     async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool
+    ) -> None:
+        try:
+            await self._forward(reader, writer, upstream)
+        except (ConnectionError, OSError):
+            return  # the other side went away
+
+    async def _forward(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool
     ) -> None:
         offset = 0
@@ -89,6 +101,8 @@ class Proxy:
             if upstream:
                 if self.delay:
                     await asyncio.sleep(self.delay)
+                if self.delay_listings and data.startswith(b"GET "):
+                    await asyncio.sleep(self.delay_listings)
                 if self.rate:
                     await self._throttle(len(data))
                 if self.corrupt_at is not None and offset <= self.corrupt_at < offset + len(data):

@@ -19,8 +19,8 @@ MiB = 1024 * 1024
         # obstore: 8 MiB parts, six requests in flight share 1 MB/s: ~50 s each, beyond
         # obstore's default 30 s whole-request timeout.
         (True, 3, 12 * MiB),
-        # s3fs: four single PUTs of 15 MiB share 1 MB/s: ~63 s each, beyond botocore's
-        # default 60 s read timeout, which aiohttp counts while the body is still sent.
+        # s3fs: four single PUTs of 15 MiB share 1 MB/s: ~63 s each, longer than botocore's
+        # 60 s read timeout (which only counts while it waits for the answer).
         (False, 4, 15 * MiB),
     ],
     ids=["obstore", "s3fs"],

@@ -1,0 +1,125 @@
+"""Nothing that is not a result's file ever leaves the host: symlinked result and workflow
+folders are never followed, a file swapped while the tree uploads is never read from outside
+it, a metadata file that is a symlink is neither written through nor replaced."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tests.proxy import Proxy
+from tests.servers import wait_until
+
+MiB = 1024 * 1024
+SECRET = b"AWS_SECRET_ACCESS_KEY=the-service-credentials"
+
+
+def secret_folder(tmp_path):
+    folder = tmp_path / "etc-syncd"
+    folder.mkdir()
+    (folder / "credentials").write_bytes(SECRET)
+    return folder
+
+
+def leaked(ws) -> bool:
+    return any(SECRET in data for data in ws.objects().values())
+
+
+def test_a_result_folder_that_is_a_symlink_is_never_followed(moto_workspace, tmp_path):
+    ws = moto_workspace
+    (ws.outputs / "exec_1_abcdef01").symlink_to(secret_folder(tmp_path))
+    ws.metadata_path("exec_1_abcdef01").write_text("{}")
+    ws.mark("exec_1_abcdef01")
+    ws.result("exec_2_abcdef02", {"a": b"a"})
+    ws.mark("exec_2_abcdef02")
+    daemon = ws.daemon()
+
+    wait_until(lambda: ws.recorded("exec_2_abcdef02"))
+    log = daemon.wait_log("exec_1_abcdef01: result folder")
+    assert daemon.terminate() == 0
+    assert (
+        f"exec_1_abcdef01: result folder {ws.outputs / 'exec_1_abcdef01'} is a symlink; syncd "
+        "never follows one: move the folder itself there (retrying every 900 s)" in log
+    )
+    assert not leaked(ws)
+    assert not ws.recorded("exec_1_abcdef01")
+
+
+def test_a_workflow_folder_that_is_a_symlink_is_never_followed(moto_workspace, tmp_path):
+    ws = moto_workspace
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "exec_3_abcdef03").mkdir(parents=True)
+    (elsewhere / "exec_3_abcdef03" / "credentials").write_bytes(SECRET)
+    (elsewhere / "exec_3_abcdef03.done").write_text("")
+    (ws.outputs / "wf").symlink_to(elsewhere)
+
+    daemon = ws.daemon()
+    log = daemon.wait_log("is a symlink; syncd never follows one, so its results")
+    done = ws.sync("wf/exec_3_abcdef03")
+
+    assert daemon.terminate() == 0
+    assert log.count(f"workflow folder {ws.outputs / 'wf'} is a symlink") == 1
+    assert done.returncode == 1
+    assert f"workflow folder {ws.outputs / 'wf'} is a symlink; syncd never follows one" in (
+        done.stderr
+    )
+    assert ws.objects() == {}
+
+
+def test_a_file_swapped_for_a_symlink_during_the_upload_is_never_read(moto_workspace, tmp_path):
+    ws = moto_workspace
+    ws.settings["object_storage"]["max_concurrency"] = 1  # files go one after the other
+    ws.settings["syncd"]["retry_min_delay"] = 0.2
+    secret = secret_folder(tmp_path) / "credentials"
+    tree = ws.result("exec_4_abcdef04", {"a.bin": os.urandom(4 * MiB), "z.txt": b"zzz"})
+    ws.mark("exec_4_abcdef04")
+    with Proxy(ws.server.port, rate=2_000_000) as proxy:
+        ws.settings["object_storage"]["endpoint_url"] = proxy.endpoint
+        daemon = ws.daemon()
+        wait_until(lambda: proxy.sent > MiB, what="a.bin on its way")
+
+        os.unlink(tree / "z.txt")  # swapped between the listing and the read
+        os.symlink(secret, tree / "z.txt")
+
+        wait_until(lambda: ws.recorded("exec_4_abcdef04"), timeout=60)
+        assert daemon.terminate() == 0
+    assert not leaked(ws)
+    assert set(ws.objects()) == {"outputs/exec_4_abcdef04/a.bin"}
+    assert [f["path"] for f in ws.metadata("exec_4_abcdef04")["output_files"]] == [
+        "exec_4_abcdef04/a.bin"
+    ]
+
+
+def test_a_metadata_file_that_is_a_symlink_is_neither_written_through_nor_replaced(
+    moto_workspace, tmp_path
+):
+    ws = moto_workspace
+    victim = tmp_path / "victim.json"
+    victim.write_text('{"owner": "someone else"}')
+    ws.result("exec_5_abcdef05", {"a": b"a"}, metadata=None)
+    ws.metadata_path("exec_5_abcdef05").symlink_to(victim)
+
+    done = ws.sync("exec_5_abcdef05")
+
+    assert done.returncode == 1
+    assert (
+        f"exec_5_abcdef05: metadata {ws.metadata_path('exec_5_abcdef05')} is a symlink; left as "
+        "it is: syncd never writes through one or replaces it" in done.stderr
+    )
+    assert ws.metadata_path("exec_5_abcdef05").is_symlink()
+    assert victim.read_text() == '{"owner": "someone else"}'
+    assert ws.objects() == {}
+
+
+def test_the_rewrite_keeps_the_metadata_files_owner_and_group(moto_workspace):
+    ws = moto_workspace
+    ws.result("exec_6_abcdef06", {"a": b"a"})
+    path = ws.metadata_path("exec_6_abcdef06")
+    os.chown(path, 4321, 4322)  # the server's user, not syncd's
+    path.chmod(0o660)
+
+    assert ws.sync("exec_6_abcdef06").returncode == 0
+
+    info = path.stat()
+    assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (4321, 4322, 0o660)
+    assert json.loads(path.read_text())["storage_type"] == "s3"
