@@ -27,7 +27,8 @@ def read(path: Path) -> Metadata | None:
     """The metadata object, or None when the file does not exist. A symlink is refused: the
     rewrite would have to write through it or replace it, and neither is syncd's to do."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO in its place must not hang the reader (it is refused below).
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as exc:

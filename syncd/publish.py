@@ -270,7 +270,8 @@ def open_listed(result: Result, file: LocalFile) -> Iterator[Path]:
     size and mtime, and handed to the client as its /proc/self/fd path, which cannot be
     swapped any more."""
     path = result.tree / file.rel
-    flags = os.O_RDONLY | os.O_CLOEXEC | (0 if file.follow else os.O_NOFOLLOW)
+    # O_NONBLOCK: a FIFO swapped in must not hang the event loop (its inode tells it apart).
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if file.follow else os.O_NOFOLLOW)
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:

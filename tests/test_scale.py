@@ -6,12 +6,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import SYNCD
 
 FILES = 100_000
 RSS_LIMIT_MB = 400  # about 2.5 KB a file: the file list, the listing, the metadata it writes
 
 
+@pytest.mark.slow
 def test_100000_files_are_published_with_bounded_memory(rclone_workspace, tmp_path):
     ws = rclone_workspace
     tree = ws.outputs / "exec_1_abcdef01" / "results.zarr"

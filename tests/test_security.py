@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from tests.proxy import Proxy
 from tests.servers import wait_until
 
@@ -66,7 +68,8 @@ def test_a_workflow_folder_that_is_a_symlink_is_never_followed(moto_workspace, t
     assert ws.objects() == {}
 
 
-def test_a_file_swapped_for_a_symlink_during_the_upload_is_never_read(moto_workspace, tmp_path):
+@pytest.mark.parametrize("swap", ["symlink", "fifo"])
+def test_a_file_swapped_during_the_upload_is_never_read(moto_workspace, tmp_path, swap):
     ws = moto_workspace
     ws.settings["object_storage"]["max_concurrency"] = 1  # files go one after the other
     ws.settings["syncd"]["retry_min_delay"] = 0.2
@@ -79,7 +82,10 @@ def test_a_file_swapped_for_a_symlink_during_the_upload_is_never_read(moto_works
         wait_until(lambda: proxy.sent > MiB, what="a.bin on its way")
 
         os.unlink(tree / "z.txt")  # swapped between the listing and the read
-        os.symlink(secret, tree / "z.txt")
+        if swap == "symlink":
+            os.symlink(secret, tree / "z.txt")
+        else:  # opening it for reading would wait for a writer forever
+            os.mkfifo(tree / "z.txt")
 
         wait_until(lambda: ws.recorded("exec_4_abcdef04"), timeout=60)
         assert daemon.terminate() == 0
