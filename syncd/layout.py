@@ -11,6 +11,7 @@ import errno
 import os
 import re
 import stat
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -239,11 +240,7 @@ def open_folder(result: Result) -> Iterator[int]:
                     part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
                 )
             except FileNotFoundError:
-                raise SyncdError(
-                    f"marker {result.marker} has no result folder {result.tree} (yet): restore "
-                    "the folder or remove the marker; published as soon as the folder appears",
-                    Kind.TRANSIENT,
-                ) from None
+                raise no_folder(result) from None
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(path):
                     raise SyncdError(
@@ -257,6 +254,30 @@ def open_folder(result: Result) -> Iterator[int]:
         yield fd
     finally:
         os.close(fd)
+
+
+# A marker may come a moment before its folder; one older than this has lost its folder.
+FOLDER_GRACE = 600.0
+
+
+def no_folder(result: Result) -> SyncdError:
+    """A marker without its result folder: transient while the marker is new (the folder's
+    rename may come second), then a problem for a person, logged once."""
+    try:
+        age = time.time() - os.lstat(result.marker).st_mtime
+    except OSError:
+        age = 0.0
+    if age < FOLDER_GRACE:
+        return SyncdError(
+            f"marker {result.marker} has no result folder {result.tree} yet; published as "
+            "soon as the folder appears",
+            Kind.TRANSIENT,
+        )
+    return SyncdError(
+        f"marker {result.marker} has no result folder {result.tree}: restore the folder or "
+        "remove the marker",
+        Kind.INPUT,
+    )
 
 
 def check_name(result: Result, rel: str) -> None:

@@ -331,3 +331,22 @@ def test_an_outputs_dir_removed_and_made_again_is_watched_again(moto_workspace):
     wait_until(lambda: ws.recorded("new_wf/exec_17_abcdef17"), timeout=10, what="recorded")
     assert daemon.terminate() == 0
     assert daemon.log().count("was replaced or remounted") == 1
+
+
+def test_an_old_marker_without_its_folder_is_an_error_logged_once(moto_workspace):
+    ws = moto_workspace
+    ws.settings["syncd"]["retry_permanent_delay"] = 0.3
+    marker = ws.mark("exec_18_abcdef18")
+    an_hour_ago = time.time() - 3600
+    os.utime(marker, (an_hour_ago, an_hour_ago))
+    daemon = ws.daemon()
+
+    wait_until(lambda: status_of(ws).get("exec_18_abcdef18", {}).get("attempts", 0) >= 3)
+    assert daemon.terminate() == 0
+    errors = [line for line in daemon.log().splitlines() if " ERROR " in line]
+    assert len(errors) == 1
+    assert errors[0].endswith(
+        f"exec_18_abcdef18: marker {marker} has no result folder {ws.outputs / 'exec_18_abcdef18'}"
+        ": restore the folder or remove the marker (retrying every 0 s)"
+    )
+    assert "WARNING" not in daemon.log()
