@@ -301,3 +301,10 @@ def status_of(ws: Workspace) -> dict[str, dict]:
     done = ws.syncd("status", "--config", str(ws.config), "--json")
     assert done.returncode == 0, done.stderr
     return {r["rel"]: r for r in json.loads(done.stdout)}
+
+
+def only_error(log: str) -> str:
+    """The one ERROR line of a log (a failure a person must fix is logged once)."""
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, errors
+    return errors[0]

@@ -12,7 +12,7 @@ import socket
 import sqlite3
 import time
 
-from tests.conftest import status_of
+from tests.conftest import only_error, status_of
 from tests.servers import wait_until
 
 MiB = 1024 * 1024
@@ -34,9 +34,7 @@ def test_a_file_where_the_claims_folder_goes_is_named_and_the_others_are_served(
     (ws.outputs / ".syncd-claims").unlink()
     wait_until(lambda: ws.recorded("exec_1_abcdef01"), what="recorded once it was removed")
     assert daemon.terminate() == 0
-    errors = [line for line in daemon.log().splitlines() if " ERROR " in line]
-    assert len(errors) == 1
-    assert errors[0].endswith(
+    assert only_error(daemon.log()).endswith(
         f"exec_1_abcdef01: {ws.outputs / '.syncd-claims'} is not a folder, and syncd keeps its "
         "claims there: remove it (retrying every 0 s)"
     )
@@ -234,9 +232,7 @@ def test_names_no_store_takes_are_named_safely_on_one_line(moto_workspace):
 
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
-    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
-    assert len(errors) == 1
-    assert errors[0].endswith(
+    assert only_error(done.stderr).endswith(
         f"exec_14_abcdef14: file {tree}/bad\\xff.bin cannot be uploaded: its name is not valid "
         "UTF-8, which S3 keys must be: rename it (the result is published once it is fixed)"
     )
@@ -246,9 +242,9 @@ def test_names_no_store_takes_are_named_safely_on_one_line(moto_workspace):
     (tree / "new\nline.bin").write_bytes(b"3")
     done = ws.sync("exec_14_abcdef14")
     assert done.returncode == 1
-    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
-    assert len(errors) == 1
-    assert f"file {tree}/new\\nline.bin cannot be uploaded: its name holds control" in errors[0]
+    assert f"file {tree}/new\\nline.bin cannot be uploaded: its name holds control" in (
+        only_error(done.stderr)
+    )
 
     os.unlink(tree / "new\nline.bin")
     deep = tree / ("d" * 250) / ("e" * 250) / ("f" * 250) / ("g" * 250)
@@ -343,9 +339,7 @@ def test_an_old_marker_without_its_folder_is_an_error_logged_once(moto_workspace
 
     wait_until(lambda: status_of(ws).get("exec_18_abcdef18", {}).get("attempts", 0) >= 3)
     assert daemon.terminate() == 0
-    errors = [line for line in daemon.log().splitlines() if " ERROR " in line]
-    assert len(errors) == 1
-    assert errors[0].endswith(
+    assert only_error(daemon.log()).endswith(
         f"exec_18_abcdef18: marker {marker} has no result folder {ws.outputs / 'exec_18_abcdef18'}"
         ": restore the folder or remove the marker (retrying every 0 s)"
     )
