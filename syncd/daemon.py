@@ -66,6 +66,7 @@ class Daemon:
         self.reported: dict[str, str] = {}  # the permanent error already logged per result
         self.busy: set[asyncio.Task[None]] = set()
         self.tasks: list[asyncio.Task[None]] = []  # workers and helpers; none may end
+        self.scans: set[asyncio.Task[None]] = set()  # rescans after lost events
         self.progress_at = 0.0  # loop time of the last finished attempt
         self.unhealthy: str | None = None
         self.stopping = asyncio.Event()
@@ -205,7 +206,9 @@ class Daemon:
 
     def start_scan(self) -> None:
         if not self.stopping.is_set():
-            asyncio.get_running_loop().create_task(self.scan())
+            task = asyncio.get_running_loop().create_task(self.scan())
+            self.scans.add(task)  # the loop keeps only a weak reference to a task
+            task.add_done_callback(self.scans.discard)
 
     async def scan(self) -> None:
         try:

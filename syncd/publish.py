@@ -318,8 +318,12 @@ def move_aside(result: Result, files: list[LocalFile]) -> Path:
     exactly the uploaded files; if not, move it back and retry: something was written after
     the upload, and it is not in the bucket."""
     aside = aside_path(result)
-    if aside.exists():
-        shutil.rmtree(aside)  # a recorded result's, left by an earlier crash
+    if aside.exists():  # never deleted unseen: it may be the only copy of something
+        raise SyncdError(
+            f"{aside} is in the way: a stopped syncd left it; restart syncd to clean it up, or "
+            "remove it",
+            Kind.OPERATOR,
+        )
     try:
         os.rename(result.tree, aside)
     except OSError as exc:
@@ -394,3 +398,11 @@ def recover_aside(result: Result, recorded: bool) -> None:
     elif not result.tree.exists():
         os.rename(aside, result.tree)
         logger.warning("{}: put back {} that a stopped daemon left aside", result.name, aside)
+    else:
+        logger.warning(
+            "{}: {} was left aside by a stopped daemon and {} exists again: compare and remove "
+            "one of them",
+            result.name,
+            aside,
+            result.tree,
+        )
