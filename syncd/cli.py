@@ -70,7 +70,9 @@ def parser() -> argparse.ArgumentParser:
         "--expires-in", type=positive_int, metavar="S", help="seconds (signed_url_expires_in)"
     )
     status_parser = commands.add_parser(
-        "status", parents=[common], help="each result's state: pending, uploading, retrying, done"
+        "status",
+        parents=[common],
+        help="each result's state: pending, uploading, retrying, done, forgotten",
     )
     status_parser.add_argument("--json", action="store_true", help="one JSON list instead")
     commands.add_parser(
