@@ -281,15 +281,17 @@ def no_folder(result: Result) -> SyncdError:
 
 
 def check_name(result: Result, rel: str) -> None:
-    """Refuse a file whose key a store would refuse or a reader would misread."""
+    """Refuse a file whose key a store would refuse or a reader would misread (the names of
+    its workflow and result folders are part of the key too)."""
     problem = None
+    key = result.key(rel)
     try:
-        key_bytes = len(result.key(rel).encode("utf-8"))
+        key_bytes = len(key.encode("utf-8"))
     except UnicodeEncodeError:
-        problem = "its name is not valid UTF-8, which S3 keys must be"
+        problem = "its path is not valid UTF-8, which S3 keys must be"
     else:
-        if CONTROL.search(rel):
-            problem = "its name holds control characters"
+        if CONTROL.search(key):
+            problem = "its path holds control characters"
         elif key_bytes > MAX_KEY_BYTES:
             problem = f"its key would be {key_bytes} bytes, above S3's limit of {MAX_KEY_BYTES}"
     if problem:

@@ -233,7 +233,7 @@ def test_names_no_store_takes_are_named_safely_on_one_line(moto_workspace):
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert only_error(done.stderr).endswith(
-        f"exec_14_abcdef14: file {tree}/bad\\xff.bin cannot be uploaded: its name is not valid "
+        f"exec_14_abcdef14: file {tree}/bad\\xff.bin cannot be uploaded: its path is not valid "
         "UTF-8, which S3 keys must be: rename it (the result is published once it is fixed)"
     )
     assert ws.objects() == {}
@@ -242,7 +242,7 @@ def test_names_no_store_takes_are_named_safely_on_one_line(moto_workspace):
     (tree / "new\nline.bin").write_bytes(b"3")
     done = ws.sync("exec_14_abcdef14")
     assert done.returncode == 1
-    assert f"file {tree}/new\\nline.bin cannot be uploaded: its name holds control" in (
+    assert f"file {tree}/new\\nline.bin cannot be uploaded: its path holds control" in (
         only_error(done.stderr)
     )
 
@@ -253,6 +253,14 @@ def test_names_no_store_takes_are_named_safely_on_one_line(moto_workspace):
     done = ws.sync("exec_14_abcdef14")
     assert done.returncode == 1
     assert "bytes, above S3's limit of 1024: rename it" in done.stderr
+
+    tabbed = ws.result("exec_19_ab\tcd", {"a": b"5"})  # the result folder's own name
+    done = ws.sync("exec_19_ab\tcd")
+    assert done.returncode == 1
+    assert f"file {ws.outputs}/exec_19_ab\\tcd/a cannot be uploaded: its path holds control" in (
+        only_error(done.stderr)
+    )
+    assert tabbed.is_dir()
     assert ws.objects() == {}
 
 
