@@ -44,6 +44,16 @@ CREATE TABLE IF NOT EXISTS results (
 LOCK_TIMEOUT = 10.0
 
 
+class Corrupt(sqlite3.DatabaseError):
+    """What PRAGMA quick_check found wrong."""
+
+
+def corrupt(exc: sqlite3.DatabaseError) -> bool:
+    """True when the file is damaged or not a database at all (SQLite's own error codes)."""
+    name = getattr(exc, "sqlite_errorname", "")
+    return isinstance(exc, Corrupt) or name in ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+
+
 class State(StrEnum):
     PENDING = "pending"
     UPLOADING = "uploading"
@@ -79,7 +89,7 @@ class StateStore:
             try:
                 self.db = self._open()
             except sqlite3.DatabaseError as exc:
-                if "locked" in str(exc) or "busy" in str(exc):
+                if not corrupt(exc):  # locked, a full disk: not a reason to start afresh
                     raise
                 self._move_aside(exc)
                 self.db = self._open()
@@ -94,7 +104,7 @@ class StateStore:
         db = sqlite3.connect(self.path, isolation_level=None, timeout=LOCK_TIMEOUT)
         try:
             if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-                raise sqlite3.DatabaseError("database disk image is malformed")
+                raise Corrupt("database disk image is malformed")
             if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
@@ -144,14 +154,13 @@ class StateStore:
         return _record(row) if row else None
 
     def all(self) -> list[Record]:
-        try:
-            rows = self.db.execute(f"SELECT {COLUMNS} FROM results ORDER BY rel").fetchall()
-        except sqlite3.OperationalError as exc:
-            if "no such table" in str(exc):  # a read-only look at a state file not yet made
-                return []
-            raise state_error(exc, self.path) from None
-        except sqlite3.Error as exc:
-            raise state_error(exc, self.path) from None
+        with self.errors():
+            try:
+                rows = self.db.execute(f"SELECT {COLUMNS} FROM results ORDER BY rel").fetchall()
+            except sqlite3.OperationalError as exc:
+                if "no such table" not in str(exc):
+                    raise
+                return []  # a read-only look at a state file not yet made
         return [_record(row) for row in rows]
 
     def set(self, record: Record) -> None:

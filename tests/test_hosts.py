@@ -223,6 +223,22 @@ def test_a_corrupt_state_database_is_moved_aside_and_rebuilt(moto_workspace):
     assert status_of(ws)["exec_13_abcdef13"]["state"] == "done"
 
 
+def test_a_state_database_on_a_full_disk_is_not_taken_for_a_corrupt_one(moto_workspace, tmpfs):
+    ws = moto_workspace
+    state = tmpfs.mount(ws.root / "state")
+    ws.result("exec_20_abcdef20", {"p": b"p"})
+    assert ws.sync("exec_20_abcdef20").returncode == 0  # the state file exists and is sound
+    tmpfs.fill(state)
+
+    done = ws.syncd("run", "--config", str(ws.config))
+
+    assert done.returncode == 2
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith(f"syncd: error: state_dir {state}: cannot open {state / 'state.db'} (")
+    assert "(disk I/O error)" in last or "(database or disk is full)" in last
+    assert list(state.glob("state.db.corrupt-*")) == []
+
+
 def test_names_no_store_takes_are_named_safely_on_one_line(moto_workspace):
     ws = moto_workspace
     tree = ws.result("exec_14_abcdef14", {"good.bin": b"1"})
