@@ -150,16 +150,13 @@ def state_error(exc: sqlite3.Error, path: Path) -> SyncdError:
     )
 
 
-def classify(exc: BaseException, action: str = "") -> SyncdError:
-    """Any exception as a SyncdError: the ones above by their edge, anything else as a
-    transient failure that names the exception (a bug: it is logged, retried and shown)."""
+def classify(exc: BaseException) -> SyncdError:
+    """Any exception as a SyncdError: an OSError by its errno, anything else as a transient
+    failure that names the exception (a bug: it is logged, retried and shown)."""
     if isinstance(exc, SyncdError):
         return exc
-    prefix = f"{action}: " if action else ""
     if isinstance(exc, OSError):
-        return os_error(exc, action or "a file operation")
-    if isinstance(exc, sqlite3.Error):
-        return SyncdError(f"{prefix}state database: {exc}", Kind.TRANSIENT)
+        return os_error(exc, "a file operation")
     detail = printable(str(exc).splitlines()[0]) if str(exc).strip() else ""
     name = type(exc).__name__
-    return SyncdError(f"{prefix}unexpected error {name}{f': {detail}' if detail else ''}")
+    return SyncdError(f"unexpected error {name}{f': {detail}' if detail else ''}")

@@ -63,12 +63,16 @@ def read(path: Path) -> Metadata | None:
 
 def unusable(path: Path, exc: OSError) -> SyncdError:
     if exc.errno == errno.ELOOP:
-        return SyncdError(
-            f"metadata {path} is a symlink; left as it is: syncd never writes through one or "
-            "replaces it: put the metadata file itself there",
-            Kind.INPUT,
-        )
+        return not_a_file(path, "a symlink")
     return os_error(exc, "reading metadata", path)
+
+
+def not_a_file(path: Path, what: str) -> SyncdError:
+    return SyncdError(
+        f"metadata {path} is {what}; left as it is: syncd never writes through one or "
+        "replaces it: put the metadata file itself there",
+        Kind.INPUT,
+    )
 
 
 def is_recorded(document: Metadata | None, result: Result) -> bool:
@@ -122,12 +126,7 @@ def _write(path: Path, data: bytes) -> None:
     except FileNotFoundError:
         old = None
     if old is not None and not stat.S_ISREG(old.st_mode):
-        raise SyncdError(
-            f"metadata {path} is {'a symlink' if stat.S_ISLNK(old.st_mode) else 'not a file'}; "
-            "left as it is: syncd never writes through one or replaces it: put the metadata "
-            "file itself there",
-            Kind.INPUT,
-        )
+        raise not_a_file(path, "a symlink" if stat.S_ISLNK(old.st_mode) else "not a file")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:

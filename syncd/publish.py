@@ -151,9 +151,8 @@ class Publisher:
             return list(tree_files(result))
 
     def _unchanged(self, result: Result, before: list[LocalFile]) -> bool:
-        """True when the tree still holds exactly `before`, compared as it is walked."""
         with tree_errors(result):
-            return all(a == b for a, b in itertools.zip_longest(before, tree_files(result)))
+            return holds_exactly(result, before)
 
     async def _abort_unfinished(self, result: Result) -> None:
         """Abort multipart uploads an interrupted attempt left. Best effort: the seed's IAM
@@ -161,7 +160,16 @@ class Publisher:
         try:
             aborted = await self.store.abort_uploads(f"{result.remote_path}/")
         except SyncdError as exc:
-            self._cleanup_refused(result, exc)
+            if exc.code not in CLEANUP_REFUSED:  # the upload itself says what is wrong next
+                logger.debug("{}: no multipart clean-up: {}", result.name, exc)
+            elif not self.cleanup_warned:
+                self.cleanup_warned = True
+                logger.warning(
+                    "cannot clean up unfinished multipart uploads ({}): grant "
+                    "s3:ListBucketMultipartUploads and s3:AbortMultipartUpload, or add a "
+                    "lifecycle rule that aborts incomplete multipart uploads",
+                    exc,
+                )
             return
         if aborted:
             logger.info("{}: aborted {} unfinished multipart uploads", result.name, aborted)
@@ -191,18 +199,6 @@ class Publisher:
             result.name,
             len(strays),
         )
-
-    def _cleanup_refused(self, result: Result, exc: SyncdError) -> None:
-        if exc.code not in CLEANUP_REFUSED:  # the upload itself says what is wrong next
-            logger.debug("{}: no multipart clean-up: {}", result.name, exc)
-        elif not self.cleanup_warned:
-            self.cleanup_warned = True
-            logger.warning(
-                "cannot clean up unfinished multipart uploads ({}): grant "
-                "s3:ListBucketMultipartUploads and s3:AbortMultipartUpload, or add a "
-                "lifecycle rule that aborts incomplete multipart uploads",
-                exc,
-            )
 
     async def _upload(
         self, result: Result, files: list[LocalFile], progress: Progress | None
@@ -300,6 +296,11 @@ def open_listed(result: Result, file: LocalFile) -> Iterator[Path]:
         os.close(fd)
 
 
+def holds_exactly(result: Result, files: list[LocalFile]) -> bool:
+    """True when the tree still holds exactly `files`, compared as it is walked."""
+    return all(a == b for a, b in itertools.zip_longest(files, tree_files(result)))
+
+
 @contextlib.contextmanager
 def tree_errors(result: Result) -> Iterator[None]:
     """A tree that cannot be walked, in the taxonomy's words."""
@@ -330,7 +331,7 @@ def move_aside(result: Result, files: list[LocalFile]) -> Path:
         raise os_error(exc, "moving aside", result.tree) from None
     moved = dataclasses.replace(result, rel=result.rel.with_name(aside.name))
     try:
-        same = all(a == b for a, b in itertools.zip_longest(files, tree_files(moved)))
+        same = holds_exactly(moved, files)
     except (OSError, SyncdError):
         same = False
     if not same:

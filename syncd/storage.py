@@ -272,9 +272,10 @@ class S3fsStore:
                 answer = await fs._call_s3(
                     "delete_objects", Bucket=self.storage.bucket, Delete={"Objects": batch}
                 )
-                if answer.get("Errors"):
-                    first = answer["Errors"][0]
-                    raise StoreRefused(first.get("Code"), first.get("Message"), first.get("Key"))
+                if answer.get("Errors"):  # a success that refuses some keys
+                    from botocore.exceptions import ClientError
+
+                    raise ClientError({"Error": answer["Errors"][0]}, "DeleteObjects")
 
     def held(self, size: int) -> int:
         # Measured: s3fs reads PARTS_PER_FILE parts (or a file under 2 parts) at once, and
@@ -326,14 +327,6 @@ class S3fsStore:
         if self.fs is not None and self.fs._s3 is not None:
             await self.fs._s3.close()
         self.fs = None
-
-
-class StoreRefused(Exception):
-    """An S3 answer of success that refuses part of the request (DeleteObjects' Errors)."""
-
-    def __init__(self, code: str | None, message: str | None, key: str | None) -> None:
-        super().__init__(f"{code}: {message} ({key})")
-        self.response = {"Error": {"Code": code, "Message": f"{message} ({key})"}}
 
 
 @contextmanager
