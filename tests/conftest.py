@@ -259,11 +259,10 @@ class Tmpfs:
         self.root = root
         self.mounted: list[Path] = []
 
-    def mount(self, path: Path, size: str = "1m", readonly: bool = False) -> Path:
+    def mount(self, path: Path, size: str = "1m") -> Path:
         path.mkdir(parents=True, exist_ok=True)
-        options = f"size={size}" + (",ro" if readonly else "")
         done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
             capture_output=True,
             text=True,
         )
@@ -271,6 +270,9 @@ class Tmpfs:
             pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
         self.mounted.append(path)
         return path
+
+    def read_only(self, path: Path) -> None:
+        subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
 
     def fill(self, path: Path) -> Path:
         """Fill the filesystem of `path` with one file; remove that file to free it."""

@@ -102,7 +102,7 @@ def test_a_read_only_workflow_folder_is_named_and_the_others_are_served(moto_wor
     tmpfs.mount(readonly)
     ws.result("ro_workflow/exec_5_abcdef05", {"e": b"e"}, metadata=None)
     ws.mark("ro_workflow/exec_5_abcdef05")
-    os.system(f"mount -o remount,ro {readonly}")
+    tmpfs.read_only(readonly)
     ws.result("wf/exec_6_abcdef06", {"f": b"f"})
     ws.mark("wf/exec_6_abcdef06")
     daemon = ws.daemon()
