@@ -205,9 +205,11 @@ async def run_check(settings: Settings, config_file: Path | None) -> int:
     if signer is None:
         print("# CloudFront: not configured; signed_url will be null")
     else:
+        storage = settings.object_storage
+        source = storage.cloudfront_private_key_path or "from cloudfront_private_key (PEM text)"
         print(
-            f"# CloudFront: key {settings.object_storage.cloudfront_private_key_path} "
-            f"(RSA {signer.private_key.key_size} bits), key pair {signer.key_pair_id}"
+            f"# CloudFront: key {source} (RSA {signer.private_key.key_size} bits), "
+            f"key pair {signer.key_pair_id}"
         )
     store = open_store(settings.object_storage)
     try:
@@ -224,6 +226,8 @@ def run_command(argv: list[str] | None = None) -> int:
     try:
         settings, config_file = load_settings(args.config, flags_from(args))
         logs.configure(settings.syncd)
+        for notice in settings.notices:
+            logger.warning(notice)
         if args.command == "check":
             return asyncio.run(run_check(settings, config_file))
         if args.command == "status":

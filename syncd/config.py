@@ -2,13 +2,16 @@
 defaults, validated once.
 
 The `object_storage:` section and its environment variables are the seed contract
-(`object-storage.md`); the `syncd:` section holds the daemon's own settings, each also read
-from `SYNCD_<NAME>`. Every problem becomes a `ConfigError` whose message is one line that names
-the setting or file and says what to do.
+(`object-storage.md`), plus the names the Earth2Studio server itself reads, so its config file
+and environment work as they are; the `syncd:` section holds the daemon's own settings, each
+also read from `SYNCD_<NAME>`. Other sections of the file (the server's) are ignored. Every
+problem becomes a `ConfigError` whose message is one line that names the setting or file and
+says what to do.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import string
@@ -20,6 +23,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -42,11 +46,14 @@ class ConfigError(SyncdError):
 
 
 class ObjectStorage(BaseModel):
-    """The seed's `object_storage:` section: where results go and how URLs are signed."""
+    """The seed's `object_storage:` section: where results go and how URLs are signed. Two
+    keys are the Earth2Studio server's own, so its config file works as it is: `storage_type`
+    and `cloudfront_private_key` (the PEM text, where the seed names a file)."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
     enabled: bool = False
+    storage_type: str = "s3"
     bucket: str | None = None
     region: str = "us-east-1"
     prefix: str = "outputs"
@@ -61,7 +68,18 @@ class ObjectStorage(BaseModel):
     cloudfront_domain: str | None = None
     cloudfront_key_pair_id: str | None = None
     cloudfront_private_key_path: Path | None = None
+    cloudfront_private_key: SecretStr | None = None
     signed_url_expires_in: int = Field(3600, ge=1)
+
+    @field_validator("storage_type")
+    @classmethod
+    def _s3_only(cls, value: str) -> str:
+        if value.lower() != "s3":
+            raise ValueError(
+                "syncd uploads to S3 and S3-compatible stores only: set it to s3 or leave it "
+                "unset (results for Azure Blob Storage stay with the server's own uploader)"
+            )
+        return "s3"
 
     @field_validator("prefix")
     @classmethod
@@ -114,7 +132,9 @@ class ObjectStorage(BaseModel):
         cloudfront = {
             "cloudfront_domain": self.cloudfront_domain,
             "cloudfront_key_pair_id": self.cloudfront_key_pair_id,
-            "cloudfront_private_key_path": self.cloudfront_private_key_path,
+            "cloudfront_private_key_path (or the PEM text in cloudfront_private_key)": (
+                self.cloudfront_private_key_path or self.cloudfront_private_key
+            ),
         }
         missing = [name for name, value in cloudfront.items() if not value]
         if 0 < len(missing) < len(cloudfront):
@@ -179,6 +199,9 @@ class DaemonSettings(BaseModel):
     # Once the bucket lists every file with its size, remove the local tree (the metadata
     # stays, pointing to S3).
     delete_local_after_upload: bool = False
+    # What says a result is finished: its marker file (`marker`), or its metadata file holding
+    # `"status": "completed"` (`metadata`: what the Earth2Studio server writes last).
+    completion: Literal["marker", "metadata"] = "marker"
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -229,11 +252,20 @@ class Settings(BaseSettings):
 
     object_storage: ObjectStorage = Field(default_factory=ObjectStorage)
     syncd: DaemonSettings = Field(default_factory=DaemonSettings)
+    _notices: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notices(self) -> list[str]:
+        """What the operator should hear about the settings once logging is set up: which of
+        two differing names won, sections of a shared config file that are not syncd's."""
+        return self._notices
 
 
-# The seed's environment table, then the standard AWS names (lower priority: later wins less).
+# The seed's environment table, then the standard AWS names and the Earth2Studio server's
+# own names (lower priority: later wins less).
 ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "enabled": ("OBJECT_STORAGE_ENABLED",),
+    "storage_type": ("OBJECT_STORAGE_TYPE",),
     "bucket": ("OBJECT_STORAGE_BUCKET",),
     "region": ("OBJECT_STORAGE_REGION",),
     "prefix": ("OBJECT_STORAGE_PREFIX",),
@@ -248,9 +280,10 @@ ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "cloudfront_domain": ("CLOUDFRONT_DOMAIN",),
     "cloudfront_key_pair_id": ("CLOUDFRONT_KEY_PAIR_ID",),
     "cloudfront_private_key_path": ("CLOUDFRONT_PRIVATE_KEY_PATH",),
-    "signed_url_expires_in": ("OBJECT_STORAGE_SIGNED_URL_EXPIRES_IN",),
+    "cloudfront_private_key": ("CLOUDFRONT_PRIVATE_KEY",),
+    "signed_url_expires_in": ("OBJECT_STORAGE_SIGNED_URL_EXPIRES_IN", "SIGNED_URL_EXPIRES_IN"),
 }
-SECRETS = ("secret_access_key", "session_token")
+SECRETS = ("secret_access_key", "session_token", "cloudfront_private_key")
 
 
 def env_name(section: str, key: str) -> str:
@@ -266,6 +299,7 @@ class Environment(PydanticBaseSettingsSource):
     def __init__(self, settings_cls: type[BaseSettings], environ: dict[str, str]) -> None:
         super().__init__(settings_cls)
         self.environ = environ
+        self.notices: list[str] = []
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False  # values come from __call__, section by section
@@ -273,9 +307,16 @@ class Environment(PydanticBaseSettingsSource):
     def __call__(self) -> dict[str, Any]:
         storage = {}
         for key, names in ENVIRONMENT.items():
-            value = next((self.environ[n] for n in names if self.environ.get(n)), None)
-            if value is not None:
-                storage[key] = value
+            given = [n for n in names if self.environ.get(n)]
+            if not given:
+                continue
+            storage[key] = self.environ[given[0]]
+            differ = [n for n in given[1:] if self.environ[n] != storage[key]]
+            if differ:  # names only: the values may be secrets
+                self.notices.append(
+                    f"${given[0]} and ${differ[0]} are both set and differ; using ${given[0]} "
+                    f"for object_storage.{key}"
+                )
         daemon = {
             key: self.environ[env_name("syncd", key)]
             for key in DaemonSettings.model_fields
@@ -361,6 +402,22 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return {k: (v if v is not None else {}) for k, v in document.items()}
 
 
+def foreign_sections(path: Path, document: dict[str, Any]) -> list[str]:
+    """Notices for the sections of a config file that are not syncd's (the Earth2Studio
+    server's `redis:`, `paths:`, ... are left to it): only a likely misspelling is named."""
+    notices = []
+    for section in document:
+        if section in Settings.model_fields:
+            continue
+        close = difflib.get_close_matches(str(section), list(Settings.model_fields), n=1)
+        if close:
+            notices.append(
+                f"config file {path}: section {section}: is not syncd's and is ignored; "
+                f"did you mean {close[0]}:?"
+            )
+    return notices
+
+
 def load_settings(
     config_file: Path | None = None,
     flags: dict[str, dict[str, Any]] | None = None,
@@ -371,11 +428,14 @@ def load_settings(
     flags = flags or {}
     path = config_file_from(config_file, environ)
     document = read_yaml(path) if path is not None else {}
+    notices = foreign_sections(path, document) if path is not None else []
+    ours = {k: v for k, v in document.items() if k in Settings.model_fields}
+    environment = Environment(Settings, environ)
     sources = (
         InitSettingsSource(Settings, flags),
-        Environment(Settings, environ),
+        environment,
         Credentials(Settings, environ),
-        InitSettingsSource(Settings, document),
+        InitSettingsSource(Settings, ours),
     )
     try:
         settings = Settings(_build_sources=(sources, {}))
@@ -384,6 +444,7 @@ def load_settings(
         raise ConfigError(
             "; ".join(origin.describe(error) for error in exc.errors(include_url=False))
         ) from None
+    settings.notices.extend(environment.notices + notices)
     return settings, path
 
 
@@ -400,8 +461,6 @@ class Origin:
         message = str(error["msg"]).removeprefix("Value error, ")
         if len(loc) < 2:
             section = loc[0] if loc else "config"
-            if error["type"] == "extra_forbidden":
-                return f"{self.where()}: unknown section {section}: (known: object_storage, syncd)"
             return f"invalid {section} settings ({self.where()}): {message}"
         section, key = loc[0], loc[1]
         if error["type"] == "extra_forbidden":

@@ -16,6 +16,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from loguru import logger
 
 from syncd.config import ConfigError, ObjectStorage, read_file
 
@@ -38,21 +39,53 @@ def expiry(signed_url: str) -> int | None:
         return None
 
 
+KEY_TEXT = "object_storage.cloudfront_private_key (CLOUDFRONT_PRIVATE_KEY)"
+
+
 def load_private_key(path: Path) -> rsa.RSAPrivateKey:
     """The RSA key at `path`, or a ConfigError naming the path and the remedy."""
     setting = "object_storage.cloudfront_private_key_path (CLOUDFRONT_PRIVATE_KEY_PATH)"
     pem = read_file(path, "CloudFront private key", f"fix {setting}")
+    return parse_private_key(pem, f"CloudFront private key {path}")
+
+
+def parse_private_key(pem: bytes, what: str) -> rsa.RSAPrivateKey:
+    """An RSA key from PEM bytes; `what` names where they came from (never the bytes)."""
+    if b"\\n" in pem and b"\n" not in pem.strip():  # a PEM put in one line of an env file
+        pem = pem.replace(b"\\n", b"\n")
     try:
-        key = serialization.load_pem_private_key(pem, password=None)
+        key = serialization.load_pem_private_key(pem.strip() + b"\n", password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         raise ConfigError(
-            f"CloudFront private key {path} is not an unencrypted PEM private key: "
+            f"{what} is not an unencrypted PEM private key: "
             "create one with `openssl genrsa -out cloudfront-private-key.pem 2048`"
         ) from None
     if not isinstance(key, rsa.RSAPrivateKey):
         raise ConfigError(
-            f"CloudFront private key {path} is not an RSA key: CloudFront signs with RSA; "
+            f"{what} is not an RSA key: CloudFront signs with RSA; "
             "create one with `openssl genrsa -out cloudfront-private-key.pem 2048`"
+        )
+    return key
+
+
+def private_key(storage: ObjectStorage) -> rsa.RSAPrivateKey:
+    """The signing key: the seed's key file, else the server's PEM text; when both are set and
+    hold different keys, the file wins, with one warning."""
+    text = storage.cloudfront_private_key
+    from_text = (
+        parse_private_key(text.get_secret_value().encode(), f"the PEM text in {KEY_TEXT}")
+        if text is not None
+        else None
+    )
+    if storage.cloudfront_private_key_path is None:
+        assert from_text is not None
+        return from_text
+    key = load_private_key(storage.cloudfront_private_key_path)
+    if from_text is not None and from_text.private_numbers() != key.private_numbers():
+        logger.warning(
+            "cloudfront_private_key_path and cloudfront_private_key hold different keys; "
+            "signing with the file {} (cloudfront_private_key_path)",
+            storage.cloudfront_private_key_path,
         )
     return key
 
@@ -70,9 +103,10 @@ class UrlSigner:
         """None when CloudFront is not configured (validation guarantees all or nothing)."""
         if not storage.signs_urls:
             return None
-        assert storage.cloudfront_private_key_path and storage.cloudfront_key_pair_id
-        key = load_private_key(storage.cloudfront_private_key_path)
-        return cls(storage.cloudfront_domain or "", storage.cloudfront_key_pair_id, key)
+        assert storage.cloudfront_key_pair_id
+        return cls(
+            storage.cloudfront_domain or "", storage.cloudfront_key_pair_id, private_key(storage)
+        )
 
     def resource(self, remote_path: str) -> str:
         """The wildcard Resource covering every object under `remote_path`."""

@@ -185,22 +185,31 @@ BAD = [
         {"object_storage": {"enabled": True, "bucket": "b", "cloudfront_domain": "https://d.net"}},
         {},
         "invalid object_storage settings (config file {path}): CloudFront is half configured: "
-        "cloudfront_key_pair_id, cloudfront_private_key_path missing; set all three "
-        "cloudfront_* settings to sign URLs, or none to upload without signed URLs",
+        "cloudfront_key_pair_id, cloudfront_private_key_path (or the PEM text in "
+        "cloudfront_private_key) missing; set all three cloudfront_* settings to sign URLs, or "
+        "none to upload without signed URLs",
     ),
     (
         {"object_storage": {"bucket": "b", "buckett": "typo"}},
         {},
-        "config file {path}: unknown key object_storage.buckett (known keys: enabled, bucket, "
-        "region, prefix, access_key_id, secret_access_key, session_token, endpoint_url, "
-        "use_transfer_acceleration, max_concurrency, multipart_chunksize, use_rust_client, "
-        "cloudfront_domain, cloudfront_key_pair_id, cloudfront_private_key_path, "
-        "signed_url_expires_in)",
+        "config file {path}: unknown key object_storage.buckett (known keys: enabled, "
+        "storage_type, bucket, region, prefix, access_key_id, secret_access_key, session_token, "
+        "endpoint_url, use_transfer_acceleration, max_concurrency, multipart_chunksize, "
+        "use_rust_client, cloudfront_domain, cloudfront_key_pair_id, "
+        "cloudfront_private_key_path, cloudfront_private_key, signed_url_expires_in)",
     ),
     (
-        {"objectstorage": {}},
         {},
-        "config file {path}: unknown section objectstorage: (known: object_storage, syncd)",
+        {"OBJECT_STORAGE_TYPE": "azure"},
+        "invalid setting object_storage.storage_type (from $OBJECT_STORAGE_TYPE) = 'azure': "
+        "syncd uploads to S3 and S3-compatible stores only: set it to s3 or leave it unset "
+        "(results for Azure Blob Storage stay with the server's own uploader)",
+    ),
+    (
+        {"syncd": {"completion": "flag"}},
+        {},
+        "invalid setting syncd.completion (in {path}) = 'flag': Input should be 'marker' or "
+        "'metadata'",
     ),
     (
         {},
@@ -382,3 +391,126 @@ def test_example_config_is_valid_and_names_every_key():
     for key, env, *_ in SEED_TABLE:
         assert f"{key}:" in commented and env in commented
     assert set(document["syncd"]) == set(type(settings.syncd).model_fields)
+
+
+# The Earth2Studio server's own conf/config.yaml (serve/server/conf, earth2studio 0.19.0).
+SERVER_CONFIG = Path(__file__).resolve().parent / "data" / "earth2studio-config.yaml"
+
+
+def pem(key) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    ).decode()
+
+
+def test_the_servers_own_config_file_is_read_as_it_is():
+    environ = {"OBJECT_STORAGE_ENABLED": "true", "OBJECT_STORAGE_BUCKET": "b"}
+    settings, path = load_settings(SERVER_CONFIG, environ=environ)
+
+    assert path == SERVER_CONFIG
+    storage = settings.object_storage
+    assert storage.enabled is True  # the server's file says false: syncd's environment wins
+    assert storage.signed_url_expires_in == 86400  # the server's value, not the seed default
+    assert storage.storage_type == "s3"
+    assert storage.cloudfront_private_key is None
+    assert settings.notices == []  # redis:, queue:, paths:, ... are the server's, quietly
+
+
+def test_unknown_keys_in_our_sections_stay_errors_in_the_servers_file(tmp_path):
+    document = yaml.safe_load(SERVER_CONFIG.read_text())
+    document["object_storage"]["cloudfront_private_key_pth"] = "/k.pem"
+    config = write(tmp_path, document)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config, environ={})
+    assert str(caught.value).startswith(
+        f"config file {config}: unknown key object_storage.cloudfront_private_key_pth (known keys:"
+    )
+
+
+def test_a_misspelt_section_is_ignored_with_one_notice(tmp_path):
+    config = write(tmp_path, {"objectstorage": {"bucket": "b"}, "redis": {"port": 6379}})
+    settings, _ = load_settings(config, environ={})
+    assert settings.object_storage.bucket is None
+    assert settings.notices == [
+        f"config file {config}: section objectstorage: is not syncd's and is ignored; did you "
+        "mean object_storage:?"
+    ]
+
+
+def test_the_servers_environment_names_work_alone(signing_key):
+    from syncd.signing import UrlSigner
+
+    environ = {
+        "OBJECT_STORAGE_ENABLED": "true",
+        "OBJECT_STORAGE_TYPE": "S3",
+        "OBJECT_STORAGE_BUCKET": "b",
+        "CLOUDFRONT_DOMAIN": "https://d1.cloudfront.net",
+        "CLOUDFRONT_KEY_PAIR_ID": "K1",
+        "CLOUDFRONT_PRIVATE_KEY": pem(signing_key[1]),
+        "SIGNED_URL_EXPIRES_IN": "7200",
+    }
+    settings, _ = load_settings(environ=environ)
+    storage = settings.object_storage
+    assert storage.storage_type == "s3"
+    assert storage.signed_url_expires_in == 7200
+    assert storage.cloudfront_private_key_path is None
+    signer = UrlSigner.from_settings(storage)
+    assert signer is not None
+    assert signer.private_key.private_numbers() == signing_key[1].private_numbers()
+    assert settings.notices == []
+
+
+def test_a_pem_in_one_line_of_an_env_file_is_read(signing_key):
+    from syncd.signing import UrlSigner
+
+    one_line = pem(signing_key[1]).replace("\n", "\\n")
+    environ = {**BASE_ENV, "CLOUDFRONT_PRIVATE_KEY": one_line}
+    del environ["CLOUDFRONT_PRIVATE_KEY_PATH"]
+    signer = UrlSigner.from_settings(load_settings(environ=environ)[0].object_storage)
+    assert signer is not None
+    assert signer.private_key.private_numbers() == signing_key[1].private_numbers()
+
+
+def test_differing_names_say_which_wins_and_never_print_the_key(moto_workspace, signing_key):
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    ws = moto_workspace
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    env = ws.env(
+        OBJECT_STORAGE_SIGNED_URL_EXPIRES_IN="60",
+        SIGNED_URL_EXPIRES_IN="120",
+        CLOUDFRONT_PRIVATE_KEY=pem(other),
+    )
+    done = ws.syncd("check", "--config", str(ws.config), env=env)
+
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load(done.stdout)["object_storage"]["signed_url_expires_in"] == 60
+    assert yaml.safe_load(done.stdout)["object_storage"]["cloudfront_private_key"] == "<redacted>"
+    warnings = [line for line in done.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 2, done.stderr
+    assert warnings[0].endswith(
+        "$OBJECT_STORAGE_SIGNED_URL_EXPIRES_IN and $SIGNED_URL_EXPIRES_IN are both set and "
+        "differ; using $OBJECT_STORAGE_SIGNED_URL_EXPIRES_IN for "
+        "object_storage.signed_url_expires_in"
+    )
+    assert warnings[1].endswith(
+        "cloudfront_private_key_path and cloudfront_private_key hold different keys; signing "
+        f"with the file {ws.key_path} (cloudfront_private_key_path)"
+    )
+    assert "PRIVATE KEY" not in done.stdout + done.stderr
+
+
+def test_a_bad_pem_text_is_named_by_its_setting_not_printed(tmp_path):
+    environ = {**BASE_ENV, "CLOUDFRONT_PRIVATE_KEY": "-----BEGIN RSA PRIVATE KEY-----\nxyz\n"}
+    del environ["CLOUDFRONT_PRIVATE_KEY_PATH"]
+    done = check(None, **environ, OBJECT_STORAGE_ENABLED="true")
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "syncd: error: the PEM text in object_storage.cloudfront_private_key "
+        "(CLOUDFRONT_PRIVATE_KEY) is not an unencrypted PEM private key: create one with "
+        "`openssl genrsa -out cloudfront-private-key.pem 2048`"
+    ]
