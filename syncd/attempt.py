@@ -1,6 +1,8 @@
-"""One attempt at one result, as the daemon and `syncd sync` both make it: claim the result,
-upload it, remember the upload, record it, keep its state, and after a failure say when to
-try again.
+"""One attempt at one result, as the daemon and `syncd sync` both make it: see that it is
+finished, claim it, upload it, remember the upload, record it, keep its state, and after a
+failure say when to try again. A result this daemon recorded whose metadata was written again
+without the record (the Earth2Studio server writes its own view) gets the record back from
+the state, without uploading again.
 
 An attempt never raises: whatever fails becomes a SyncdError in the outcome (an exception of
 an unexpected kind is classified as transient and its traceback logged at DEBUG), so the
@@ -22,13 +24,19 @@ from syncd import claims, metadata
 from syncd.config import Settings
 from syncd.errors import SyncdError, classify
 from syncd.layout import Result
+from syncd.metadata import Kept, Metadata, Stamp
 from syncd.publish import Publisher, Uploaded
 from syncd.state import Record, State, StateStore
+
+# Seconds before a metadata file that is being written is read again.
+BEING_WRITTEN_RETRY = 1.0
 
 
 @dataclass(frozen=True)
 class Outcome:
     done: bool  # recorded now or before
+    stamp: Stamp | None = None  # of the metadata as recorded, when done
+    unfinished: str | None = None  # why it is not finished (marker removed, status running)
     held_by: str | None = None  # another daemon is publishing it
     error: SyncdError | None = None
     attempts: int = 0  # failed attempts so far, this one included
@@ -42,7 +50,8 @@ class Attempts:
         self.state = state
 
     async def attempt(self, result: Result, force: bool = False) -> Outcome:
-        """Publish `result` unless its metadata records it already (or `force`)."""
+        """Publish `result` if it is finished, unless its metadata records it already.
+        `force` (syncd sync): publish it whatever its signal and metadata say."""
         try:
             return await self._attempt(result, force)
         except Exception as exc:  # never CancelledError: a stop must stop the attempt
@@ -52,32 +61,57 @@ class Attempts:
             return self.failed(result, error)
 
     async def _attempt(self, result: Result, force: bool) -> Outcome:
-        # Cheap check first, so results recorded long ago cost no claim; a metadata file that
+        # Cheap checks first, so results recorded long ago cost no claim; a metadata file that
         # cannot be recorded into stops the attempt before anything is uploaded.
-        recorded = await self.is_recorded(result)
-        if recorded and not force:
-            return Outcome(done=True)
+        document, stamp = await self.publisher.read_metadata(result)
+        recorded = metadata.is_recorded(document, result)
+        if not force:
+            unfinished = await self.unfinished(result, document)
+            if unfinished is not None:
+                return Outcome(done=False, unfinished=unfinished)
+            if recorded:
+                return self.already(result, document, stamp)
+            kept = self.kept(result)
+            if kept is not None:
+                return self.restored(result, await self.publisher.restore(result, kept), kept)
         claim = await asyncio.to_thread(claims.try_claim, result, self.config.claim_timeout)
         if isinstance(claim, str):
             return Outcome(done=False, held_by=claim)
         heartbeat = asyncio.create_task(self.keep(claim))
         try:
             # Under the claim, look again: another daemon may have recorded it meanwhile.
-            if await self.is_recorded(result) and not force:
-                return self.done(result, None)
+            document, stamp = await self.publisher.read_metadata(result)
+            if metadata.is_recorded(document, result) and not force:
+                return self.already(result, document, stamp)
             # Published before (and forced now), or left by a killed daemon: the bucket may
             # hold objects that are not in the tree any more.
             uploaded = await self.upload(result, recorded or claim.took_over)
             if not await asyncio.to_thread(claim.still_ours):
                 raise SyncdError("another daemon took over this result; leaving it")
-            await self.publisher.record(result, uploaded)
+            stamp = await self.publisher.record(result, uploaded)
         finally:
             heartbeat.cancel()
             await asyncio.to_thread(claim.release)
-        return self.done(result, uploaded)
+        return self.done(result, uploaded, stamp)
 
-    async def is_recorded(self, result: Result) -> bool:
-        return metadata.is_recorded(await self.publisher.read_metadata(result), result)
+    async def unfinished(self, result: Result, document: Metadata | None) -> str | None:
+        """Why the result is not finished yet, or None when it is."""
+        if not result.by_metadata:
+            exists = await asyncio.to_thread(result.marker.exists)
+            return None if exists else "its marker was removed"
+        if document is None:
+            return "it has no metadata file"
+        if not metadata.completed(document):
+            return f"its metadata says status {document.get('status')!r}"
+        return None
+
+    def kept(self, result: Result) -> Kept | None:
+        """The record this daemon made for the result, if it made one for this remote_path."""
+        previous = self.state.get(result.rel.as_posix())
+        if previous is None or previous.recorded is None:
+            return None
+        kept = Kept.loads(previous.recorded)
+        return kept if kept.remote_path == result.remote_path else None
 
     async def upload(self, result: Result, maybe_left: bool) -> Uploaded:
         rel = result.rel.as_posix()
@@ -92,12 +126,43 @@ class Attempts:
             self.state.remember_upload(rel, uploaded.fingerprint)
         return uploaded
 
-    def done(self, result: Result, uploaded: Uploaded | None) -> Outcome:
+    def already(self, result: Result, document: Metadata | None, stamp: Stamp | None) -> Outcome:
+        """Recorded before (by this daemon before a restart, or by another): the state keeps
+        the record, so that it can be restored if the metadata loses it."""
         rel = result.rel.as_posix()
-        if uploaded is None:
-            self.state.set(Record(rel, State.DONE))
-            return Outcome(done=True)
-        self.state.set(Record(rel, State.DONE, files=len(uploaded.files), bytes=uploaded.bytes))
+        previous = self.state.get(rel)
+        if previous is None or previous.state != State.DONE or previous.recorded is None:
+            kept = Kept.of(result, document)
+            self.state.set(Record(rel, State.DONE, recorded=kept.dumps() if kept else None))
+        return Outcome(done=True, stamp=stamp)
+
+    def restored(self, result: Result, stamp: Stamp, kept: Kept) -> Outcome:
+        rel = result.rel.as_posix()
+        previous = self.state.get(rel)
+        files, size = (previous.files, previous.bytes) if previous else (None, None)
+        self.state.set(Record(rel, State.DONE, files=files, bytes=size, recorded=kept.dumps()))
+        logger.info(
+            "{}: its metadata {} was written without syncd's record; restored the record "
+            "({} files in {}) without uploading again",
+            result.name,
+            result.metadata,
+            len(kept.output_files),
+            result.remote_path,
+        )
+        return Outcome(done=True, stamp=stamp)
+
+    def done(self, result: Result, uploaded: Uploaded, stamp: Stamp) -> Outcome:
+        rel = result.rel.as_posix()
+        kept = Kept(result.remote_path, metadata.output_files(result, uploaded.files))
+        self.state.set(
+            Record(
+                rel,
+                State.DONE,
+                files=len(uploaded.files),
+                bytes=uploaded.bytes,
+                recorded=kept.dumps(),
+            )
+        )
         logger.info(
             "{}: uploaded {} files, {} bytes in {:.2f} s ({:.1f} MB/s) to {}; recorded in {}",
             result.name,
@@ -108,7 +173,7 @@ class Attempts:
             result.remote_path,
             result.metadata,
         )
-        return Outcome(done=True)
+        return Outcome(done=True, stamp=stamp)
 
     async def keep(self, claim: claims.Claim) -> None:
         while True:
@@ -127,6 +192,9 @@ class Attempts:
         except SyncdError:
             previous = None
         attempts = (previous.attempts if previous else 0) + 1
+        if error.code == metadata.BEING_WRITTEN_CODE:
+            # Its writer is at it: no backoff, and nothing for the operator to see.
+            return Outcome(done=False, error=error, attempts=attempts, retry_in=BEING_WRITTEN_RETRY)
         if error.permanent:
             delay = self.config.retry_permanent_delay
         else:
@@ -142,6 +210,7 @@ class Attempts:
             error.permanent,
             time.time() + delay,
             uploaded=previous.uploaded if previous else None,
+            recorded=previous.recorded if previous else None,
         )
         try:
             self.state.set(record)

@@ -244,6 +244,19 @@ class DaemonSettings(BaseModel):
                 )
         return value
 
+    @model_validator(mode="after")
+    def _findable(self) -> DaemonSettings:
+        if self.completion == "metadata":
+            fields = {name for _, name, _, _ in string.Formatter().parse(self.metadata_file)}
+            if "exec_path" not in fields and "workflow" not in fields:
+                raise ValueError(
+                    f"completion: metadata finds each result's folder from its metadata file "
+                    f"name, but metadata_file {self.metadata_file!r} does not say the workflow: "
+                    "use {exec_path}, or {workflow} and {exec}, e.g. "
+                    "metadata_{workflow}:{exec}.json"
+                )
+        return self
+
 
 class Settings(BaseSettings):
     """Everything syncd reads; built by `load_settings` and passed down, never re-read."""

@@ -1,10 +1,16 @@
-"""The daemon: find marked results (watch, start-up scan, periodic rescan) and publish them.
+"""The daemon: find finished results (watch, start-up scan, periodic rescan) and publish them.
 
-Results go through one queue to `parallel_results` workers. A result is queued at most once
-at a time and published under a claim, so daemons sharing outputs_dir never both record it.
-A failure is retried with capped exponential backoff and jitter; one only a person can fix is
-logged once and retried slowly. A fresh event for a waiting result (its marker dropped again,
-its folder appearing after the marker) tries it at once; a removed marker forgets it.
+A result is finished when its marker exists, or (completion by metadata) when its metadata
+says so. Results go through one queue to `parallel_results` workers. A result is queued at
+most once at a time and published under a claim, so daemons sharing outputs_dir never both
+record it. A failure is retried with capped exponential backoff and jitter; one only a person
+can fix is logged once and retried slowly. A fresh event for a waiting result (its marker
+dropped again, its metadata rewritten, its folder appearing after the signal) tries it at once;
+a removed signal forgets it.
+
+A recorded result needs only its metadata's stamp: when the metadata changes (an event, or a
+stat at each rescan) the result is tried again, and a record someone else's write removed is
+restored; when the metadata is deleted the result is forgotten.
 
 Workers never die: an attempt turns every failure into its outcome, and the worker loop logs
 whatever escapes its own bookkeeping and goes on. The systemd watchdog is fed only while the
@@ -25,15 +31,17 @@ from pathlib import Path
 
 from loguru import logger
 
+from syncd import metadata
 from syncd.attempt import Attempts
 from syncd.config import Settings
 from syncd.errors import SyncdError, classify
 from syncd.layout import Layout, Result
+from syncd.metadata import Stamp
 from syncd.notify import Notifier
 from syncd.publish import Publisher, recover_leftovers
 from syncd.resign import Resigner
 from syncd.state import Record, State, StateStore
-from syncd.watch import MarkerWatcher
+from syncd.watch import ResultWatcher
 
 # Seconds without any progress while results are being worked on before the daemon counts as
 # wedged (every transfer has its own deadline; this catches what has none).
@@ -61,7 +69,9 @@ class Daemon:
         self.resigner = resigner
         self.queue: asyncio.Queue[Result] = asyncio.Queue()
         self.queued: set[str] = set()  # waiting in the queue or in progress
-        self.done: dict[str, Result] = {}  # recorded; only their signed URLs need care
+        # Recorded: only their metadata (its stamp as last written or seen) and signed URLs
+        # need care.
+        self.done: dict[str, tuple[Result, Stamp | None]] = {}
         self.waiting: dict[str, asyncio.TimerHandle] = {}  # backoff until the next attempt
         self.reported: dict[str, str] = {}  # the permanent error already logged per result
         self.busy: set[asyncio.Task[None]] = set()
@@ -79,11 +89,11 @@ class Daemon:
         self.state.reset_interrupted()
         await asyncio.to_thread(recover_leftovers, self.layout)
         self.progress_at = loop.time()
-        watcher = MarkerWatcher(
+        watcher = ResultWatcher(
             self.layout,
             self.config,
-            on_marker=lambda path: loop.call_soon_threadsafe(self.offer_marker, path),
-            on_gone=lambda path: loop.call_soon_threadsafe(self.marker_gone, path),
+            on_file=lambda path: loop.call_soon_threadsafe(self.file_changed, path),
+            on_gone=lambda path: loop.call_soon_threadsafe(self.file_gone, path),
             on_folder=lambda _: loop.call_soon_threadsafe(self.start_scan),
             on_lost=lambda why: loop.call_soon_threadsafe(self.events_lost, why),
         )
@@ -99,10 +109,12 @@ class Daemon:
             helpers.append(asyncio.create_task(self.renew_every(every)))
         self.tasks = workers + helpers
         logger.info(
-            "syncd watching {} ({}) for *{} markers; uploading to {}; {} results in parallel",
+            "syncd watching {} ({}) for {}; uploading to {}; {} results in parallel",
             self.layout.outputs_dir,
             "polling" if watcher.polling else "inotify",
-            self.config.marker_suffix,
+            f"{self.config.metadata_file} with status completed"
+            if self.layout.by_metadata
+            else f"*{self.config.marker_suffix} markers",
             self.publisher.store.description,
             self.config.parallel_results,
         )
@@ -160,16 +172,21 @@ class Daemon:
         while True:
             await asyncio.sleep(interval)
             now = time.time()
-            for result in [r for r in self.done.values() if self.resigner.due(r, now)]:
+            due = [r for r, _ in self.done.values() if self.resigner.due(r, now)]
+            for result in due:
                 try:
-                    await asyncio.to_thread(self.resigner.refresh, result, now)
+                    stamp = await asyncio.to_thread(self.resigner.refresh, result, now)
                 except Exception as exc:  # one bad metadata file never stops the others
                     logger.warning(
                         "{}: cannot renew its signed URL: {}", result.name, classify(exc)
                     )
                     self.resigner.later(result, now)
+                    continue
+                rel = result.rel.as_posix()
+                if stamp is not None and rel in self.done:
+                    self.done[rel] = (result, stamp)
 
-    async def tend(self, watcher: MarkerWatcher) -> None:
+    async def tend(self, watcher: ResultWatcher) -> None:
         """Every few seconds: watch again what was replaced, and feed systemd's watchdog
         while the pipeline is healthy."""
         while True:
@@ -185,7 +202,7 @@ class Daemon:
             self.unhealthy = problem
             await asyncio.sleep(TEND_EVERY)
 
-    def health(self, watcher: MarkerWatcher) -> str | None:
+    def health(self, watcher: ResultWatcher) -> str | None:
         """None while the pipeline works; otherwise what is wrong with it."""
         ended = [t for t in self.tasks if t.done() and t is not asyncio.current_task()]
         if ended:
@@ -211,37 +228,94 @@ class Daemon:
             task.add_done_callback(self.scans.discard)
 
     async def scan(self) -> None:
+        recorded = list(self.done.values())
         try:
-            marked = await asyncio.to_thread(lambda: list(self.layout.marked()))
+            stamps = await asyncio.to_thread(
+                lambda: [metadata.stamp(result.metadata) for result, _ in recorded]
+            )
+        except Exception as exc:
+            logger.warning("cannot look at recorded results' metadata: {}", classify(exc))
+        else:
+            for (result, known), now in zip(recorded, stamps, strict=True):
+                self.metadata_changed(result, known, now)
+        try:
+            signalled = await asyncio.to_thread(lambda: list(self.layout.signalled()))
         except Exception as exc:
             logger.warning("cannot scan {}: {}", self.layout.outputs_dir, classify(exc))
             return
-        for result in marked:
+        for result in signalled:
             self.offer(result)
 
-    def offer_marker(self, path: Path) -> None:
-        """A file or result folder appeared: its result is tried now, even if it waits."""
-        result = self.layout.for_marker(path)
-        if result is not None and result.marker.exists():
+    def file_changed(self, path: Path) -> None:
+        """A file or folder appeared or was written: its result is tried now, even if it
+        waits; a recorded result whose metadata changed is looked at again."""
+        result = self.layout.for_path(path)
+        if result is None:
+            return
+        rel = result.rel.as_posix()
+        try:
+            if rel in self.done:
+                if path == result.metadata:
+                    known = self.done[rel][1]
+                    self.metadata_changed(result, known, metadata.stamp(result.metadata))
+            elif path == result.signal or rel in self.waiting or result.signal.exists():
+                self.offer(result, fresh=True)
+        except OSError as exc:  # the next rescan looks again
+            logger.debug("{}: cannot look at {}: {}", result.name, path, exc)
+
+    def metadata_changed(self, result: Result, known: Stamp | None, now: Stamp | None) -> None:
+        """A recorded result's metadata as it is now: gone (nothing left to care for), or
+        written by someone else (try it again: its record is restored if it was lost)."""
+        rel = result.rel.as_posix()
+        current = self.done.get(rel)
+        if now == known or current is None or current[1] != known:
+            return  # unchanged, no longer recorded, or rewritten by syncd since `known`
+        del self.done[rel]
+        if self.resigner is not None:
+            self.resigner.forget(result)
+        if now is None:
+            logger.debug("{}: its metadata was removed; nothing more to do", result.name)
+        else:
             self.offer(result, fresh=True)
 
-    def marker_gone(self, path: Path) -> None:
-        result = self.layout.for_marker(path)
-        if result is not None and result.rel.as_posix() in self.waiting:
-            self.forget(result)
+    def file_gone(self, path: Path) -> None:
+        result = self.layout.for_path(path)
+        if result is None:
+            return
+        rel = result.rel.as_posix()
+        if rel in self.done and path == result.metadata:
+            self.metadata_changed(result, self.done[rel][1], None)
+        elif rel in self.waiting and path == result.signal:
+            name = result.signal_name
+            self.forget(result, f"its {name} was removed", short=f"{name} removed")
 
-    def forget(self, result: Result) -> None:
-        """Its marker was removed: nothing more is done for it until a marker comes again."""
+    def forget(self, result: Result, why: str, short: str | None = None) -> None:
+        """Its signal is gone: nothing more is done for it until one comes again. `short`: the
+        reason as `syncd status` shows it."""
         rel = result.rel.as_posix()
         handle = self.waiting.pop(rel, None)
         if handle is not None:
             handle.cancel()
         self.reported.pop(rel, None)
-        logger.info("{}: its marker was removed; forgotten", result.name)
+        logger.info("{}: {}; forgotten", result.name, why)
         try:
-            self.state.set(Record(rel, State.FORGOTTEN, last_error="marker removed"))
+            previous = self.state.get(rel)
+            kept = previous.recorded if previous is not None else None
+            self.state.set(Record(rel, State.FORGOTTEN, last_error=short or why, recorded=kept))
         except SyncdError as exc:
             logger.warning("{}: {}", result.name, exc)
+
+    def not_finished(self, result: Result, why: str) -> None:
+        """The attempt found the result not finished: forgotten if it was tried before (its
+        marker was removed), else left quietly until its signal comes (status running)."""
+        try:
+            previous = self.state.get(result.rel.as_posix())
+        except SyncdError:
+            previous = None
+        if previous is not None and previous.state in (State.RETRYING, State.PENDING):
+            self.forget(result, why)
+        else:
+            logger.debug("{}: not finished: {}", result.name, why)
 
     def offer(self, result: Result, fresh: bool = False) -> None:
         rel = result.rel.as_posix()
@@ -273,20 +347,22 @@ class Daemon:
 
     async def process(self, result: Result) -> None:
         rel = result.rel.as_posix()
-        if not await asyncio.to_thread(result.marker.exists):
-            self.forget(result)
-            return
         outcome = await self.attempts.attempt(result)
         if outcome.done:
-            self.done[rel] = result
+            self.done[rel] = (result, outcome.stamp)
             self.reported.pop(rel, None)
+            return
+        if outcome.unfinished is not None:
+            self.not_finished(result, outcome.unfinished)
             return
         if outcome.held_by is not None:
             logger.debug("{}: being published by {}", result.name, outcome.held_by)
             return  # a rescan looks again; a dead owner's claim expires
         assert outcome.error is not None
         message = f"{result.name}: {outcome.error}"
-        if not outcome.error.permanent:
+        if outcome.error.code == metadata.BEING_WRITTEN_CODE:
+            logger.debug("{} (attempt {})", message, outcome.attempts)
+        elif not outcome.error.permanent:
             logger.warning(
                 "{} (attempt {}; retrying in {:.1f} s)", message, outcome.attempts, outcome.retry_in
             )

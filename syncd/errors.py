@@ -35,7 +35,7 @@ class SyncdError(Exception):
     def __init__(self, message: str, kind: Kind = Kind.TRANSIENT, code: str | None = None) -> None:
         super().__init__(message)
         self.kind = kind
-        self.code = code  # the S3 error code, for store errors that have one
+        self.code = code  # its short name: the S3 error code, or syncd's own (BeingWritten)
 
     @property
     def permanent(self) -> bool:

@@ -1,8 +1,10 @@
 """Where results live: exec trees, their completion markers and metadata, and their keys in S3.
 
-A result is `<outputs_dir>/exec_*/` or `<outputs_dir>/<workflow>/exec_*/`; the workflow marks
-it finished with `<exec dir><marker_suffix>` beside the tree. The metadata file is a template
-relative to outputs_dir. Objects go to `<prefix>/<exec path under outputs_dir>/<path in tree>`.
+A result is `<outputs_dir>/exec_*/` or `<outputs_dir>/<workflow>/exec_*/`. The metadata file is
+a template relative to outputs_dir, read both ways: from a result to its file, and from a file
+to its result. What says a result is finished (`completion`) is its marker
+`<exec dir><marker_suffix>` beside the tree, or its metadata file (the Earth2Studio server
+writes no marker). Objects go to `<prefix>/<exec path under outputs_dir>/<path in tree>`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import errno
 import os
 import re
 import stat
+import string
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +44,16 @@ class Result:
     marker: Path
     metadata: Path
     remote_path: str  # <prefix>/<rel>
+    by_metadata: bool = False  # finished when its metadata says so, not by a marker
+
+    @property
+    def signal(self) -> Path:
+        """The file that says the result is finished."""
+        return self.metadata if self.by_metadata else self.marker
+
+    @property
+    def signal_name(self) -> str:
+        return "metadata" if self.by_metadata else "marker"
 
     @property
     def name(self) -> str:
@@ -77,6 +90,8 @@ class Layout:
         self.outputs_dir = normalized(daemon.outputs_dir)
         self.marker_suffix = daemon.marker_suffix
         self.metadata_file = daemon.metadata_file
+        self.metadata_pattern = metadata_pattern(daemon.metadata_file)
+        self.by_metadata = daemon.completion == "metadata"
         self.prefix = settings.object_storage.prefix
         self.reported: set[str] = set()  # symlinked workflow folders already logged
 
@@ -91,7 +106,42 @@ class Layout:
             marker=self.outputs_dir / rel.parent / f"{rel.name}{self.marker_suffix}",
             metadata=self.outputs_dir / metadata,
             remote_path="/".join(part for part in (self.prefix, rel.as_posix()) if part),
+            by_metadata=self.by_metadata,
         )
+
+    def for_path(self, path: Path) -> Result | None:
+        """The result a path belongs to: its marker, its metadata file or its tree; None for
+        anything else."""
+        return self.for_marker(path) or self.for_metadata(path) or self.for_folder(path)
+
+    def for_metadata(self, path: Path) -> Result | None:
+        """The result whose metadata file is `path` (the template read backwards)."""
+        try:
+            rel_path = normalized(path).relative_to(self.outputs_dir).as_posix()
+        except ValueError:
+            return None
+        match = self.metadata_pattern.fullmatch(rel_path)
+        if match is None:
+            return None
+        fields = match.groupdict()
+        if fields.get("exec_path"):
+            rel = PurePosixPath(fields["exec_path"])
+        elif "workflow" in fields and fields.get("exec"):
+            rel = PurePosixPath(fields["workflow"], fields["exec"])
+        else:
+            return None  # the template does not say which workflow (config refuses this)
+        if not result_path(rel):
+            return None
+        result = self.result(rel)
+        return result if result.metadata == normalized(path) else None
+
+    def for_folder(self, path: Path) -> Result | None:
+        """The result whose tree is `path`."""
+        try:
+            rel = PurePosixPath(normalized(path).relative_to(self.outputs_dir).as_posix())
+        except ValueError:
+            return None
+        return self.result(rel) if result_path(rel) else None
 
     def for_marker(self, marker: Path) -> Result | None:
         """The result a marker file finishes, or None if the path is not a marker."""
@@ -128,19 +178,33 @@ class Layout:
             raise LayoutError(f"{tree} is not a folder")
         return self.result(rel)
 
-    def marked(self) -> Iterator[Result]:
-        """Every result whose marker exists, at the top level and one workflow folder deep."""
-        for folder in [self.outputs_dir, *self.workflow_dirs()]:
+    def signalled(self) -> Iterator[Result]:
+        """Every result whose completion signal exists: its marker, or with completion by
+        metadata its metadata file (whatever it says yet), at the top level and one workflow
+        folder deep."""
+        if self.by_metadata:
+            folders, find = self.metadata_folders(), self.for_metadata
+        else:
+            folders, find = [self.outputs_dir, *self.workflow_dirs()], self.for_marker
+        for folder in folders:
             try:
                 entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except FileNotFoundError:
+                continue  # a metadata folder not made yet
             except OSError as exc:
                 logger.warning("cannot list {}: {}", folder, exc.strerror)
                 continue
             for entry in entries:
                 if entry.is_file():
-                    result = self.for_marker(Path(entry.path))
+                    result = find(Path(entry.path))
                     if result is not None:
                         yield result
+
+    def metadata_folders(self) -> list[Path]:
+        """The folders metadata files go to: one per workflow folder, or one for all."""
+        workflows = ["", *(folder.name for folder in self.workflow_dirs())]
+        samples = (self.result(PurePosixPath(w, "exec_x")) for w in workflows)
+        return sorted({sample.metadata.parent for sample in samples})
 
     def workflow_dirs(self) -> list[Path]:
         """Folders of outputs_dir that may hold results (anything but exec trees). A symlink to
@@ -165,6 +229,34 @@ class Layout:
                     self.outputs_dir,
                 )
         return sorted(folders)
+
+
+def result_path(rel: PurePosixPath) -> bool:
+    """Whether `rel` (under outputs_dir) names a result: exec_X or <workflow>/exec_X."""
+    name = rel.name
+    if not name.startswith(EXEC_PREFIX) or name == EXEC_PREFIX or len(rel.parts) > 2:
+        return False
+    return len(rel.parts) == 1 or not rel.parts[0].startswith((EXEC_PREFIX, "."))
+
+
+PLACEHOLDERS = {
+    "exec": f"{EXEC_PREFIX}[^/]+",
+    "exec_path": f"(?:[^/]+/)?{EXEC_PREFIX}[^/]+",
+    "workflow": "[^/]*",
+}
+
+
+def metadata_pattern(template: str) -> re.Pattern[str]:
+    """A regular expression that reads the placeholders back out of a metadata file's path."""
+    parts = []
+    seen: set[str] = set()
+    for literal, name, _, _ in string.Formatter().parse(template):
+        parts.append(re.escape(literal))
+        if name is None:
+            continue
+        parts.append(f"(?P={name})" if name in seen else f"(?P<{name}>{PLACEHOLDERS[name]})")
+        seen.add(name)
+    return re.compile("".join(parts), re.DOTALL)
 
 
 def normalized(path: Path) -> Path:
@@ -261,21 +353,22 @@ FOLDER_GRACE = 600.0
 
 
 def no_folder(result: Result) -> SyncdError:
-    """A marker without its result folder: transient while the marker is new (the folder's
-    rename may come second), then a problem for a person, logged once."""
+    """A finished result without its folder: transient while its signal (marker or metadata)
+    is new (the folder's rename may come second), then a problem for a person, logged once."""
     try:
-        age = time.time() - os.lstat(result.marker).st_mtime
+        age = time.time() - os.lstat(result.signal).st_mtime
     except OSError:
         age = 0.0
+    what = f"{result.signal_name} {result.signal}"
     if age < FOLDER_GRACE:
         return SyncdError(
-            f"marker {result.marker} has no result folder {result.tree} yet; published as "
-            "soon as the folder appears",
+            f"{what} has no result folder {result.tree} yet; published as soon as the folder "
+            "appears",
             Kind.TRANSIENT,
         )
     return SyncdError(
-        f"marker {result.marker} has no result folder {result.tree}: restore the folder or "
-        "remove the marker",
+        f"{what} has no result folder {result.tree}: restore the folder or remove the "
+        f"{result.signal_name}",
         Kind.INPUT,
     )
 

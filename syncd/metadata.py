@@ -1,7 +1,11 @@
-"""The result metadata JSON: read it, decide whether it is recorded, rewrite it atomically.
+"""The result metadata JSON: read it, decide whether it is finished and recorded, rewrite it
+atomically.
 
 The rewrite keeps every field the file had and sets `storage_type`, `signed_url`,
-`remote_path` and `output_files`. A file that is not a JSON object is never overwritten.
+`remote_path` and `output_files`. A file that is not a JSON object is never overwritten. Other
+writers (the Earth2Studio server) write it in place, so a file that does not parse and changed
+in the last `BEING_WRITTEN` seconds is read again shortly rather than reported. Each read and
+write gives the file's `Stamp`, so a later change by someone else can be noticed with a stat.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import json
 import os
 import stat
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +25,46 @@ from syncd.errors import Kind, SyncdError, os_error
 from syncd.layout import LocalFile, Result
 
 Metadata = dict[str, Any]
+Stamp = tuple[int, int, int]  # (inode, size, mtime in ns): the file as syncd last saw it
 # Temporary files of the rewrite; one a kill left behind is removed at the next start.
 TEMP_SUFFIX = ".syncd.tmp"
+# A file that does not parse and changed more recently than this is still being written.
+BEING_WRITTEN = 30.0
+BEING_WRITTEN_CODE = "BeingWritten"
+
+
+def stamp_of(info: os.stat_result) -> Stamp:
+    return (info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def stamp(path: Path) -> Stamp | None:
+    """The file's stamp now, or None if there is no file."""
+    try:
+        return stamp_of(os.lstat(path))
+    except FileNotFoundError:
+        return None
 
 
 def read(path: Path) -> Metadata | None:
-    """The metadata object, or None when the file does not exist. A symlink is refused: the
-    rewrite would have to write through it or replace it, and neither is syncd's to do."""
+    """The metadata object, or None when the file does not exist."""
+    return read_stamped(path)[0]
+
+
+def read_stamped(path: Path) -> tuple[Metadata | None, Stamp | None]:
+    """The metadata object and the stamp of the file it was read from (None, None when there
+    is no file). A symlink is refused: the rewrite would have to write through it or replace
+    it, and neither is syncd's to do."""
     try:
         # O_NONBLOCK: a FIFO in its place must not hang the reader (it is refused below).
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        return None
+        return None, None
     except OSError as exc:
         raise unusable(path, exc) from None
     try:
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
                 raise SyncdError(
                     f"metadata {path} is not a regular file; left as it is: replace it with the "
                     "metadata JSON, or remove it",
@@ -47,6 +76,12 @@ def read(path: Path) -> Metadata | None:
     try:
         document = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        if time.time() - info.st_mtime < BEING_WRITTEN:
+            raise SyncdError(
+                f"metadata {path} is not complete JSON yet ({exc}); reading it again shortly",
+                Kind.TRANSIENT,
+                BEING_WRITTEN_CODE,
+            ) from None
         raise SyncdError(
             f"metadata {path} is not valid JSON ({exc}); left as it is: fix or remove it "
             "and the result is uploaded on the next scan",
@@ -58,7 +93,12 @@ def read(path: Path) -> Metadata | None:
             "and the result is uploaded on the next scan",
             Kind.INPUT,
         )
-    return document
+    return document, stamp_of(info)
+
+
+def completed(document: Metadata | None) -> bool:
+    """True when the metadata says the workflow finished (the server's last write)."""
+    return document is not None and document.get("status") == "completed"
 
 
 def unusable(path: Path, exc: OSError) -> SyncdError:
@@ -84,10 +124,48 @@ def is_recorded(document: Metadata | None, result: Result) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class Kept:
+    """The record syncd made for a result, kept in its state to restore it if the metadata is
+    written again without it (`signed_url` is signed afresh)."""
+
+    remote_path: str
+    output_files: list[dict[str, Any]]
+
+    def dumps(self) -> str:
+        return json.dumps(
+            {"remote_path": self.remote_path, "output_files": self.output_files},
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+
+    @classmethod
+    def loads(cls, text: str) -> Kept:
+        data = json.loads(text)
+        return cls(data["remote_path"], data["output_files"])
+
+    @classmethod
+    def of(cls, result: Result, document: Metadata | None) -> Kept | None:
+        """The record in metadata that holds one for this result."""
+        files = document.get("output_files") if document is not None else None
+        if not is_recorded(document, result) or not isinstance(files, list):
+            return None
+        return cls(result.remote_path, files)
+
+
+def output_files(result: Result, files: list[LocalFile]) -> list[dict[str, Any]]:
+    """The `output_files` entries of a tree: `<exec>/<path in tree>` and size."""
+    return [{"path": f"{result.name}/{f.rel}", "size": f.size} for f in files]
+
+
 def recorded(
-    document: Metadata | None, result: Result, files: list[LocalFile], signed_url: str | None
+    document: Metadata | None,
+    result: Result,
+    files: list[dict[str, Any]],
+    signed_url: str | None,
 ) -> Metadata:
-    """The metadata with the upload recorded; a missing file starts from the basics."""
+    """The metadata with the upload recorded (`files`: its output_files entries); a missing
+    file starts from the basics."""
     updated = (
         dict(document)
         if document is not None
@@ -100,27 +178,28 @@ def recorded(
         storage_type="s3",
         signed_url=signed_url,
         remote_path=result.remote_path,
-        output_files=[{"path": f"{result.name}/{f.rel}", "size": f.size} for f in files],
+        output_files=files,
     )
     return updated
 
 
-def write_atomic(path: Path, document: Metadata) -> None:
+def write_atomic(path: Path, document: Metadata) -> Stamp:
     """Replace `path` so readers see the old file or the new one, never a partial one. The new
     file keeps the old one's mode, and its owner and group where this user may set them (so
-    the server can still write it). Failures come as SyncdError; no temporary file stays."""
+    the server can still write it). Failures come as SyncdError; no temporary file stays.
+    Returns the new file's stamp."""
     try:
         text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
         data = text.encode()
     except UnicodeEncodeError:  # a lone surrogate in a value: keep it, as a JSON escape
         data = (json.dumps(document, indent=2) + "\n").encode()
     try:
-        _write(path, data)
+        return _write(path, data)
     except OSError as exc:
         raise os_error(exc, "writing metadata", path) from None
 
 
-def _write(path: Path, data: bytes) -> None:
+def _write(path: Path, data: bytes) -> Stamp:
     try:
         old = path.lstat()
     except FileNotFoundError:
@@ -137,6 +216,7 @@ def _write(path: Path, data: bytes) -> None:
                     os.fchown(f.fileno(), old.st_uid, old.st_gid)
             os.fchmod(f.fileno(), old.st_mode & 0o7777 if old is not None else 0o644)
             os.fsync(f.fileno())
+            written = stamp_of(os.fstat(f.fileno()))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -146,3 +226,4 @@ def _write(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+    return written

@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from loguru import logger
 
@@ -94,8 +95,10 @@ class Publisher:
         # One bound for every result this publisher uploads.
         self.budget = TransferBudget(self.storage.max_concurrency, settings.syncd.upload_buffer)
 
-    async def read_metadata(self, result: Result) -> metadata.Metadata | None:
-        return await asyncio.to_thread(metadata.read, result.metadata)
+    async def read_metadata(
+        self, result: Result
+    ) -> tuple[metadata.Metadata | None, metadata.Stamp | None]:
+        return await asyncio.to_thread(metadata.read_stamped, result.metadata)
 
     async def upload(
         self, result: Result, interrupted: bool, acknowledged: str | None = None
@@ -124,27 +127,27 @@ class Publisher:
             await self._remove_strays(result, files)
         return Uploaded(files, total, time.monotonic() - started, done, sent=True)
 
-    async def record(self, result: Result, uploaded: Uploaded) -> None:
+    async def record(self, result: Result, uploaded: Uploaded) -> metadata.Stamp:
         """Sign and rewrite the metadata; with delete_local_after_upload, delete the tree only
-        once the bucket verifiably holds every file of it."""
-        signed_url = (
-            self.signer.sign(result.remote_path, self.storage.signed_url_expires_in)
-            if self.signer
-            else None
-        )
+        once the bucket verifiably holds every file of it. Returns the metadata's stamp."""
+        files = metadata.output_files(result, uploaded.files)
         if not self.delete_local:
-            await asyncio.to_thread(self._record, result, uploaded.files, signed_url)
-            return
+            return await asyncio.to_thread(self._record, result, files)
         # A listing costs little on S3, but some servers hash every object to answer it
         # (rclone: ~0.7 s per 500 MB), so it is paid only where it guards the last copy.
         await self._verify(result, uploaded.files)
         aside = await asyncio.to_thread(move_aside, result, uploaded.files)
         try:
-            await asyncio.to_thread(self._record, result, uploaded.files, signed_url)
+            stamp = await asyncio.to_thread(self._record, result, files)
         except BaseException:
             await asyncio.to_thread(move_back, result, aside)
             raise
         await asyncio.to_thread(delete_aside, result, aside)
+        return stamp
+
+    async def restore(self, result: Result, kept: metadata.Kept) -> metadata.Stamp:
+        """Write a record made before into the metadata again, with a fresh signed URL."""
+        return await asyncio.to_thread(self._record, result, kept.output_files)
 
     def _list_tree(self, result: Result) -> list[LocalFile]:
         with tree_errors(result):
@@ -253,10 +256,17 @@ class Publisher:
                 "the local tree is kept"
             )
 
-    def _record(self, result: Result, files: list[LocalFile], signed_url: str | None) -> None:
+    def _record(self, result: Result, files: list[dict[str, Any]]) -> metadata.Stamp:
+        signed_url = (
+            self.signer.sign(result.remote_path, self.storage.signed_url_expires_in)
+            if self.signer
+            else None
+        )
         # Re-read: the server may have added fields while the upload ran.
         latest = metadata.read(result.metadata)
-        metadata.write_atomic(result.metadata, metadata.recorded(latest, result, files, signed_url))
+        return metadata.write_atomic(
+            result.metadata, metadata.recorded(latest, result, files, signed_url)
+        )
 
 
 @contextlib.contextmanager
@@ -360,9 +370,7 @@ def delete_aside(result: Result, aside: Path) -> None:
 def recover_leftovers(layout: Layout) -> None:
     """What a killed daemon left in the folders of outputs_dir: metadata temp files are
     removed, trees moved aside for deletion are deleted or put back (`recover_aside`)."""
-    workflows = layout.workflow_dirs()
-    samples = [PurePosixPath("exec_x")] + [PurePosixPath(w.name, "exec_x") for w in workflows]
-    folders = {layout.outputs_dir, *workflows, *(layout.result(r).metadata.parent for r in samples)}
+    folders = {layout.outputs_dir, *layout.workflow_dirs(), *layout.metadata_folders()}
     for folder in sorted(folders):
         try:
             entries = list(os.scandir(folder))

@@ -31,22 +31,28 @@ class Resigner:
         """After a failed renewal: look again within the margin, not at every pass."""
         self.next_look[result.rel.as_posix()] = now + max(self.margin / 4, 1.0)
 
-    def refresh(self, result: Result, now: float) -> None:
-        """Re-sign `result` if its URL is close to expiry; remember when to look again."""
+    def forget(self, result: Result) -> None:
+        self.next_look.pop(result.rel.as_posix(), None)
+
+    def refresh(self, result: Result, now: float) -> metadata.Stamp | None:
+        """Re-sign `result` if its URL is close to expiry; remember when to look again.
+        Returns the metadata's new stamp when it was rewritten."""
         rel = result.rel.as_posix()
         document = metadata.read(result.metadata)
         if document is None or not metadata.is_recorded(document, result):
-            self.next_look.pop(rel, None)  # gone or not ours any more: nothing to renew
-            return
+            # Gone, or written again without the record: the daemon restores that one.
+            self.next_look.pop(rel, None)
+            return None
         expires = expiry(document.get("signed_url") or "")
         if expires is not None and expires - now > self.margin:
             self.next_look[rel] = expires - self.margin
-            return
+            return None
         document["signed_url"] = self.signer.sign(result.remote_path, self.lifetime, now=now)
-        metadata.write_atomic(result.metadata, document)
+        written = metadata.write_atomic(result.metadata, document)
         self.next_look[rel] = now + self.lifetime - self.margin
         logger.info(
             "{}: signed URL renewed until {}",
             result.name,
             time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(now + self.lifetime)),
         )
+        return written

@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS results (
     files      INTEGER,
     bytes      INTEGER,
     updated    REAL NOT NULL,
-    uploaded   TEXT
+    uploaded   TEXT,
+    recorded   TEXT
 )
 """
 # How long a write waits for another process's lock before it counts as a failure.
@@ -74,6 +75,7 @@ class Record:
     bytes: int | None = None
     updated: float = 0.0
     uploaded: str | None = None  # fingerprint of a tree uploaded whole, not yet recorded
+    recorded: str | None = None  # JSON {remote_path, output_files} of the record syncd made
 
 
 class StateStore:
@@ -110,8 +112,9 @@ class StateStore:
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute(SCHEMA)
             columns = {row[1] for row in db.execute("PRAGMA table_info(results)")}
-            if "uploaded" not in columns:  # a state file from before fingerprints
-                db.execute("ALTER TABLE results ADD COLUMN uploaded TEXT")
+            for column in ("uploaded", "recorded"):  # a state file from an earlier version
+                if column not in columns:
+                    db.execute(f"ALTER TABLE results ADD COLUMN {column} TEXT")
         except BaseException:
             db.close()
             raise
@@ -166,7 +169,7 @@ class StateStore:
     def set(self, record: Record) -> None:
         with self.errors():
             self.db.execute(
-                f"INSERT OR REPLACE INTO results ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO results ({COLUMNS}) VALUES ({SLOTS})",
                 (
                     record.rel,
                     record.state.value,
@@ -178,6 +181,7 @@ class StateStore:
                     record.bytes,
                     time.time(),
                     record.uploaded,
+                    record.recorded,
                 ),
             )
 
@@ -186,11 +190,15 @@ class StateStore:
             self.db.execute("UPDATE results SET uploaded = ? WHERE rel = ?", (fingerprint, rel))
 
 
-COLUMNS = "rel, state, attempts, last_error, permanent, next_try, files, bytes, updated, uploaded"
+COLUMNS = (
+    "rel, state, attempts, last_error, permanent, next_try, files, bytes, updated, uploaded, "
+    "recorded"
+)
+SLOTS = ", ".join("?" * len(COLUMNS.split(",")))
 
 
 def _record(row: tuple) -> Record:
-    rel, state, attempts, last_error, permanent, next_try, files, size, updated, uploaded = row
+    rel, state, attempts, last_error, permanent, next_try, files, size, updated, *kept = row
     return Record(
         rel,
         State(state),
@@ -201,5 +209,5 @@ def _record(row: tuple) -> Record:
         files,
         size,
         updated,
-        uploaded,
+        *kept,
     )

@@ -1,6 +1,7 @@
-"""`syncd status`: every marked result with its state, from the state file and the markers.
+"""`syncd status`: every finished result with its state, from the state file and the
+completion signals (markers, or metadata that says completed).
 
-A marked result the state file does not know yet is `pending`, or `done` when its metadata
+A finished result the state file does not know yet is `pending`, or `done` when its metadata
 already records it (another daemon published it).
 """
 
@@ -32,20 +33,26 @@ def records(settings: Settings) -> list[Record]:
         store = StateStore(settings.syncd.state_dir, readonly=True)
         known = {r.rel: r for r in store.all()}
         store.close()
-    for result in Layout(settings).marked():
+    for result in Layout(settings).signalled():
         rel = result.rel.as_posix()
         if rel in known and known[rel].state != State.FORGOTTEN:
             continue
         try:
-            recorded = metadata.is_recorded(metadata.read(result.metadata), result)
+            document = metadata.read(result.metadata)
         except SyncdError:
-            recorded = False
+            document = None
+        if result.by_metadata and not metadata.completed(document):
+            continue
+        recorded = metadata.is_recorded(document, result)
         known[rel] = Record(rel, State.DONE if recorded else State.PENDING)
     return sorted(known.values(), key=lambda r: (ORDER[r.state], r.rel))
 
 
 def as_dict(record: Record) -> dict[str, Any]:
-    return asdict(record) | {"state": record.state.value}
+    """The record for `--json`, without the kept record (it may list 100,000 files)."""
+    data = asdict(record) | {"state": record.state.value}
+    del data["recorded"]
+    return data
 
 
 def table(rows: list[Record], now: float | None = None) -> str:

@@ -1,7 +1,10 @@
-"""Watch outputs_dir and its workflow folders for completion markers (watchdog).
+"""Watch outputs_dir, its workflow folders and the metadata folders for the files that finish
+results, and for rewrites of their metadata (watchdog).
 
-Only outputs_dir and the workflow folders directly under it are watched, each on its own,
-so the watch count stays at one per workflow however large the result trees are. inotify
+Only outputs_dir and the folders directly under it are watched, each on its own, so the
+watch count stays at one per workflow however large the result trees are. A file counts as
+written when it is closed after writing (inotify) or its listing changes (polling), so a
+metadata file written in place is looked at once it is whole, not at every write. inotify
 can lose events (its queue overflows, the watch limit is reached): each loss calls
 `on_lost`, and the daemon answers with a full rescan. On NFS/CIFS, where inotify sees nothing
 other hosts do, `watch: poll` compares folder listings instead.
@@ -44,25 +47,24 @@ def identity(folder: Path, follow: bool = False) -> Identity | None:
     return (info.st_dev, info.st_ino) if stat.S_ISDIR(info.st_mode) else None
 
 
-class MarkerWatcher(FileSystemEventHandler):
-    """Calls, from watchdog's threads: `on_marker(path)` for each file that appears (a marker,
-    or a result folder whose marker came first), `on_gone(path)` for each file removed,
+class ResultWatcher(FileSystemEventHandler):
+    """Calls, from watchdog's threads: `on_file(path)` for each file that appears or is written
+    and each result folder that appears, `on_gone(path)` for each file removed,
     `on_folder(path)` for each new workflow folder and `on_lost(why)` when events were lost."""
 
     def __init__(
         self,
         layout: Layout,
         daemon: DaemonSettings,
-        on_marker: Callable[[Path], None],
+        on_file: Callable[[Path], None],
         on_gone: Callable[[Path], None],
         on_folder: Callable[[Path], None],
         on_lost: Callable[[str], None],
     ) -> None:
         self.layout = layout
-        self.marker_suffix = daemon.marker_suffix
         self.poll_interval = daemon.poll_interval
         self.polling = daemon.watch == "poll"
-        self.on_marker = on_marker
+        self.on_file = on_file
         self.on_gone = on_gone
         self.on_folder = on_folder
         self.on_lost = on_lost
@@ -101,8 +103,13 @@ class MarkerWatcher(FileSystemEventHandler):
             self.watched.clear()
             self.watch(self.layout.outputs_dir)
             self.observer.start()
-        for folder in self.layout.workflow_dirs():
+        for folder in self.folders():
             self.watch(folder)
+
+    def folders(self) -> list[Path]:
+        """The folders besides outputs_dir that can hold markers or metadata files."""
+        inside = [f for f in self.layout.metadata_folders() if f.parent == self.layout.outputs_dir]
+        return sorted({*self.layout.workflow_dirs(), *inside})
 
     def stop(self) -> None:
         logging.getLogger("watchdog.observers.inotify_c").removeHandler(self.overflow)
@@ -175,7 +182,7 @@ class MarkerWatcher(FileSystemEventHandler):
         except OSError as exc:
             self.on_lost(f"cannot watch {self.layout.outputs_dir} ({exc.strerror or exc})")
             return
-        for folder in self.layout.workflow_dirs():
+        for folder in self.folders():
             self._watch(folder)
         self.on_lost(message.format(self.layout.outputs_dir))
 
@@ -186,16 +193,22 @@ class MarkerWatcher(FileSystemEventHandler):
         # Writers create markers, and often result folders, by rename.
         self._appeared(Path(str(event.dest_path)), event.is_directory)
 
+    def on_closed(self, event: FileSystemEvent) -> None:
+        # inotify's IN_CLOSE_WRITE: a file written in place (the server's metadata) is whole.
+        self._appeared(Path(str(event.src_path)), event.is_directory)
+
+    def on_modified(self, event: FileSystemEvent) -> None:
+        # inotify reports every write (on_closed says when it ends); polling only this.
+        if self.polling and not event.is_directory:
+            self._appeared(Path(str(event.src_path)), is_directory=False)
+
     def on_deleted(self, event: FileSystemEvent) -> None:
         if not event.is_directory:
             self.on_gone(Path(str(event.src_path)))
 
     def _appeared(self, path: Path, is_directory: bool) -> None:
-        if not is_directory:
-            self.on_marker(path)
-        elif path.name.startswith(EXEC_PREFIX):
-            # A result folder that came after its marker.
-            self.on_marker(path.with_name(path.name + self.marker_suffix))
+        if not is_directory or path.name.startswith(EXEC_PREFIX):
+            self.on_file(path)  # a file, or a result folder that came after its signal
         elif path.parent == self.layout.outputs_dir and not path.name.startswith("."):
             self.watch(path)
             self.on_folder(path)

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,11 @@ class Workspace:
         if metadata is not None:
             path = self.metadata_path(rel)
             path.write_text(metadata if isinstance(metadata, str) else json.dumps(metadata))
+            if isinstance(metadata, str):
+                # Text given as it is is a broken file; one that just changed counts as still
+                # being written, so make it one that has been broken for an hour.
+                an_hour_ago = time.time() - 3600
+                os.utime(path, (an_hour_ago, an_hour_ago))
         return tree
 
     def mark(self, rel: str) -> Path:
@@ -170,7 +176,10 @@ class Workspace:
         return marker
 
     def metadata_path(self, rel: str) -> Path:
-        return self.outputs / f"{rel}.json"
+        """Where syncd reads and writes the result's metadata, as configured."""
+        template = self.settings["syncd"].get("metadata_file", "{exec_path}.json")
+        workflow, _, name = rel.rpartition("/")
+        return self.outputs / template.format(exec=name, exec_path=rel, workflow=workflow)
 
     def metadata(self, rel: str) -> dict[str, Any]:
         return json.loads(self.metadata_path(rel).read_text())
@@ -277,13 +286,13 @@ class Tmpfs:
     def fill(self, path: Path) -> Path:
         """Fill the filesystem of `path` with one file; remove that file to free it."""
         filler = path / ".filler"
-        with open(filler, "wb") as f:
-            try:
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
-            except OSError:
-                pass
+        with open(filler, "wb", buffering=0) as f:  # unbuffered: nothing left for close
+            for size in (65536, 4096, 1):  # to the last byte
+                try:
+                    while True:
+                        f.write(b"\0" * size)
+                except OSError:
+                    pass
         return filler
 
     def unmount_all(self) -> None:
@@ -296,6 +305,22 @@ def tmpfs(tmp_path: Path) -> Iterator[Tmpfs]:
     mounts = Tmpfs(tmp_path)
     yield mounts
     mounts.unmount_all()
+
+
+def forecast() -> Any:
+    """A small forecast as a model writes it, for results opened with xarray."""
+    import numpy as np
+    import xarray as xr
+
+    rng = np.random.default_rng(0)
+    return xr.Dataset(
+        {"t2m": (("lead_time", "lat", "lon"), rng.random((3, 16, 32), dtype=np.float32))},
+        coords={
+            "lead_time": np.arange(3) * 6,
+            "lat": np.linspace(-90, 90, 16),
+            "lon": np.linspace(0, 360, 32, endpoint=False),
+        },
+    )
 
 
 def status_of(ws: Workspace) -> dict[str, dict]:

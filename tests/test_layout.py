@@ -54,7 +54,7 @@ def test_scan_finds_markers_at_both_levels_only(layout):
     for path in ["exec_1_a.done", "wf/exec_2_b.done", "wf/deeper/exec_3_c.done", "exec_4_d/x.done"]:
         (out / path).parent.mkdir(parents=True, exist_ok=True)
         (out / path).write_text("")
-    assert [r.rel.as_posix() for r in layout.marked()] == ["exec_1_a", "wf/exec_2_b"]
+    assert [r.rel.as_posix() for r in layout.signalled()] == ["exec_1_a", "wf/exec_2_b"]
 
 
 def test_command_line_folder_must_be_a_result_under_outputs_dir(layout, tmp_path):
