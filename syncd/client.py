@@ -7,7 +7,9 @@ behind a CloudFront signed URL (`storage_type: "s3"`) or still on the server (`"
 
 Transient HTTP errors are retried. A 403 becomes `AccessError`, which says whether the URL
 expired or does not cover the path; within a valid URL, CloudFront's 403 for an object S3
-does not have is a missing file, as Zarr expects. Needs the `client` extra (xarray, zarr).
+does not have is a missing file, as Zarr expects. Paths are file names, not URL text: a `#`,
+`?`, `%`, `+`, `&`, space or non-ASCII letter in a name is percent-encoded on the way out.
+Needs the `client` extra (xarray, zarr).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import asyncio
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
 import fsspec
+import yarl
 from fsspec.implementations.http import HTTPFileSystem
 
 from syncd.signing import expiry
@@ -34,8 +37,21 @@ class AccessError(PermissionError):
 
 def file_url(signed_url: str, path: str) -> str:
     """The signed URL of one file of the result (`path` inside the result)."""
-    base, _, query = signed_url.partition("?")
-    return f"{base.removesuffix('*').rstrip('/')}/{quote(path.lstrip('/'))}?{query}"
+    url = quoted(f"{result_root(signed_url)}/{path.lstrip('/')}")
+    return f"{url}?{signed_url.partition('?')[2]}"
+
+
+def result_root(signed_url: str) -> str:
+    """The result's base URL as plain text (not percent-encoded), without the wildcard."""
+    return unquote(signed_url.partition("?")[0].removesuffix("*").rstrip("/"))
+
+
+def quoted(url: str) -> str:
+    """`url` (plain text, no query) with its path percent-encoded. Split by hand: in a file
+    name `#` and `?` are data, not the start of a fragment or a query."""
+    scheme, _, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    return f"{scheme}://{netloc}{quote(slash + path)}"
 
 
 def refusal(signed_url: str, url: str, now: float | None = None) -> AccessError | None:
@@ -57,12 +73,16 @@ def refusal(signed_url: str, url: str, now: float | None = None) -> AccessError 
 
 
 class SignedHTTPFileSystem(HTTPFileSystem):
-    """fsspec over one CloudFront signed URL: every request carries its signing query."""
+    """fsspec over one CloudFront signed URL: every request carries its signing query. Paths
+    are plain text URLs (`result_root(signed_url)/<path>`), encoded here, once."""
 
     def __init__(self, signed_url: str, **options: Any) -> None:
         query = dict(p.split("=", 1) for p in urlsplit(signed_url).query.split("&") if p)
-        super().__init__(params=query, **options)
+        super().__init__(params=query, encoded=True, **options)
         self.signed_url = signed_url
+
+    def encode_url(self, url: str) -> yarl.URL:
+        return yarl.URL(quoted(url), encoded=True)
 
     async def _cat_file(
         self, url: str, start: int | None = None, end: int | None = None, **kwargs: Any
@@ -78,7 +98,8 @@ class SignedHTTPFileSystem(HTTPFileSystem):
                 return await call(url, **kwargs)
             except aiohttp.ClientResponseError as exc:
                 if exc.status == 403:
-                    raise refusal(self.signed_url, url) or FileNotFoundError(url) from None
+                    refused = refusal(self.signed_url, quoted(url))
+                    raise refused or FileNotFoundError(url) from None
                 if exc.status not in TRANSIENT or attempt == RETRIES - 1:
                     raise
             except (TimeoutError, aiohttp.ClientConnectionError):
@@ -91,9 +112,9 @@ class SignedHTTPFileSystem(HTTPFileSystem):
 def create_cloudfront_mapper(signed_url: str, zarr_path: str = "") -> fsspec.FSMap:
     """An fsspec mapper over the result (or the Zarr store at `zarr_path` in it), for
     `xr.open_zarr(mapper, consolidated=True)`."""
-    root = signed_url.partition("?")[0].removesuffix("*").rstrip("/")
-    if zarr_path:
-        root = f"{root}/{quote(zarr_path.strip('/'))}"
+    root = result_root(signed_url)
+    if zarr_path.strip("/"):
+        root = f"{root}/{zarr_path.strip('/')}"
     return SignedHTTPFileSystem(signed_url).get_mapper(root)
 
 
@@ -106,7 +127,7 @@ def download_result(
     inside = _inside(metadata, path)
     if metadata.get("storage_type") == "s3":
         fs = SignedHTTPFileSystem(metadata["signed_url"])
-        return fs.cat_file(file_url(metadata["signed_url"], inside).partition("?")[0])
+        return fs.cat_file(f"{result_root(metadata['signed_url'])}/{inside}")
     location = _server_location(metadata, outputs)
     if isinstance(location, Path):
         return (location / inside).read_bytes()

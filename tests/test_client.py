@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import requests
 import xarray as xr
 
 from syncd.client import (
@@ -14,23 +15,13 @@ from syncd.client import (
     SignedHTTPFileSystem,
     create_cloudfront_mapper,
     download_result,
+    file_url,
     open_dataset,
 )
 from syncd.signing import expiry
+from tests.conftest import forecast
 
 EXEC = "exec_1769560728_10ed9d3c"
-
-
-def forecast() -> xr.Dataset:
-    rng = np.random.default_rng(0)
-    return xr.Dataset(
-        {"t2m": (("lead_time", "lat", "lon"), rng.random((3, 16, 32), dtype=np.float32))},
-        coords={
-            "lead_time": np.arange(3) * 6,
-            "lat": np.linspace(-90, 90, 16),
-            "lon": np.linspace(0, 360, 32, endpoint=False),
-        },
-    )
 
 
 @pytest.fixture
@@ -132,3 +123,46 @@ def test_results_kept_on_the_server_open_the_same_way(moto_workspace):
     xr.testing.assert_identical(open_dataset(meta, outputs=ws.outputs).load(), forecast())
     zgroup = (tree / "results.zarr" / ".zgroup").read_bytes()
     assert download_result(meta, f"{EXEC}/results.zarr/.zgroup", outputs=ws.outputs) == zgroup
+
+
+# Characters that mean something in a URL, and letters beyond ASCII, in file and store names.
+ODD_NAMES = [
+    "a b.txt",
+    "c#d.txt",
+    "e?f.txt",
+    "g%h.txt",
+    "g%41.txt",
+    "i+j.txt",
+    "k&l.txt",
+    "ünï.txt",
+]
+ODD_STORE = "forecast #1 ?&+% ü.zarr"
+ODD_VARIABLE = "t2m #?&+%41 ü"
+
+
+def odd_forecast() -> xr.Dataset:
+    return forecast().rename({"t2m": ODD_VARIABLE})
+
+
+def test_every_file_name_round_trips(moto_workspace, signing_key):
+    ws = moto_workspace
+    with ws.cloudfront(signing_key[1]) as cloudfront:
+        tree = ws.result(f"wf/{EXEC}", {f"odd/{name}": name.encode() for name in ODD_NAMES})
+        odd_forecast().to_zarr(tree / ODD_STORE, consolidated=True, zarr_format=3)
+        assert ws.sync(f"wf/{EXEC}").returncode == 0
+        meta = ws.metadata(f"wf/{EXEC}")
+        by_url = {
+            name: requests.get(file_url(meta["signed_url"], f"odd/{name}"), timeout=10).content
+            for name in ODD_NAMES
+        }
+        downloaded = {name: download_result(meta, f"{EXEC}/odd/{name}") for name in ODD_NAMES}
+        mapped = xr.open_zarr(create_cloudfront_mapper(meta["signed_url"], ODD_STORE)).load()
+        opened = open_dataset(meta).load()
+
+    expected = {name: name.encode() for name in ODD_NAMES}
+    assert by_url == expected
+    assert downloaded == expected
+    xr.testing.assert_identical(mapped, odd_forecast())
+    xr.testing.assert_identical(opened, odd_forecast())
+    assert f"outputs/wf/{EXEC}/odd/c#d.txt" in ws.objects()
+    assert cloudfront.refusals == []
