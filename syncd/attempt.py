@@ -63,12 +63,14 @@ class Attempts:
     async def _attempt(self, result: Result, force: bool) -> Outcome:
         # Cheap checks first, so results recorded long ago cost no claim; a metadata file that
         # cannot be recorded into stops the attempt before anything is uploaded.
+        marked = force or result.by_metadata or await asyncio.to_thread(result.marker.exists)
+        if not marked:
+            return Outcome(done=False, unfinished="its marker was removed")
         document, stamp = await self.publisher.read_metadata(result)
         recorded = metadata.is_recorded(document, result)
         if not force:
-            unfinished = await self.unfinished(result, document)
-            if unfinished is not None:
-                return Outcome(done=False, unfinished=unfinished)
+            if result.by_metadata and not metadata.completed(document):
+                return Outcome(done=False, unfinished=not_completed(document))
             if recorded:
                 return self.already(result, document, stamp)
             kept = self.kept(result)
@@ -93,17 +95,6 @@ class Attempts:
             heartbeat.cancel()
             await asyncio.to_thread(claim.release)
         return self.done(result, uploaded, stamp)
-
-    async def unfinished(self, result: Result, document: Metadata | None) -> str | None:
-        """Why the result is not finished yet, or None when it is."""
-        if not result.by_metadata:
-            exists = await asyncio.to_thread(result.marker.exists)
-            return None if exists else "its marker was removed"
-        if document is None:
-            return "it has no metadata file"
-        if not metadata.completed(document):
-            return f"its metadata says status {document.get('status')!r}"
-        return None
 
     def kept(self, result: Result) -> Kept | None:
         """The record this daemon made for the result, if it made one for this remote_path."""
@@ -217,3 +208,10 @@ class Attempts:
         except SyncdError as exc:
             logger.warning("{}: {}", result.name, exc)
         return Outcome(done=False, error=error, attempts=attempts, retry_in=delay)
+
+
+def not_completed(document: Metadata | None) -> str:
+    """Why a result finished by its metadata is not finished yet."""
+    if document is None:
+        return "it has no metadata file"
+    return f"its metadata says status {document.get('status')!r}"
