@@ -18,6 +18,7 @@ from earth2studio.serve.client.client import Earth2StudioClient
 from earth2studio.serve.client.fsspec_utils import create_cloudfront_mapper
 from earth2studio.serve.client.models import InferenceRequestResults, StorageType
 
+from syncd.client import open_dataset
 from syncd.signing import expiry
 from tests.cloudfront import file_url, verify
 from tests.conftest import KEY_PAIR_ID, SYNCD, DaemonProcess, Workspace, forecast, status_of
@@ -103,8 +104,10 @@ def warnings_and_errors(log: str) -> list[str]:
     return [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line]
 
 
-def test_a_result_the_server_finishes_is_published_without_a_marker(workspace, signing_key):
+@pytest.mark.parametrize("rust", [True, False], ids=["obstore", "s3fs"])
+def test_a_result_the_server_finishes_is_published_without_a_marker(workspace, signing_key, rust):
     ws = workspace
+    ws.settings["object_storage"]["use_rust_client"] = rust
     ws.settings["syncd"].update(
         completion="metadata", metadata_file=SERVER_LAYOUT, log_level="DEBUG"
     )
@@ -336,12 +339,14 @@ def test_the_earth2studio_client_reads_what_syncd_published(beside, signing_key,
         assert result.signed_url is not None
         mapper = create_cloudfront_mapper(result.signed_url, zarr_path="results.zarr")
         dataset = xr.open_zarr(mapper, consolidated=True).load()
+        by_syncd_client = open_dataset(ws.metadata(REL)).load()
 
     assert result.storage_type == StorageType.S3
     assert result.status.value == "completed"
     assert downloaded == {f"{EXEC}/{path}": data for path, data in local_files(tree).items()}
     assert len(downloaded) >= 3
     xr.testing.assert_identical(dataset, forecast())
+    xr.testing.assert_identical(by_syncd_client, forecast())
     assert cloudfront.refusals == []
 
 
