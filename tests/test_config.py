@@ -206,6 +206,14 @@ BAD = [
         "(results for Azure Blob Storage stay with the server's own uploader)",
     ),
     (
+        {"syncd": {"completion": "metadata", "metadata_file": "meta/{exec}.json"}},
+        {},
+        "invalid syncd settings (config file {path}): completion: metadata finds each result's "
+        "folder from its metadata file name, but metadata_file 'meta/{{exec}}.json' does not say "
+        "the workflow: use {{exec_path}}, or {{workflow}} and {{exec}}, e.g. "
+        "metadata_{{workflow}}:{{exec}}.json",
+    ),
+    (
         {"syncd": {"completion": "flag"}},
         {},
         "invalid setting syncd.completion (in {path}) = 'flag': Input should be 'marker' or "

@@ -88,3 +88,34 @@ def test_names_with_special_characters_upload_and_record(workspace):
     assert ws.objects() == {f"outputs/exec_1_abcdef01/{k}": v for k, v in files.items()}
     recorded = json.loads(ws.metadata_path("exec_1_abcdef01").read_text())["output_files"]
     assert sorted(f["path"] for f in recorded) == sorted(f"exec_1_abcdef01/{k}" for k in files)
+
+
+@pytest.mark.parametrize(
+    ("template", "path", "rel"),
+    [
+        ("metadata_{workflow}:{exec}.json", "metadata_wf:exec_1_a.json", "wf/exec_1_a"),
+        ("metadata_{workflow}:{exec}.json", "metadata_:exec_1_a.json", "exec_1_a"),
+        ("metadata_{workflow}:{exec}.json", "metadata_a:b:exec_1_a.json", "a:b/exec_1_a"),
+        ("metadata_{workflow}:{exec}.json", "metadata_..:exec_1_a.json", None),
+        ("metadata_{workflow}:{exec}.json", "metadata_wf:exec_.json", None),
+        ("metadata_{workflow}:{exec}.json", "metadata_wf:exec_1_a.json.tmp", None),
+        ("metadata_{workflow}:{exec}.json", "wf/metadata_wf:exec_1_a.json", None),
+        ("{exec_path}.json", "wf/exec_1_a.json", "wf/exec_1_a"),
+        ("{exec_path}.json", "exec_1_a.json", "exec_1_a"),
+        ("{exec_path}.json", "exec_1_a/exec_2_b.json", None),
+        ("meta/{workflow}/{exec}.{workflow}.json", "meta/wf/exec_1_a.wf.json", "wf/exec_1_a"),
+        ("meta/{workflow}/{exec}.{workflow}.json", "meta/wf/exec_1_a.other.json", None),
+    ],
+)
+def test_a_metadata_file_names_its_result(tmp_path, template, path, rel):
+    environ = {
+        "SYNCD_OUTPUTS_DIR": str(tmp_path / "outputs"),
+        "SYNCD_METADATA_FILE": template,
+        "SYNCD_COMPLETION": "metadata",
+    }
+    layout = Layout(load_settings(environ=environ)[0])
+    result = layout.for_metadata(layout.outputs_dir / path)
+    assert (result.rel.as_posix() if result else None) == rel
+    if result is not None:
+        assert result.metadata == layout.outputs_dir / path
+        assert result.signal == result.metadata
