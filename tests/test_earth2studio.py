@@ -191,8 +191,9 @@ def test_the_servers_rewrite_is_restored_without_uploading_again(
     assert warnings_and_errors(log) == []
 
 
-def test_a_rewrite_while_syncd_is_stopped_is_restored_at_start(beside):
-    ws = beside
+def rewritten_while_stopped(ws: Workspace) -> dict[str, Any]:
+    """Publish a result (its tree deleted after upload), stop syncd, and let the server write
+    its own view of the metadata; returns the metadata as syncd had recorded it."""
     ws.settings["syncd"]["delete_local_after_upload"] = True
     server = Server(ws)
     tree = server.finish(REL)
@@ -200,9 +201,15 @@ def test_a_rewrite_while_syncd_is_stopped_is_restored_at_start(beside):
     wait_until(lambda: ws.recorded(REL) and not tree.exists(), what="recorded, tree deleted")
     recorded = ws.metadata(REL)
     assert first.terminate() == 0
-
     server.write(REL, server.document(REL))  # its own view, listing no files: the tree is gone
     assert not ws.recorded(REL)
+    return recorded
+
+
+def test_a_rewrite_while_syncd_is_stopped_is_restored_at_start(beside):
+    ws = beside
+    recorded = rewritten_while_stopped(ws)
+
     second = ws.daemon()
 
     wait_until(lambda: ws.recorded(REL), what="the record restored after the restart")
@@ -215,15 +222,8 @@ def test_a_rewrite_while_syncd_is_stopped_is_restored_at_start(beside):
 
 def test_a_restore_on_a_full_disk_keeps_the_record_until_there_is_room(beside, tmpfs):
     ws = beside
-    ws.settings["syncd"]["delete_local_after_upload"] = True
     tmpfs.mount(ws.outputs, size="2m")
-    server = Server(ws)
-    tree = server.finish(REL)
-    first = ws.daemon()
-    wait_until(lambda: ws.recorded(REL) and not tree.exists(), what="recorded, tree deleted")
-    recorded = ws.metadata(REL)
-    assert first.terminate() == 0
-    server.write(REL, server.document(REL))
+    recorded = rewritten_while_stopped(ws)
     filler = tmpfs.fill(ws.outputs)
 
     second = ws.daemon()
