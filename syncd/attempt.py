@@ -98,10 +98,10 @@ class Attempts:
 
     def kept(self, result: Result) -> Kept | None:
         """The record this daemon made for the result, if it made one for this remote_path."""
-        previous = self.state.get(result.rel.as_posix())
-        if previous is None or previous.recorded is None:
+        text = self.state.kept(result.rel.as_posix())
+        if text is None:
             return None
-        kept = Kept.loads(previous.recorded)
+        kept = Kept.loads(text)
         return kept if kept.remote_path == result.remote_path else None
 
     async def upload(self, result: Result, maybe_left: bool) -> Uploaded:
@@ -110,6 +110,7 @@ class Attempts:
         acknowledged = previous.uploaded if previous is not None else None
         attempts = previous.attempts if previous is not None else 0
         self.state.set(Record(rel, State.UPLOADING, attempts=attempts, uploaded=acknowledged))
+        self.state.keep_record(rel, None)  # the bucket is about to change under it
         # Only an attempt that failed or was killed can have left parts or objects behind.
         interrupted = maybe_left or (previous is not None and previous.state != State.DONE)
         uploaded = await self.publisher.upload(result, interrupted, acknowledged)
@@ -122,16 +123,19 @@ class Attempts:
         the record, so that it can be restored if the metadata loses it."""
         rel = result.rel.as_posix()
         previous = self.state.get(rel)
-        if previous is None or previous.state != State.DONE or previous.recorded is None:
+        if previous is None or previous.state != State.DONE:
+            self.state.set(Record(rel, State.DONE))
+        if self.state.kept(rel) is None:
             kept = Kept.of(result, document)
-            self.state.set(Record(rel, State.DONE, recorded=kept.dumps() if kept else None))
+            if kept is not None:
+                self.state.keep_record(rel, kept.dumps())
         return Outcome(done=True, stamp=stamp)
 
     def restored(self, result: Result, stamp: Stamp, kept: Kept) -> Outcome:
         rel = result.rel.as_posix()
         previous = self.state.get(rel)
         files, size = (previous.files, previous.bytes) if previous else (None, None)
-        self.state.set(Record(rel, State.DONE, files=files, bytes=size, recorded=kept.dumps()))
+        self.state.set(Record(rel, State.DONE, files=files, bytes=size))
         logger.info(
             "{}: its metadata {} was written without syncd's record; restored the record "
             "({} files in {}) without uploading again",
@@ -145,15 +149,8 @@ class Attempts:
     def done(self, result: Result, uploaded: Uploaded, stamp: Stamp) -> Outcome:
         rel = result.rel.as_posix()
         kept = Kept(result.remote_path, metadata.output_files(result, uploaded.files))
-        self.state.set(
-            Record(
-                rel,
-                State.DONE,
-                files=len(uploaded.files),
-                bytes=uploaded.bytes,
-                recorded=kept.dumps(),
-            )
-        )
+        self.state.set(Record(rel, State.DONE, files=len(uploaded.files), bytes=uploaded.bytes))
+        self.state.keep_record(rel, kept.dumps())
         logger.info(
             "{}: uploaded {} files, {} bytes in {:.2f} s ({:.1f} MB/s) to {}; recorded in {}",
             result.name,
@@ -201,7 +198,6 @@ class Attempts:
             error.permanent,
             time.time() + delay,
             uploaded=previous.uploaded if previous else None,
-            recorded=previous.recorded if previous else None,
         )
         try:
             self.state.set(record)

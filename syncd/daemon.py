@@ -299,9 +299,7 @@ class Daemon:
         self.reported.pop(rel, None)
         logger.info("{}: {}; forgotten", result.name, why)
         try:
-            previous = self.state.get(rel)
-            kept = previous.recorded if previous is not None else None
-            self.state.set(Record(rel, State.FORGOTTEN, last_error=short or why, recorded=kept))
+            self.state.set(Record(rel, State.FORGOTTEN, last_error=short or why))
         except SyncdError as exc:
             logger.warning("{}: {}", result.name, exc)
 

@@ -75,7 +75,6 @@ class Record:
     bytes: int | None = None
     updated: float = 0.0
     uploaded: str | None = None  # fingerprint of a tree uploaded whole, not yet recorded
-    recorded: str | None = None  # JSON {remote_path, output_files} of the record syncd made
 
 
 class StateStore:
@@ -167,9 +166,11 @@ class StateStore:
         return [_record(row) for row in rows]
 
     def set(self, record: Record) -> None:
+        """Replace the result's state; its kept record stays as it is."""
         with self.errors():
             self.db.execute(
-                f"INSERT OR REPLACE INTO results ({COLUMNS}) VALUES ({SLOTS})",
+                f"INSERT INTO results ({COLUMNS}) VALUES ({SLOTS}) ON CONFLICT(rel) DO UPDATE "
+                f"SET {UPDATES}",
                 (
                     record.rel,
                     record.state.value,
@@ -181,24 +182,31 @@ class StateStore:
                     record.bytes,
                     time.time(),
                     record.uploaded,
-                    record.recorded,
                 ),
             )
+
+    def keep_record(self, rel: str, kept: str | None) -> None:
+        """Keep (or, with None, drop) the record syncd made: JSON {remote_path, output_files}."""
+        with self.errors():
+            self.db.execute("UPDATE results SET recorded = ? WHERE rel = ?", (kept, rel))
+
+    def kept(self, rel: str) -> str | None:
+        with self.errors():
+            row = self.db.execute("SELECT recorded FROM results WHERE rel = ?", (rel,)).fetchone()
+        return row[0] if row else None
 
     def remember_upload(self, rel: str, fingerprint: str) -> None:
         with self.errors():
             self.db.execute("UPDATE results SET uploaded = ? WHERE rel = ?", (fingerprint, rel))
 
 
-COLUMNS = (
-    "rel, state, attempts, last_error, permanent, next_try, files, bytes, updated, uploaded, "
-    "recorded"
-)
+COLUMNS = "rel, state, attempts, last_error, permanent, next_try, files, bytes, updated, uploaded"
 SLOTS = ", ".join("?" * len(COLUMNS.split(",")))
+UPDATES = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS.split(", ")[1:])
 
 
 def _record(row: tuple) -> Record:
-    rel, state, attempts, last_error, permanent, next_try, files, size, updated, *kept = row
+    rel, state, attempts, last_error, permanent, next_try, files, size, updated, uploaded = row
     return Record(
         rel,
         State(state),
@@ -209,5 +217,5 @@ def _record(row: tuple) -> Record:
         files,
         size,
         updated,
-        *kept,
+        uploaded,
     )

@@ -49,10 +49,7 @@ def records(settings: Settings) -> list[Record]:
 
 
 def as_dict(record: Record) -> dict[str, Any]:
-    """The record for `--json`, without the kept record (it may list 100,000 files)."""
-    data = asdict(record) | {"state": record.state.value}
-    del data["recorded"]
-    return data
+    return asdict(record) | {"state": record.state.value}
 
 
 def table(rows: list[Record], now: float | None = None) -> str:
