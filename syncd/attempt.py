@@ -90,11 +90,12 @@ class Attempts:
             uploaded = await self.upload(result, recorded or claim.took_over)
             if not await asyncio.to_thread(claim.still_ours):
                 raise SyncdError("another daemon took over this result; leaving it")
-            stamp = await self.publisher.record(result, uploaded)
+            kept = Kept(result.remote_path, metadata.output_files(result, uploaded.files))
+            stamp = await self.publisher.record(result, uploaded, kept)
         finally:
             heartbeat.cancel()
             await asyncio.to_thread(claim.release)
-        return self.done(result, uploaded, stamp)
+        return self.done(result, uploaded, kept, stamp)
 
     def kept(self, result: Result) -> Kept | None:
         """The record this daemon made for the result, if it made one for this remote_path."""
@@ -146,9 +147,8 @@ class Attempts:
         )
         return Outcome(done=True, stamp=stamp)
 
-    def done(self, result: Result, uploaded: Uploaded, stamp: Stamp) -> Outcome:
+    def done(self, result: Result, uploaded: Uploaded, kept: Kept, stamp: Stamp) -> Outcome:
         rel = result.rel.as_posix()
-        kept = Kept(result.remote_path, metadata.output_files(result, uploaded.files))
         self.state.set(Record(rel, State.DONE, files=len(uploaded.files), bytes=uploaded.bytes))
         self.state.keep_record(rel, kept.dumps())
         logger.info(

@@ -27,7 +27,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from loguru import logger
 
@@ -127,18 +126,20 @@ class Publisher:
             await self._remove_strays(result, files)
         return Uploaded(files, total, time.monotonic() - started, done, sent=True)
 
-    async def record(self, result: Result, uploaded: Uploaded) -> metadata.Stamp:
-        """Sign and rewrite the metadata; with delete_local_after_upload, delete the tree only
-        once the bucket verifiably holds every file of it. Returns the metadata's stamp."""
-        files = metadata.output_files(result, uploaded.files)
+    async def record(
+        self, result: Result, uploaded: Uploaded, kept: metadata.Kept
+    ) -> metadata.Stamp:
+        """Sign and write `kept` (the record of `uploaded`) into the metadata; with
+        delete_local_after_upload, delete the tree only once the bucket verifiably holds every
+        file of it. Returns the metadata's stamp."""
         if not self.delete_local:
-            return await asyncio.to_thread(self._record, result, files)
+            return await asyncio.to_thread(self._record, result, kept)
         # A listing costs little on S3, but some servers hash every object to answer it
         # (rclone: ~0.7 s per 500 MB), so it is paid only where it guards the last copy.
         await self._verify(result, uploaded.files)
         aside = await asyncio.to_thread(move_aside, result, uploaded.files)
         try:
-            stamp = await asyncio.to_thread(self._record, result, files)
+            stamp = await asyncio.to_thread(self._record, result, kept)
         except BaseException:
             await asyncio.to_thread(move_back, result, aside)
             raise
@@ -147,7 +148,7 @@ class Publisher:
 
     async def restore(self, result: Result, kept: metadata.Kept) -> metadata.Stamp:
         """Write a record made before into the metadata again, with a fresh signed URL."""
-        return await asyncio.to_thread(self._record, result, kept.output_files)
+        return await asyncio.to_thread(self._record, result, kept)
 
     def _list_tree(self, result: Result) -> list[LocalFile]:
         with tree_errors(result):
@@ -256,7 +257,7 @@ class Publisher:
                 "the local tree is kept"
             )
 
-    def _record(self, result: Result, files: list[dict[str, Any]]) -> metadata.Stamp:
+    def _record(self, result: Result, kept: metadata.Kept) -> metadata.Stamp:
         signed_url = (
             self.signer.sign(result.remote_path, self.storage.signed_url_expires_in)
             if self.signer
@@ -265,7 +266,7 @@ class Publisher:
         # Re-read: the server may have added fields while the upload ran.
         latest = metadata.read(result.metadata)
         return metadata.write_atomic(
-            result.metadata, metadata.recorded(latest, result, files, signed_url)
+            result.metadata, metadata.recorded(latest, result, kept.output_files, signed_url)
         )
 
 
