@@ -145,19 +145,10 @@ class Layout:
 
     def for_marker(self, marker: Path) -> Result | None:
         """The result a marker file finishes, or None if the path is not a marker."""
-        name = marker.name
-        if not (name.startswith(EXEC_PREFIX) and name.endswith(self.marker_suffix)):
+        exec_name = marker.name.removesuffix(self.marker_suffix)
+        if exec_name == marker.name or not exec_name:
             return None
-        exec_name = name[: -len(self.marker_suffix)]
-        if exec_name == EXEC_PREFIX:
-            return None
-        try:
-            parent = normalized(marker).parent.relative_to(self.outputs_dir)
-        except ValueError:
-            return None
-        if len(parent.parts) > 1:
-            return None
-        return self.result(PurePosixPath(parent.as_posix(), exec_name))
+        return self.for_folder(marker.with_name(exec_name))
 
     def for_tree(self, tree: Path) -> Result:
         """The result for an exec folder given on the command line."""

@@ -43,6 +43,9 @@ def test_markers_map_to_their_result(layout, marker, rel, metadata, remote_path)
         "../exec_1_a.done",  # outside outputs_dir
         "wf/../../exec_1_a.done",  # outside outputs_dir, by a detour
         "exec_1_a/.done",  # inside a tree
+        "exec_1_a/exec_2_b.done",  # inside a tree, named like a marker
+        ".syncd-claims/exec_1_a.done",  # a hidden folder is not a workflow folder
+        ".done",  # the suffix alone
     ],
 )
 def test_other_paths_are_not_markers(layout, path):
