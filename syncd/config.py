@@ -157,6 +157,11 @@ class ObjectStorage(BaseModel):
 METADATA_FIELDS = {"exec", "exec_path", "workflow"}
 
 
+def placeholders(template: str) -> set[str]:
+    """The `{names}` in a template; ValueError if it is not one."""
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+
+
 def default_state_dir(environ: os._Environ[str] | dict[str, str]) -> Path:
     """systemd's StateDirectory= when run as a unit, else /var/lib/syncd."""
     return Path(environ.get("STATE_DIRECTORY", "/var/lib/syncd").split(":")[0])
@@ -221,7 +226,7 @@ class DaemonSettings(BaseModel):
     @classmethod
     def _template(cls, value: str) -> str:
         try:
-            fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+            fields = placeholders(value)
         except ValueError as exc:
             raise ValueError(f"is not a valid template ({exc})") from None
         unknown = fields - METADATA_FIELDS
@@ -247,7 +252,7 @@ class DaemonSettings(BaseModel):
     @model_validator(mode="after")
     def _findable(self) -> DaemonSettings:
         if self.completion == "metadata":
-            fields = {name for _, name, _, _ in string.Formatter().parse(self.metadata_file)}
+            fields = placeholders(self.metadata_file)
             if "exec_path" not in fields and "workflow" not in fields:
                 raise ValueError(
                     f"completion: metadata finds each result's folder from its metadata file "
