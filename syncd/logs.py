@@ -3,10 +3,15 @@
 Under systemd (stderr is the journal stream) each line starts with its syslog priority,
 `<3>` for errors and `<4>` for warnings, so `journalctl -p warning -u syncd` finds problems;
 journald adds the time itself.
+
+Records of the standard `logging` module (botocore, s3fs, asyncio, watchdog, ...) go through the
+same sink, named by their logger: a library's warnings and errors keep their level, its
+chatter (INFO) shows at DEBUG, and below INFO nothing is taken from it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any
@@ -39,6 +44,24 @@ def configure(daemon: DaemonSettings) -> None:
         logger.add(to_journal, level=daemon.log_level, format="{message}")
     else:
         logger.add(sys.stderr, level=daemon.log_level, format=TEXT_FORMAT, colorize=False)
+    # botocore's DEBUG records dump every request with its signed headers: never wanted.
+    threshold = logging.INFO if daemon.log_level == "DEBUG" else logging.WARNING
+    logging.basicConfig(handlers=[ToLoguru()], level=threshold, force=True)
+    logging.captureWarnings(True)
+
+
+class ToLoguru(logging.Handler):
+    """A standard `logging` record, as a line of syncd's own log."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = record.levelname if record.levelno >= logging.WARNING else "DEBUG"
+        if level not in SYSLOG_PRIORITY:  # a library's own level name
+            level = "ERROR" if record.levelno >= logging.ERROR else "WARNING"
+        try:
+            message = record.getMessage()
+        except Exception:  # a library's bad format arguments must not lose the line
+            message = f"{record.msg!r} {record.args!r}"
+        logger.opt(exception=record.exc_info).log(level, "{}: {}", record.name, message)
 
 
 def to_journal(message: Any) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
 from tests.cloudfront import file_url, verify
+from tests.servers import wait_until
 
 MiB = 1024 * 1024
 
@@ -163,3 +165,36 @@ def test_json_logs_are_one_object_per_line_and_never_hold_a_secret(moto_workspac
     assert any(m.startswith("exec_9_abcdef09: uploaded 1 files, 1 bytes") for m in messages)
     for secret in ("syncdtestsecret", "very-secret-token", "PRIVATE KEY"):
         assert secret not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("journal", [False, True], ids=["json", "journald"])
+def test_library_records_go_through_syncds_own_sink(moto_workspace, journal):
+    """aiobotocore logs where it found credentials (INFO, through the standard logging module):
+    the line is in syncd's format, at DEBUG, named by its logger."""
+    ws = moto_workspace
+    credentials = ws.root / "aws-credentials"
+    storage = ws.settings["object_storage"]
+    credentials.write_text(
+        f"[default]\naws_access_key_id = {storage.pop('access_key_id')}\n"
+        f"aws_secret_access_key = {storage.pop('secret_access_key')}\n"
+    )
+    storage["use_rust_client"] = False
+    ws.settings["syncd"]["log_level"] = "DEBUG"
+    if not journal:
+        ws.settings["syncd"]["log_format"] = "json"
+    ws.result("exec_1_abcdef01", {"a": b"a"})
+    ws.mark("exec_1_abcdef01")
+
+    daemon = ws.daemon(env=ws.env(AWS_SHARED_CREDENTIALS_FILE=str(credentials)), journal=journal)
+    wait_until(lambda: ws.recorded("exec_1_abcdef01"))
+    assert daemon.terminate() == 0
+
+    found = "aiobotocore.credentials: Found credentials in shared credentials file"
+    if journal:
+        lines = daemon.log().splitlines()
+        assert all(re.match(r"<[0-7]>", line) for line in lines), lines
+        assert any(line.startswith(f"<7>{found}") for line in lines), lines
+    else:
+        records = [json.loads(line)["record"] for line in daemon.log().splitlines()]
+        library = [r for r in records if r["message"].startswith(found)]
+        assert [r["level"]["name"] for r in library] == ["DEBUG"]
