@@ -41,6 +41,8 @@ class Outcome:
     error: SyncdError | None = None
     attempts: int = 0  # failed attempts so far, this one included
     retry_in: float = 0.0  # seconds until the next attempt, after a failure
+    uploaded: Uploaded | None = None  # the tree recorded now
+    restored: bool = False  # the record was written again, without an upload
 
 
 class Attempts:
@@ -145,7 +147,7 @@ class Attempts:
             len(kept.output_files),
             result.remote_path,
         )
-        return Outcome(done=True, stamp=stamp)
+        return Outcome(done=True, stamp=stamp, restored=True)
 
     def done(self, result: Result, uploaded: Uploaded, kept: Kept, stamp: Stamp) -> Outcome:
         rel = result.rel.as_posix()
@@ -161,7 +163,7 @@ class Attempts:
             result.remote_path,
             result.metadata,
         )
-        return Outcome(done=True, stamp=stamp)
+        return Outcome(done=True, stamp=stamp, uploaded=uploaded)
 
     async def keep(self, claim: claims.Claim) -> None:
         while True:

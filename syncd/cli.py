@@ -24,6 +24,7 @@ from syncd.config import ConfigError, Settings, load_settings, redacted
 from syncd.daemon import Daemon
 from syncd.errors import SyncdError
 from syncd.layout import Layout, LayoutError
+from syncd.metrics import Metrics
 from syncd.notify import Notifier
 from syncd.publish import Publisher
 from syncd.resign import Resigner
@@ -129,12 +130,15 @@ async def run_daemon(settings: Settings, signer: UrlSigner | None) -> int:
         )
     state = StateStore(settings.syncd.state_dir)
     store = open_store(settings.object_storage)
+    metrics = Metrics(settings.syncd)
     try:
+        metrics.start()
         await store.connect()
         publisher = Publisher(settings, store, signer)
         resigner = Resigner(settings, signer) if signer else None
-        await Daemon(settings, layout, publisher, state, Notifier(), resigner).run()
+        await Daemon(settings, layout, publisher, state, Notifier(), resigner, metrics).run()
     finally:
+        metrics.stop()
         await store.close()
         state.close()
     return 0

@@ -162,6 +162,15 @@ def placeholders(template: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
 
 
+def listen_address(text: str) -> tuple[str, int]:
+    """`host:port` (`[::1]:9464` for IPv6) as (host, port); ValueError if it is not one."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be host:port, e.g. 127.0.0.1:9464 (or [::1]:9464)")
+    return host, int(port)
+
+
 def default_state_dir(environ: os._Environ[str] | dict[str, str]) -> Path:
     """systemd's StateDirectory= when run as a unit, else /var/lib/syncd."""
     return Path(environ.get("STATE_DIRECTORY", "/var/lib/syncd").split(":")[0])
@@ -209,6 +218,27 @@ class DaemonSettings(BaseModel):
     completion: Literal["marker", "metadata"] = "marker"
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Prometheus metrics over HTTP at host:port (e.g. 127.0.0.1:9464), and/or written to a
+    # file for node_exporter's textfile collector (a *.prom file in its folder). Off if unset.
+    metrics_address: str | None = None
+    metrics_file: Path | None = None
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            listen_address(value)
+        return value
+
+    @field_validator("metrics_file")
+    @classmethod
+    def _prom_file(cls, value: Path | None) -> Path | None:
+        if value is not None and value.suffix != ".prom":
+            raise ValueError(
+                "must be a *.prom file (node_exporter's textfile collector reads only those), "
+                "e.g. /var/lib/node_exporter/textfile/syncd.prom"
+            )
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -12,11 +12,15 @@ A recorded result needs only its metadata's stamp: when the metadata changes (an
 stat at each rescan) the result is tried again, and a record someone else's write removed is
 restored; when the metadata is deleted the result is forgotten.
 
+Once a second the daemon tells `metrics` how things stand (systemd's STATUS= line, and the
+Prometheus gauges when metrics are on).
+
 Workers never die: an attempt turns every failure into its outcome, and the worker loop logs
 whatever escapes its own bookkeeping and goes on. The systemd watchdog is fed only while the
-pipeline is healthy: every worker and helper task alive, the watcher running, and either
-nothing to do or something moving (a file acknowledged, an attempt finished, a transfer within
-its deadline) in the last `STALL` seconds; otherwise systemd restarts the daemon.
+pipeline is healthy: every worker and helper task alive, the watcher and the metrics server
+running, and either nothing to do or something moving (a file acknowledged, an attempt
+finished, a transfer within its deadline) in the last `STALL` seconds; otherwise systemd
+restarts the daemon.
 
 The first SIGTERM stops new work and gives uploads in flight `stop_grace` seconds; a second
 SIGTERM or SIGINT stops at once. Unfinished results resume on the next start.
@@ -25,18 +29,21 @@ SIGTERM or SIGINT stops at once. Unfinished results resume on the next start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from loguru import logger
 
 from syncd import metadata
-from syncd.attempt import Attempts
+from syncd.attempt import Attempts, Outcome
 from syncd.config import Settings
 from syncd.errors import SyncdError, classify
 from syncd.layout import Layout, Result
 from syncd.metadata import Stamp
+from syncd.metrics import Metrics, Standing, status_line
 from syncd.notify import Notifier
 from syncd.publish import Publisher, recover_leftovers
 from syncd.resign import Resigner
@@ -48,6 +55,13 @@ from syncd.watch import ResultWatcher
 STALL = 600.0
 # Seconds between looks at the watched folders and the pipeline's health.
 TEND_EVERY = 2.0
+# Seconds between reports of how things stand (STATUS=, metrics).
+REPORT_EVERY = 1.0
+
+
+class Waiting(NamedTuple):
+    handle: asyncio.TimerHandle  # offers the result again
+    failing: bool  # after a failure (not: its metadata is being written)
 
 
 class Daemon:
@@ -59,6 +73,7 @@ class Daemon:
         state: StateStore,
         notifier: Notifier,
         resigner: Resigner | None,
+        metrics: Metrics,
     ) -> None:
         self.config = settings.syncd
         self.layout = layout
@@ -67,12 +82,17 @@ class Daemon:
         self.attempts = Attempts(settings, publisher, state)
         self.notifier = notifier
         self.resigner = resigner
+        self.metrics = metrics
         self.queue: asyncio.Queue[Result] = asyncio.Queue()
         self.queued: set[str] = set()  # waiting in the queue or in progress
         # Recorded: only their metadata (its stamp as last written or seen) and signed URLs
         # need care.
         self.done: dict[str, tuple[Result, Stamp | None]] = {}
-        self.waiting: dict[str, asyncio.TimerHandle] = {}  # backoff until the next attempt
+        self.waiting: dict[str, Waiting] = {}  # until the next attempt
+        # Finished and not yet recorded: when each was finished (its signal's mtime).
+        self.since: dict[str, float] = {}
+        self.last_published: tuple[str, float] | None = None
+        self.status = ""  # as last sent to systemd
         self.reported: dict[str, str] = {}  # the permanent error already logged per result
         self.busy: set[asyncio.Task[None]] = set()
         self.tasks: list[asyncio.Task[None]] = []  # workers and helpers; none may end
@@ -102,6 +122,7 @@ class Daemon:
         helpers = [
             asyncio.create_task(self.rescan_every(self.config.rescan_interval)),
             asyncio.create_task(self.tend(watcher)),
+            asyncio.create_task(self.report_every(REPORT_EVERY)),
         ]
         if self.resigner is not None:
             # Look often enough to renew a URL inside its margin, at most once a rescan.
@@ -157,8 +178,8 @@ class Daemon:
         for task in unfinished:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
-        for handle in self.waiting.values():
-            handle.cancel()
+        for waiting in self.waiting.values():
+            waiting.handle.cancel()
         left = len(self.queued) + len(self.waiting)
         logger.info("syncd stopped; {} results left for the next start", left)
 
@@ -183,8 +204,34 @@ class Daemon:
                     self.resigner.later(result, now)
                     continue
                 rel = result.rel.as_posix()
-                if stamp is not None and rel in self.done:
-                    self.done[rel] = (result, stamp)
+                if stamp is not None:
+                    self.metrics.renewed.inc()
+                    if rel in self.done:
+                        self.done[rel] = (result, stamp)
+
+    async def report_every(self, interval: float) -> None:
+        while True:
+            standing = self.standing()
+            try:
+                await asyncio.to_thread(self.metrics.update, standing)
+            except Exception as exc:  # metrics are never worth stopping the daemon for
+                logger.warning("cannot update the metrics: {}", classify(exc))
+            line = status_line(standing, time.time())
+            if line != self.status:
+                self.notifier.status(line)
+                self.status = line
+            await asyncio.sleep(interval)
+
+    def standing(self) -> Standing:
+        failing = sum(w.failing for w in self.waiting.values())
+        return Standing(
+            uploading=len(self.busy),
+            waiting=self.queue.qsize() + len(self.waiting) - failing,
+            failing=failing,
+            done=len(self.done),
+            oldest_since=min(self.since.values(), default=None),
+            last_published=self.last_published,
+        )
 
     async def tend(self, watcher: ResultWatcher) -> None:
         """Every few seconds: watch again what was replaced, and feed systemd's watchdog
@@ -209,6 +256,8 @@ class Daemon:
             return f"{len(ended)} of its tasks ended"
         if not watcher.alive:
             return "the watcher of outputs_dir stopped"
+        if not self.metrics.alive:
+            return "the metrics server stopped"
         if not self.busy:
             return None
         now = asyncio.get_running_loop().time()
@@ -218,6 +267,7 @@ class Daemon:
         return f"{len(self.busy)} results in progress and nothing moved for {now - moved:.0f} s"
 
     def events_lost(self, why: str) -> None:
+        self.metrics.rescans.inc()
         logger.warning("{}: events may have been lost; rescanning {}", why, self.layout.outputs_dir)
         self.start_scan()
 
@@ -293,10 +343,11 @@ class Daemon:
         """Its signal is gone: nothing more is done for it until one comes again. `short`: the
         reason as `syncd status` shows it."""
         rel = result.rel.as_posix()
-        handle = self.waiting.pop(rel, None)
-        if handle is not None:
-            handle.cancel()
+        waiting = self.waiting.pop(rel, None)
+        if waiting is not None:
+            waiting.handle.cancel()
         self.reported.pop(rel, None)
+        self.since.pop(rel, None)
         logger.info("{}: {}; forgotten", result.name, why)
         try:
             self.state.set(Record(rel, State.FORGOTTEN, last_error=short or why))
@@ -313,6 +364,7 @@ class Daemon:
         if previous is not None and previous.state in (State.RETRYING, State.PENDING):
             self.forget(result, why)
         else:
+            self.since.pop(result.rel.as_posix(), None)
             logger.debug("{}: not finished: {}", result.name, why)
 
     def offer(self, result: Result, fresh: bool = False) -> None:
@@ -322,7 +374,9 @@ class Daemon:
         if rel in self.waiting:
             if not fresh:
                 return
-            self.waiting.pop(rel).cancel()
+            self.waiting.pop(rel).handle.cancel()
+        if rel not in self.since:
+            self.since[rel] = finished_at(result)
         self.queued.add(rel)
         self.queue.put_nowait(result)
 
@@ -349,6 +403,8 @@ class Daemon:
         if outcome.done:
             self.done[rel] = (result, outcome.stamp)
             self.reported.pop(rel, None)
+            self.since.pop(rel, None)
+            self.count(result, outcome)
             return
         if outcome.unfinished is not None:
             self.not_finished(result, outcome.unfinished)
@@ -358,7 +414,10 @@ class Daemon:
             return  # a rescan looks again; a dead owner's claim expires
         assert outcome.error is not None
         message = f"{result.name}: {outcome.error}"
-        if outcome.error.code == metadata.BEING_WRITTEN_CODE:
+        being_written = outcome.error.code == metadata.BEING_WRITTEN_CODE
+        if not being_written:
+            self.metrics.failures.labels(outcome.error.kind.value).inc()
+        if being_written:
             logger.debug("{} (attempt {})", message, outcome.attempts)
         elif not outcome.error.permanent:
             logger.warning(
@@ -367,9 +426,20 @@ class Daemon:
         elif self.reported.get(rel) != message:  # log it once, not every retry
             logger.error("{} (retrying every {:.0f} s)", message, outcome.retry_in)
             self.reported[rel] = message
-        self.retry_later(result, outcome.retry_in)
+        self.retry_later(result, outcome.retry_in, failing=not being_written)
 
-    def retry_later(self, result: Result, delay: float) -> None:
+    def count(self, result: Result, outcome: Outcome) -> None:
+        """A recorded result, in the metrics."""
+        if outcome.restored:
+            self.metrics.restored.inc()
+        uploaded = outcome.uploaded
+        if uploaded is None:
+            return
+        seconds = uploaded.seconds if uploaded.sent else None
+        self.metrics.published(result.name, len(uploaded.files), uploaded.bytes, seconds)
+        self.last_published = (result.name, time.time())
+
+    def retry_later(self, result: Result, delay: float, failing: bool = True) -> None:
         rel = result.rel.as_posix()
         loop = asyncio.get_running_loop()
 
@@ -379,5 +449,12 @@ class Daemon:
 
         old = self.waiting.pop(rel, None)
         if old is not None:
-            old.cancel()
-        self.waiting[rel] = loop.call_later(delay, again)
+            old.handle.cancel()
+        self.waiting[rel] = Waiting(loop.call_later(delay, again), failing)
+
+
+def finished_at(result: Result) -> float:
+    """When `result` was finished: its signal's mtime (now, if it cannot be read)."""
+    with contextlib.suppress(OSError):
+        return result.signal.stat().st_mtime
+    return time.time()

@@ -1,0 +1,196 @@
+"""What an operator watches: the Prometheus endpoint and textfile, and systemd's STATUS= line,
+read from the real daemon while results flow and fail."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import time
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.servers import free_port, wait_until
+
+FAMILIES = {
+    "syncd_results",
+    "syncd_oldest_unpublished_age_seconds",
+    "syncd_last_publish_timestamp_seconds",
+    "syncd_published_results",
+    "syncd_published_files",
+    "syncd_published_bytes",
+    "syncd_failures",
+    "syncd_upload_duration_seconds",
+    "syncd_records_restored",
+    "syncd_signed_urls_renewed",
+    "syncd_lost_event_rescans",
+    "syncd_outputs_free_bytes",
+}
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of an exposition, parsed by prometheus_client, by name and labels."""
+    found = {}
+    families = list(text_string_to_metric_families(text))
+    assert {f.name for f in families} >= FAMILIES, sorted(f.name for f in families)
+    for family in families:
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def value(found: dict, name: str, **labels: str) -> float:
+    return found[(name, tuple(sorted(labels.items())))]
+
+
+def scrape(address: str) -> dict:
+    answer = requests.get(f"http://{address}/metrics", timeout=10)
+    assert answer.status_code == 200
+    assert answer.headers["Content-Type"].startswith("text/plain")
+    return samples(answer.text)
+
+
+def test_metrics_while_results_flow_and_fail(moto_workspace, tmp_path):
+    ws = moto_workspace
+    address = f"127.0.0.1:{free_port()}"
+    prom = tmp_path / "textfile" / "syncd.prom"
+    prom.parent.mkdir()
+    ws.settings["syncd"].update(
+        metrics_address=address, metrics_file=str(prom), resign_fraction=0.5
+    )
+    ws.settings["object_storage"]["signed_url_expires_in"] = 4  # renewed every 2 s
+    ws.result("exec_1_abcdef01", {"a": b"a" * 1000, "b/c": b"c" * 24})
+    ws.result("exec_2_abcdef02", {"x": b"x"}, metadata="{broken")
+    an_hour_ago = time.time() - 3600
+    os.utime(ws.mark("exec_2_abcdef02"), (an_hour_ago, an_hour_ago))
+    started = time.time()
+
+    daemon = ws.daemon()
+    wait_until(lambda: prom.exists(), what="the textfile")
+    ws.mark("exec_1_abcdef01")
+    wait_until(lambda: ws.recorded("exec_1_abcdef01"))
+    # The textfile is replaced whole: every read of it while the daemon writes parses.
+    reads = 0
+    while reads < 300 or value(samples(prom.read_text()), "syncd_signed_urls_renewed_total") < 1:
+        samples(prom.read_text())
+        reads += 1
+    found = wait_until(
+        lambda: (
+            (s := scrape(address))
+            and value(s, "syncd_results", state="retrying") == 1
+            and value(s, "syncd_results", state="done") == 1
+            and s
+        ),
+        what="one result done and one retrying",
+    )
+    assert value(found, "syncd_published_results_total") == 1
+    assert value(found, "syncd_published_files_total") == 2
+    assert value(found, "syncd_published_bytes_total") == 1024
+    assert value(found, "syncd_upload_duration_seconds_count") == 1
+    assert started <= value(found, "syncd_last_publish_timestamp_seconds") <= time.time()
+    # The broken one was finished an hour ago and is still not published.
+    assert value(found, "syncd_oldest_unpublished_age_seconds") >= 3600
+    assert value(found, "syncd_failures_total", kind="input") >= 1
+    assert value(found, "syncd_failures_total", kind="transient") == 0
+    assert value(found, "syncd_signed_urls_renewed_total") >= 1
+    assert value(found, "syncd_lost_event_rescans_total") == 0
+    free = os.statvfs(ws.outputs)
+    assert abs(value(found, "syncd_outputs_free_bytes") - free.f_bavail * free.f_frsize) < 2**30
+    assert value(found, "process_resident_memory_bytes") > 0
+
+    assert daemon.terminate() == 0
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://{address}/metrics", timeout=5)  # stopped with the daemon
+    last = samples(prom.read_text())
+    assert value(last, "syncd_published_results_total") == 1
+    assert not [p for p in prom.parent.iterdir() if p != prom]  # no temp file left
+
+
+def test_metrics_settings_that_cannot_work_stop_the_start(moto_workspace, tmp_path):
+    ws = moto_workspace
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ws.settings["syncd"]["metrics_address"] = f"127.0.0.1:{port}"
+        done = ws.syncd("run", "--config", str(ws.config), timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"syncd: error: syncd.metrics_address 127.0.0.1:{port}: cannot listen (Address already "
+        "in use); choose a free port or an address of this host"
+    )
+
+    ws.settings["syncd"]["metrics_address"] = "9464"
+    done = ws.syncd("run", "--config", str(ws.config), timeout=60)
+    assert done.returncode == 2
+    assert "metrics_address" in done.stderr and "must be host:port" in done.stderr
+
+    del ws.settings["syncd"]["metrics_address"]
+    ws.settings["syncd"]["metrics_file"] = str(tmp_path / "missing" / "syncd.prom")
+    done = ws.syncd("run", "--config", str(ws.config), timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"syncd: error: syncd.metrics_file {tmp_path}/missing/syncd.prom: cannot write it (No "
+        "such file or directory); create its folder or make it writable for syncd"
+    )
+
+    ws.settings["syncd"]["metrics_file"] = str(tmp_path / "syncd.txt")
+    done = ws.syncd("run", "--config", str(ws.config), timeout=60)
+    assert done.returncode == 2
+    assert "must be a *.prom file" in done.stderr
+
+
+def test_a_full_disk_under_the_textfile_is_one_warning_and_the_daemon_goes_on(
+    moto_workspace, tmpfs
+):
+    ws = moto_workspace
+    textfile = tmpfs.mount(ws.root / "textfile", size="64k")
+    ws.settings["syncd"]["metrics_file"] = str(textfile / "syncd.prom")
+    daemon = ws.daemon()
+    wait_until(lambda: (textfile / "syncd.prom").exists())
+    (textfile / "syncd.prom").unlink()
+    filler = tmpfs.fill(textfile)
+
+    daemon.wait_log("metrics not written: ")
+    ws.result("exec_1_abcdef01", {"a": b"a"})
+    ws.mark("exec_1_abcdef01")
+    wait_until(lambda: ws.recorded("exec_1_abcdef01"))
+    filler.unlink()
+    daemon.wait_log(f"metrics written to {textfile / 'syncd.prom'} again")
+    assert daemon.terminate() == 0
+    assert daemon.log().count("metrics not written: ") == 1
+    assert value(samples((textfile / "syncd.prom").read_text()), "syncd_published_results_total")
+
+
+def test_status_line_says_what_is_happening(moto_workspace, tmp_path):
+    ws = moto_workspace
+    address = str(tmp_path / "notify.sock")
+    statuses: list[str] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(address)
+        sock.settimeout(30)
+
+        def status(predicate) -> str:
+            while not (statuses and predicate(statuses[-1])):
+                message = sock.recv(4096).decode()
+                statuses.extend(
+                    line.removeprefix("STATUS=")
+                    for line in message.splitlines()
+                    if line.startswith("STATUS=")
+                )
+            return statuses[-1]
+
+        daemon = ws.daemon(env=ws.env(NOTIFY_SOCKET=address))
+        status(lambda s: s == "idle; nothing published since start")
+        ws.result("exec_2_abcdef02", {"x": b"x"}, metadata="{broken")
+        ws.mark("exec_2_abcdef02")
+        status(lambda s: s.startswith("1 failing;"))
+        ws.result("exec_1_abcdef01", {"a": b"a"})
+        ws.mark("exec_1_abcdef01")
+        line = status(lambda s: "last published" in s)
+        assert line.startswith("1 failing; last published exec_1_abcdef01 ")
+        assert daemon.terminate() == 0
+    # Sent when it changes, at most once a second.
+    assert all(a != b for a, b in itertools.pairwise(statuses))
