@@ -92,7 +92,8 @@ class Attempts:
             uploaded = await self.upload(result, recorded or claim.took_over)
             if not await asyncio.to_thread(claim.still_ours):
                 raise SyncdError("another daemon took over this result; leaving it")
-            kept = Kept(result.remote_path, metadata.output_files(result, uploaded.files))
+            files = metadata.output_files(result, uploaded.files, uploaded.md5)
+            kept = Kept(result.remote_path, files)
             stamp = await self.publisher.record(result, uploaded, kept)
         finally:
             heartbeat.cancel()
@@ -118,7 +119,7 @@ class Attempts:
         interrupted = maybe_left or (previous is not None and previous.state != State.DONE)
         uploaded = await self.publisher.upload(result, interrupted, acknowledged)
         if uploaded.sent:
-            self.state.remember_upload(rel, uploaded.fingerprint)
+            self.state.remember_upload(rel, uploaded.acknowledgement())
         return uploaded
 
     def already(self, result: Result, document: Metadata | None, stamp: Stamp | None) -> Outcome:

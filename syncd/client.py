@@ -5,7 +5,9 @@ behind a CloudFront signed URL (`storage_type: "s3"`) or still on the server (`"
     ds = open_dataset(metadata)                        # lazily, over the signed URL
     ds = open_dataset(metadata, outputs="/outputs")    # a result kept on the server
 
-Transient HTTP errors are retried. A 403 becomes `AccessError`, which says whether the URL
+Every file read whole from S3 is checked against the MD5 syncd recorded for it in
+`output_files` (a `ChecksumError` names a file whose bytes differ). Transient HTTP errors are
+retried. A 403 becomes `AccessError`, which says whether the URL
 expired or does not cover the path; within a valid URL, CloudFront's 403 for an object S3
 does not have is a missing file, as Zarr expects. Paths are file names, not URL text: a `#`,
 `?`, `%`, `+`, `&`, space or non-ASCII letter in a name is percent-encoded on the way out.
@@ -15,6 +17,7 @@ Needs the `client` extra (xarray, zarr).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,10 @@ TRANSIENT = {500, 502, 503, 504}
 
 class AccessError(PermissionError):
     """CloudFront refused a signed URL; the message says why."""
+
+
+class ChecksumError(OSError):
+    """A file read from S3 is not the file syncd uploaded: its MD5 differs from the record."""
 
 
 def file_url(signed_url: str, path: str) -> str:
@@ -76,10 +83,12 @@ class SignedHTTPFileSystem(HTTPFileSystem):
     """fsspec over one CloudFront signed URL: every request carries its signing query. Paths
     are plain text URLs (`result_root(signed_url)/<path>`), encoded here, once."""
 
-    def __init__(self, signed_url: str, **options: Any) -> None:
+    def __init__(self, signed_url: str, md5: dict[str, str] | None = None, **options: Any) -> None:
+        """`md5`: the MD5 (hex) each file must have, by its plain URL."""
         query = dict(p.split("=", 1) for p in urlsplit(signed_url).query.split("&") if p)
         super().__init__(params=query, encoded=True, **options)
         self.signed_url = signed_url
+        self.md5 = md5 or {}
 
     def encode_url(self, url: str) -> yarl.URL:
         return yarl.URL(quoted(url), encoded=True)
@@ -87,7 +96,15 @@ class SignedHTTPFileSystem(HTTPFileSystem):
     async def _cat_file(
         self, url: str, start: int | None = None, end: int | None = None, **kwargs: Any
     ) -> bytes:
-        return await self._retried(super()._cat_file, url, start=start, end=end, **kwargs)
+        data: bytes = await self._retried(super()._cat_file, url, start=start, end=end, **kwargs)
+        expected = self.md5.get(url) if start is None and end is None else None
+        if expected is not None and hashlib.md5(data).hexdigest() != expected:
+            raise ChecksumError(
+                f"{url}: the bytes read ({len(data)}) do not have the MD5 recorded in "
+                f"output_files ({expected}); the copy in the bucket or on the way is damaged: "
+                "read it again, or ask the operator to publish the result again"
+            )
+        return data
 
     async def _info(self, url: str, **kwargs: Any) -> dict[str, Any]:
         return await self._retried(super()._info, url, **kwargs)
@@ -109,13 +126,26 @@ class SignedHTTPFileSystem(HTTPFileSystem):
         raise AssertionError("unreachable")
 
 
-def create_cloudfront_mapper(signed_url: str, zarr_path: str = "") -> fsspec.FSMap:
+def create_cloudfront_mapper(
+    signed_url: str, zarr_path: str = "", md5: dict[str, str] | None = None
+) -> fsspec.FSMap:
     """An fsspec mapper over the result (or the Zarr store at `zarr_path` in it), for
-    `xr.open_zarr(mapper, consolidated=True)`."""
+    `xr.open_zarr(mapper, consolidated=True)`; `md5` as `checksums(metadata)` gives it."""
     root = result_root(signed_url)
     if zarr_path.strip("/"):
         root = f"{root}/{zarr_path.strip('/')}"
-    return SignedHTTPFileSystem(signed_url).get_mapper(root)
+    # Keyword, never None: zarr rebuilds the filesystem from its JSON form.
+    return SignedHTTPFileSystem(signed_url, md5=md5 or {}).get_mapper(root)
+
+
+def checksums(metadata: dict[str, Any]) -> dict[str, str]:
+    """The MD5 syncd recorded for each file of an S3 result, by the file's plain URL."""
+    root = result_root(metadata["signed_url"])
+    return {
+        f"{root}/{_inside(metadata, entry['path'])}": entry["md5"]
+        for entry in metadata.get("output_files", [])
+        if isinstance(entry, dict) and isinstance(entry.get("md5"), str)
+    }
 
 
 def download_result(
@@ -126,7 +156,7 @@ def download_result(
     `storage_type: "server"`, `outputs` is the server's outputs folder or an HTTP base URL."""
     inside = _inside(metadata, path)
     if metadata.get("storage_type") == "s3":
-        fs = SignedHTTPFileSystem(metadata["signed_url"])
+        fs = SignedHTTPFileSystem(metadata["signed_url"], md5=checksums(metadata))
         return fs.cat_file(f"{result_root(metadata['signed_url'])}/{inside}")
     location = _server_location(metadata, outputs)
     if isinstance(location, Path):
@@ -146,7 +176,9 @@ def open_dataset(
         for f in metadata.get("output_files", [])
     )
     if metadata.get("storage_type") == "s3":
-        store: Any = create_cloudfront_mapper(metadata["signed_url"], zarr_path)
+        store: Any = create_cloudfront_mapper(
+            metadata["signed_url"], zarr_path, checksums(metadata)
+        )
     else:
         location = _server_location(metadata, outputs)
         if isinstance(location, Path):

@@ -153,9 +153,12 @@ class Kept:
         return cls(result.remote_path, files)
 
 
-def output_files(result: Result, files: list[LocalFile]) -> list[dict[str, Any]]:
-    """The `output_files` entries of a tree: `<exec>/<path in tree>` and size."""
-    return [{"path": f"{result.name}/{f.rel}", "size": f.size} for f in files]
+def output_files(
+    result: Result, files: list[LocalFile], md5: dict[str, str]
+) -> list[dict[str, Any]]:
+    """The `output_files` entries of a tree: `<exec>/<path in tree>`, size, and the MD5 of the
+    bytes sent (hex; readers check what they download against it)."""
+    return [{"path": f"{result.name}/{f.rel}", "size": f.size, "md5": md5[f.rel]} for f in files]
 
 
 def recorded(

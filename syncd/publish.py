@@ -21,6 +21,7 @@ import dataclasses
 import errno
 import hashlib
 import itertools
+import json
 import os
 import shutil
 import time
@@ -35,9 +36,10 @@ from syncd.budget import TransferBudget
 from syncd.config import Settings
 from syncd.errors import Kind, SyncdError, os_error
 from syncd.layout import EXEC_PREFIX, Layout, LocalFile, Result, tree_files
+from syncd.objects import headers_for, is_zarr_metadata
 from syncd.progress import Progress
 from syncd.signing import UrlSigner
-from syncd.storage import ObjectStore
+from syncd.storage import Body, ObjectStore
 
 # Answers that mean this store or these credentials cannot clean up, while uploads may work.
 CLEANUP_REFUSED = {"AccessDenied", "NotImplemented", "MethodNotAllowed"}
@@ -56,6 +58,7 @@ class Uploaded:
     """A tree the store has acknowledged, file by file."""
 
     files: list[LocalFile]
+    md5: dict[str, str]  # each file's MD5 (hex) by its path in the tree, as it was sent
     bytes: int
     seconds: float
     fingerprint: str  # of the listing: the same tree needs no second upload
@@ -64,6 +67,24 @@ class Uploaded:
     @property
     def mb_per_s(self) -> float:
         return self.bytes / max(self.seconds, 1e-9) / 1e6
+
+    def acknowledgement(self) -> str:
+        """What the state keeps of a tree uploaded whole, to record it without sending it
+        again."""
+        return json.dumps({"fingerprint": self.fingerprint, "md5": self.md5}, separators=(",", ":"))
+
+
+def acknowledged_md5(acknowledgement: str | None, fingerprint: str) -> dict[str, str] | None:
+    """The MD5s of an earlier upload of the tree with this fingerprint, if there was one (a
+    state file of an older syncd holds a bare fingerprint: sent again)."""
+    try:
+        earlier = json.loads(acknowledgement or "null")
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(earlier, dict) or earlier.get("fingerprint") != fingerprint:
+        return None
+    md5 = earlier.get("md5")
+    return md5 if isinstance(md5, dict) else None
 
 
 def fingerprint(result: Result, files: list[LocalFile]) -> str:
@@ -103,14 +124,15 @@ class Publisher:
         self, result: Result, interrupted: bool, acknowledged: str | None = None
     ) -> Uploaded:
         """Upload the tree. `interrupted`: an earlier attempt may have left parts and objects.
-        `acknowledged`: the fingerprint of a tree an earlier attempt uploaded whole."""
+        `acknowledged`: what the state kept of a tree an earlier attempt uploaded whole."""
         files = await asyncio.to_thread(self._list_tree, result)
         started = time.monotonic()
         total = sum(f.size for f in files)
         done = fingerprint(result, files)
-        if done == acknowledged:
+        earlier = acknowledged_md5(acknowledged, done)
+        if earlier is not None:
             logger.info("{}: already uploaded by an earlier attempt; recording it", result.name)
-            return Uploaded(files, total, 0.0, done, sent=False)
+            return Uploaded(files, earlier, total, 0.0, done, sent=False)
         if not files:
             logger.warning(
                 "{}: the result folder is empty; recording it with no files", result.name
@@ -119,12 +141,17 @@ class Publisher:
         if interrupted:
             await self._abort_unfinished(result)
         progress = Progress(result.name, len(files), total) if self.show_progress else None
-        await self._upload(result, files, progress)
+        md5: dict[str, str] = {}
+        # Zarr metadata documents only once every chunk is stored.
+        chunks = [f for f in files if not is_zarr_metadata(f.rel)]
+        await self._upload(result, chunks, md5, progress)
+        await self._upload(result, [f for f in files if is_zarr_metadata(f.rel)], md5, progress)
         if not await asyncio.to_thread(self._unchanged, result, files):
             raise changed()
         if interrupted:
             await self._remove_strays(result, files)
-        return Uploaded(files, total, time.monotonic() - started, done, sent=True)
+        seconds = time.monotonic() - started
+        return Uploaded(files, md5, total, seconds, done, sent=True)
 
     async def record(
         self, result: Result, uploaded: Uploaded, kept: metadata.Kept
@@ -205,8 +232,13 @@ class Publisher:
         )
 
     async def _upload(
-        self, result: Result, files: list[LocalFile], progress: Progress | None
+        self,
+        result: Result,
+        files: list[LocalFile],
+        md5: dict[str, str],
+        progress: Progress | None,
     ) -> None:
+        """Upload `files`, putting each one's MD5 into `md5` once the store acknowledged it."""
         pending = iter(files)
 
         async def worker() -> None:
@@ -214,7 +246,9 @@ class Publisher:
             for file in pending:
                 async with self.budget.hold(self.store.held(file.size)):
                     with open_listed(result, file) as path:
-                        await self._put(path, result.key(file.rel), file.size)
+                        body = Body(path, file.size, changed())
+                        await self._put(body, result.key(file.rel), file.rel)
+                md5[file.rel] = body.hexdigest()
                 self.acknowledged_at = time.monotonic()
                 if progress is not None:
                     progress.advance(file.size)
@@ -226,14 +260,14 @@ class Publisher:
         except* SyncdError as errors:
             raise errors.exceptions[0] from None
 
-    async def _put(self, path: Path, key: str, size: int) -> None:
+    async def _put(self, body: Body, key: str, rel: str) -> None:
         """One file, within a deadline the client's own timeouts should never reach: a
         transfer that hangs anyway becomes a transient failure instead of a stuck worker."""
-        limit = self.store.deadline(size)
+        limit = self.store.deadline(body.size)
         self.deadlines[key] = time.monotonic() + limit
         try:
             async with asyncio.timeout(limit):
-                await self.store.put(path, key)
+                await self.store.put(body, key, headers_for(rel))
         except TimeoutError:
             raise SyncdError(
                 f"upload of {key} did not end within {limit:.0f} s; retrying"

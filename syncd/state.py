@@ -2,9 +2,9 @@
 
 A result is `pending` (marked, not started), `uploading`, `retrying` (with attempts, last
 error and next try), `done`, or `forgotten` (its marker was removed while it waited). A
-result whose tree was uploaded whole but not recorded keeps that upload's fingerprint, so the
-next attempt records it without sending the tree again. `syncd status` reads the same file
-while the daemon runs.
+result whose tree was uploaded whole but not recorded keeps that upload's acknowledgement (the
+tree's fingerprint and each file's MD5), so the next attempt records it without sending the
+tree again. `syncd status` reads the same file while the daemon runs.
 
 The metadata files are the record of what is published; this database is only a journal. A
 corrupt one is moved aside with one warning and started afresh. Every failure to use it is a
@@ -74,7 +74,7 @@ class Record:
     files: int | None = None
     bytes: int | None = None
     updated: float = 0.0
-    uploaded: str | None = None  # fingerprint of a tree uploaded whole, not yet recorded
+    uploaded: str | None = None  # acknowledgement of a tree uploaded whole, not yet recorded
 
 
 class StateStore:
@@ -195,9 +195,9 @@ class StateStore:
             row = self.db.execute("SELECT recorded FROM results WHERE rel = ?", (rel,)).fetchone()
         return row[0] if row else None
 
-    def remember_upload(self, rel: str, fingerprint: str) -> None:
+    def remember_upload(self, rel: str, acknowledgement: str) -> None:
         with self.errors():
-            self.db.execute("UPDATE results SET uploaded = ? WHERE rel = ?", (fingerprint, rel))
+            self.db.execute("UPDATE results SET uploaded = ? WHERE rel = ?", (acknowledgement, rel))
 
 
 COLUMNS = "rel, state, attempts, last_error, permanent, next_try, files, bytes, updated, uploaded"

@@ -3,12 +3,23 @@
 `use_rust_client` picks obstore; otherwise s3fs. Both take the same settings: endpoint,
 region, credentials (or the standard AWS chain when none are set), transfer acceleration
 (AWS only), `max_concurrency` and `multipart_chunksize`.
+
+Every file is read once, by syncd, and its MD5 computed as it is read (a `Body`); every request
+that carries its bytes carries a checksum the store verifies before it stores them: s3fs sends
+Content-MD5 on each PutObject and UploadPart (verified by S3, MinIO, rclone, ...); obstore sends
+x-amz-checksum-sha256 (verified by S3; object_store cannot send Content-MD5). Other stores
+may only keep that header, so with a custom endpoint obstore's uploads are also checked after
+the fact: the ETag the store answers must be the MD5 of the bytes sent (for a multipart upload,
+the MD5 of its parts' MD5s); a store whose ETags are not MD5s (encryption) is found out once, by
+reading the object back, and not checked that way any more.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
+import asyncio
+import base64
+import hashlib
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -18,7 +29,68 @@ from loguru import logger
 
 from syncd.budget import PARTS_PER_FILE
 from syncd.config import ObjectStorage
-from syncd.errors import store_error
+from syncd.errors import SyncdError, store_error
+from syncd.objects import ObjectHeaders
+
+# Files up to this size are read on the event loop: a thread costs more than the read.
+READ_INLINE = 256 * 1024
+
+
+class Body:
+    """The bytes of one file as they are read, once, with their MD5 computed on the way; a
+    file that does not hold exactly `size` bytes any more is a SyncdError (`changed`)."""
+
+    def __init__(self, path: Path, size: int, changed: SyncdError) -> None:
+        self.path = path
+        self.size = size
+        self.changed = changed
+        self.md5 = hashlib.md5()
+        self.part_md5: list[bytes] | None = None  # kept by parts() when asked
+
+    def etag(self) -> str:
+        """The ETag S3 gives the object as sent: its MD5, or for a multipart upload the MD5 of
+        its parts' MD5s and their count."""
+        if self.part_md5 is None:
+            return self.md5.hexdigest()
+        return f"{hashlib.md5(b''.join(self.part_md5)).hexdigest()}-{len(self.part_md5)}"
+
+    async def whole(self) -> bytes:
+        if self.size <= READ_INLINE:
+            return self._read_whole()
+        return await asyncio.to_thread(self._read_whole)
+
+    def _read_whole(self) -> bytes:
+        with open(self.path, "rb") as f:
+            data = f.read(self.size + 1)
+        if len(data) != self.size:
+            raise self.changed
+        self.md5.update(data)
+        return data
+
+    async def parts(self, part_size: int, etag: bool = False) -> AsyncIterator[bytes]:
+        """The file in pieces of `part_size` (the last one shorter), in order; `etag`: keep
+        each piece's MD5 too, for `etag()`."""
+        self.part_md5 = [] if etag else None
+        with open(self.path, "rb") as f:
+            left = self.size
+            while left > 0:
+                piece = await asyncio.to_thread(self._read_piece, f, min(part_size, left))
+                left -= len(piece)
+                yield piece
+            if await asyncio.to_thread(f.read, 1):
+                raise self.changed
+
+    def _read_piece(self, f: Any, size: int) -> bytes:
+        data = f.read(size)
+        if len(data) != size:
+            raise self.changed
+        self.md5.update(data)
+        if self.part_md5 is not None:
+            self.part_md5.append(hashlib.md5(data).digest())
+        return data
+
+    def hexdigest(self) -> str:
+        return self.md5.hexdigest()
 
 
 class ObjectStore(Protocol):
@@ -30,7 +102,9 @@ class ObjectStore(Protocol):
         """Build the clients (no request is sent), so the first result does not wait for it."""
         ...
 
-    async def put(self, path: Path, key: str) -> None: ...
+    async def put(self, body: Body, key: str, headers: ObjectHeaders) -> None:
+        """Upload `body` as `key`: stored once the store has acknowledged it."""
+        ...
 
     def held(self, size: int) -> int:
         """Bytes this client holds in memory at most while it uploads a file of `size`."""
@@ -121,6 +195,8 @@ class ObstoreStore:
             config["secret_access_key"] = storage.secret_access_key.get_secret_value()
         if storage.session_token:
             config["session_token"] = storage.session_token.get_secret_value()
+        # Each PutObject and part carries x-amz-checksum-sha256, for the store to verify.
+        config["checksum_algorithm"] = "sha256"
         if storage.endpoint_url:
             config["endpoint"] = storage.endpoint_url
             config["virtual_hosted_style_request"] = False
@@ -138,22 +214,65 @@ class ObstoreStore:
         self.store = S3Store(
             storage.bucket, config=config, client_options=client, retry_config=CLIENT_RETRIES
         )
+        # S3 verifies the checksum header; another store may only keep it (rclone, moto).
+        self.check_etags = storage.endpoint_url is not None
         # obstore cannot list multipart uploads; the s3fs client does that rare housekeeping,
         # built on first use (only after an interrupted or failed attempt): botocore's S3
         # model costs ~30 MB and 0.3 s.
         self.housekeeping = S3fsStore(storage)
 
-    async def put(self, path: Path, key: str) -> None:
+    async def put(self, body: Body, key: str, headers: ObjectHeaders) -> None:
         import obstore
 
+        attributes: Any = {
+            "Content-Type": headers.content_type,
+            "Cache-Control": headers.cache_control,
+        }
+        part_size = self.storage.multipart_chunksize
         with store_errors(f"upload of {key}"):
-            await obstore.put_async(
-                self.store,
-                key,
-                path,
-                chunk_size=self.storage.multipart_chunksize,
-                max_concurrency=PARTS_PER_FILE,
+            if body.size <= part_size:
+                data = await body.whole()
+                answer = await obstore.put_async(
+                    self.store, key, data, attributes=attributes, use_multipart=False
+                )
+            else:
+                answer = await obstore.put_async(
+                    self.store,
+                    key,
+                    body.parts(part_size, etag=self.check_etags),
+                    attributes=attributes,
+                    chunk_size=part_size,
+                    max_concurrency=PARTS_PER_FILE,
+                )
+            if self.check_etags:
+                await self._check_etag(body, key, (answer.get("e_tag") or "").strip('"'))
+
+    async def _check_etag(self, body: Body, key: str, etag: str) -> None:
+        """The store answered `etag` for `body`: unless it is the MD5 syncd expects, the
+        object's bytes decide whether they were damaged on the way (a SyncdError) or the store's
+        ETags are not MD5s (then they are not checked again)."""
+        import obstore
+
+        if not etag or etag == body.etag():
+            return
+        stored = await obstore.get_async(self.store, key)
+        digest = hashlib.md5()
+        async for piece in stored.stream():
+            digest.update(piece)
+        if digest.hexdigest() == body.hexdigest():
+            if not self.check_etags:
+                return  # another upload found it out meanwhile
+            self.check_etags = False
+            logger.info(
+                "{} answers ETags that are not MD5s (encryption?): relying on its own checks of "
+                "the x-amz-checksum-sha256 header",
+                self.description,
             )
+            return
+        raise SyncdError(
+            f"upload of {key} failed: the store holds other bytes than were sent (MD5 "
+            f"{digest.hexdigest()}, sent {body.hexdigest()}): damaged on the way; sending it again"
+        )
 
     def held(self, size: int) -> int:
         # Measured: obstore reads one part ahead of the parts it sends.
@@ -244,22 +363,56 @@ class S3fsStore:
     async def connect(self) -> None:
         await self._client()
 
-    async def put(self, path: Path, key: str) -> None:
+    async def put(self, body: Body, key: str, headers: ObjectHeaders) -> None:
         fs = await self._client()
+        target = {"Bucket": self.storage.bucket, "Key": key}
+        described = {"ContentType": headers.content_type, "CacheControl": headers.cache_control}
         with store_errors(f"upload of {key}"):
-            with open(path, "rb") as f:
-                body = f.read() if os.fstat(f.fileno()).st_size < self.single_put_below else None
-            if body is not None:
-                # Straight to s3fs's client call: _put_file around it costs ~12 % more CPU
-                # per small file (type guessing, checks, callbacks), the bottleneck here.
-                await fs._call_s3("put_object", Bucket=self.storage.bucket, Key=key, Body=body)
+            if body.size < self.single_put_below:
+                # Straight to s3fs's client call: its _put_file costs ~12 % more CPU per small
+                # file (type guessing, checks, callbacks), the bottleneck here.
+                data = await body.whole()
+                md5 = base64.b64encode(body.md5.digest()).decode()
+                await fs._call_s3("put_object", **target, **described, Body=data, ContentMD5=md5)
                 return
-            await fs._put_file(
-                str(path),
-                f"{self.storage.bucket}/{key}",
-                chunksize=self.storage.multipart_chunksize,
-                max_concurrency=PARTS_PER_FILE,
-            )
+            started = await fs._call_s3("create_multipart_upload", **target, **described)
+            upload = {**target, "UploadId": started["UploadId"]}
+            try:
+                parts = await self._parts(fs, body, upload)
+                await fs._call_s3(
+                    "complete_multipart_upload", **upload, MultipartUpload={"Parts": parts}
+                )
+            except BaseException:
+                # Best effort (a stop may be under way): what is left, the next attempt aborts.
+                aborting = asyncio.ensure_future(fs._call_s3("abort_multipart_upload", **upload))
+                await asyncio.wait([aborting], timeout=CONNECT_TIMEOUT)
+                raise
+
+    async def _parts(self, fs: Any, body: Body, upload: dict[str, str]) -> list[dict[str, Any]]:
+        """Send the parts of `body`, PARTS_PER_FILE at a time, each with its Content-MD5."""
+        parts: list[dict[str, Any]] = []
+        slots = asyncio.Semaphore(PARTS_PER_FILE)
+
+        async def send(number: int, data: bytes) -> None:
+            try:
+                md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+                answer = await fs._call_s3(
+                    "upload_part", **upload, PartNumber=number, Body=data, ContentMD5=md5
+                )
+                parts.append({"PartNumber": number, "ETag": answer["ETag"]})
+            finally:
+                slots.release()
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                number = 0
+                async for data in body.parts(self.storage.multipart_chunksize):
+                    await slots.acquire()
+                    number += 1
+                    group.create_task(send(number, data))
+        except* Exception as errors:
+            raise errors.exceptions[0] from None
+        return sorted(parts, key=lambda part: part["PartNumber"])
 
     def deadline(self, size: int) -> float:
         return file_deadline(size, self.single_put_below, retries=3 * 3)
@@ -334,6 +487,8 @@ def store_errors(action: str) -> Iterator[None]:
     """Translate a client's exception into the taxonomy, once; local read errors pass through."""
     try:
         yield
+    except SyncdError:
+        raise  # already in the taxonomy's words (the file changed while it was read)
     except Exception as exc:
         # obstore raises FileNotFoundError for a missing bucket, but without a file name.
         if isinstance(exc, OSError) and exc.filename is not None:

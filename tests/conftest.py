@@ -3,6 +3,7 @@ real `syncd` command in a subprocess."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -321,6 +322,11 @@ def forecast() -> Any:
             "lon": np.linspace(0, 360, 32, endpoint=False),
         },
     )
+
+
+def md5(data: bytes) -> str:
+    """An `output_files` entry's checksum of `data`."""
+    return hashlib.md5(data).hexdigest()
 
 
 def status_of(ws: Workspace) -> dict[str, dict]:

@@ -7,8 +7,11 @@ It runs its own event loop in a thread; `with Proxy(port) as proxy:` starts and 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import re
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 
@@ -19,15 +22,23 @@ class Proxy:
         rate: float | None = None,  # bytes/s towards the server, shared by all connections
         delay: float = 0.0,  # seconds before each chunk towards the server
         drop_after: int | None = None,  # close each connection after this many bytes up
-        corrupt_at: int | None = None,  # flip one byte at this offset of each connection
+        corrupt_at: int | None = None,  # flip one byte at this offset of each connection...
+        corrupt_connections: int | None = None,  # ...of the first this many connections only
         delay_listings: float = 0.0,  # seconds before each GET (a listing) reaches the server
+        lie_etags: bool = False,  # answer every MD5 ETag as another one (an encrypting store)
+        # Sees every piece forwarded: (connection number, towards the server?, bytes).
+        observer: Callable[[int, bool, bytes], None] | None = None,
     ) -> None:
         self.target_port = target_port
         self.rate = rate
         self.delay = delay
         self.drop_after = drop_after
         self.corrupt_at = corrupt_at
+        self.corrupt_connections = corrupt_connections
         self.delay_listings = delay_listings
+        self.observer = observer
+        self.lie_etags = lie_etags
+        self.connections = itertools.count()
         self.port = 0
         self.sent = 0  # bytes forwarded to the server, all connections
         self.loop = asyncio.new_event_loop()
@@ -73,8 +84,9 @@ class Proxy:
             client_w.close()
             return
         self.writers |= {client_w, server_w}
-        up = asyncio.ensure_future(self._pipe(client_r, server_w, upstream=True))
-        down = asyncio.ensure_future(self._pipe(server_r, client_w, upstream=False))
+        number = next(self.connections)
+        up = asyncio.ensure_future(self._pipe(client_r, server_w, number, upstream=True))
+        down = asyncio.ensure_future(self._pipe(server_r, client_w, number, upstream=False))
         await asyncio.wait([up, down], return_when=asyncio.FIRST_COMPLETED)
         for writer in (client_w, server_w):
             writer.close()
@@ -82,17 +94,28 @@ class Proxy:
         await asyncio.gather(up, down, return_exceptions=True)
 
     async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        number: int,
+        upstream: bool,
     ) -> None:
         try:
-            await self._forward(reader, writer, upstream)
+            await self._forward(reader, writer, number, upstream)
         except (ConnectionError, OSError):
             return  # the other side went away
 
     async def _forward(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        number: int,
+        upstream: bool,
     ) -> None:
         offset = 0
+        corrupt = self.corrupt_at is not None and (
+            self.corrupt_connections is None or number < self.corrupt_connections
+        )
         while True:
             data = await reader.read(16384 if upstream and self.rate else 65536)
             if not data:
@@ -105,13 +128,17 @@ class Proxy:
                     await asyncio.sleep(self.delay_listings)
                 if self.rate:
                     await self._throttle(len(data))
-                if self.corrupt_at is not None and offset <= self.corrupt_at < offset + len(data):
+                if corrupt and offset <= self.corrupt_at < offset + len(data):  # type: ignore[operator]
                     i = self.corrupt_at - offset
                     data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
                 if self.drop_after is not None and offset + len(data) > self.drop_after:
                     return
                 offset += len(data)
                 self.sent += len(data)
+            elif self.lie_etags:
+                data = re.sub(rb'(?i)(etag: *"?)[0-9a-f]{32}', rb"\g<1>" + b"e" * 32, data)
+            if self.observer is not None:
+                self.observer(number, upstream, data)
             writer.write(data)
             await writer.drain()
 

@@ -12,6 +12,7 @@ import xarray as xr
 
 from syncd.client import (
     AccessError,
+    ChecksumError,
     SignedHTTPFileSystem,
     create_cloudfront_mapper,
     download_result,
@@ -65,6 +66,25 @@ def test_download_result_takes_manifest_paths_or_paths_in_the_result(published):
     assert download_result(meta, "results.zarr/.zmetadata") == local.read_bytes()
     for entry in meta["output_files"][:5]:
         assert len(download_result(meta, entry["path"])) == entry["size"]
+
+
+def test_a_file_damaged_in_the_bucket_is_refused_by_its_md5(published):
+    ws, _, meta = published
+    key = f"outputs/wf/{EXEC}/results.zarr/t2m/1.0.0"
+    original = ws.objects(key)[key]
+    damaged = bytes([original[0] ^ 0xFF]) + original[1:]  # same size, one byte flipped
+    ws.server.client().put_object(Bucket=ws.bucket, Key=key, Body=damaged)
+
+    with pytest.raises(ChecksumError, match=r"results\.zarr/t2m/1\.0\.0: the bytes read .* MD5"):
+        download_result(meta, "results.zarr/t2m/1.0.0")
+    ds = open_dataset(meta)
+    with pytest.raises(ChecksumError, match=r"t2m/1\.0\.0"):
+        ds.load()
+    # The other files still read, each checked.
+    assert (
+        download_result(meta, "results.zarr/t2m/0.0.0")
+        == ws.objects(key[:-5] + "0.0.0")[key[:-5] + "0.0.0"]
+    )
 
 
 def test_transient_errors_are_retried(published):

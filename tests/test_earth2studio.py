@@ -21,7 +21,15 @@ from earth2studio.serve.client.models import InferenceRequestResults, StorageTyp
 from syncd.client import open_dataset
 from syncd.signing import expiry
 from tests.cloudfront import file_url, verify
-from tests.conftest import KEY_PAIR_ID, SYNCD, DaemonProcess, Workspace, forecast, status_of
+from tests.conftest import (
+    KEY_PAIR_ID,
+    SYNCD,
+    DaemonProcess,
+    Workspace,
+    forecast,
+    md5,
+    status_of,
+)
 from tests.servers import KEY, SECRET, wait_until
 from tests.test_config import SERVER_CONFIG, pem
 
@@ -132,7 +140,12 @@ def test_a_result_the_server_finishes_is_published_without_a_marker(workspace, s
         assert meta[field] == server_view[field]
     assert meta["storage_type"] == "s3"
     assert meta["remote_path"] == f"outputs/{REL}"
-    assert meta["output_files"] == server_view["output_files"]
+    # The server's own entries, each with the MD5 of the bytes syncd sent.
+    local = local_files(tree)
+    assert [{"path": f["path"], "size": f["size"]} for f in meta["output_files"]] == server_view[
+        "output_files"
+    ]
+    assert all(f["md5"] == md5(local[f["path"].split("/", 1)[1]]) for f in meta["output_files"])
     policy = verify(
         file_url(meta["signed_url"], "results.zarr/.zgroup"),
         {KEY_PAIR_ID: signing_key[1].public_key()},

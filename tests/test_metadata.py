@@ -7,6 +7,7 @@ import os
 import stat
 
 from syncd import metadata
+from tests.conftest import md5
 
 RECORDED = ("storage_type", "signed_url", "remote_path", "output_files")
 
@@ -44,7 +45,7 @@ def test_every_existing_field_is_kept_and_the_four_are_set(moto_workspace):
         "https://d111111abcdef8.cloudfront.net/outputs/exec_1769560728_10ed9d3c/*?Policy="
     )
     assert meta["output_files"] == [
-        {"path": "exec_1769560728_10ed9d3c/results.zarr/.zgroup", "size": 2}
+        {"path": "exec_1769560728_10ed9d3c/results.zarr/.zgroup", "size": 2, "md5": md5(b"{}")}
     ]
 
 
@@ -59,7 +60,9 @@ def test_missing_metadata_is_created(moto_workspace):
     assert meta["status"] == "completed"
     assert meta["storage_type"] == "s3"
     assert meta["remote_path"] == "outputs/wf/exec_2_abcdef01"
-    assert meta["output_files"] == [{"path": "exec_2_abcdef01/a.bin", "size": 3}]
+    assert meta["output_files"] == [
+        {"path": "exec_2_abcdef01/a.bin", "size": 3, "md5": md5(b"abc")}
+    ]
 
 
 def test_malformed_metadata_is_left_byte_for_byte_and_named(moto_workspace):

@@ -12,7 +12,7 @@ import requests
 
 from syncd.signing import expiry
 from tests.cloudfront import file_url, verify
-from tests.conftest import KEY_PAIR_ID, SYNCD
+from tests.conftest import KEY_PAIR_ID, SYNCD, md5
 from tests.servers import wait_until
 
 
@@ -48,7 +48,7 @@ def test_the_running_daemon_renews_a_url_close_to_expiry(moto_workspace, signing
     assert "exec_1_abcdef01: signed URL renewed until" in daemon.log()
     meta = ws.metadata("exec_1_abcdef01")
     assert meta["storage_type"] == "s3"
-    assert meta["output_files"] == [{"path": "exec_1_abcdef01/a.txt", "size": 1}]
+    assert meta["output_files"] == [{"path": "exec_1_abcdef01/a.txt", "size": 1, "md5": md5(b"a")}]
 
 
 def test_sign_prints_a_fresh_url_for_a_folder_or_a_remote_path(moto_workspace, signing_key):
@@ -110,7 +110,11 @@ def test_delete_local_after_upload_keeps_the_metadata_and_the_url_serves(
         "exec_3_abcdef03.json",
     ]
     assert ws.metadata("exec_3_abcdef03")["output_files"] == [
-        {"path": "exec_3_abcdef03/results.zarr/.zgroup", "size": 18}
+        {
+            "path": "exec_3_abcdef03/results.zarr/.zgroup",
+            "size": 18,
+            "md5": md5(b'{"zarr_format": 2}'),
+        }
     ]
 
 

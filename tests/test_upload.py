@@ -9,6 +9,7 @@ import re
 import pytest
 
 from tests.cloudfront import file_url, verify
+from tests.conftest import md5
 from tests.servers import wait_until
 
 MiB = 1024 * 1024
@@ -38,7 +39,10 @@ def test_every_file_lands_byte_for_byte_with_each_client(workspace, signing_key,
     assert meta["storage_type"] == "s3"
     assert meta["remote_path"] == "outputs/wf/exec_1769560728_10ed9d3c"
     assert sorted(meta["output_files"], key=lambda f: f["path"]) == sorted(
-        ({"path": f"{tree.name}/{name}", "size": len(data)} for name, data in files.items()),
+        (
+            {"path": f"{tree.name}/{name}", "size": len(data), "md5": md5(data)}
+            for name, data in files.items()
+        ),
         key=lambda f: f["path"],
     )
     public = {"KTESTKEYPAIR1": signing_key[1].public_key()}
