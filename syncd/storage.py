@@ -7,11 +7,12 @@ region, credentials (or the standard AWS chain when none are set), transfer acce
 Every file is read once, by syncd, and its MD5 computed as it is read (a `Body`); every request
 that carries its bytes carries a checksum the store verifies before it stores them: s3fs sends
 Content-MD5 on each PutObject and UploadPart (verified by S3, MinIO, rclone, ...); obstore sends
-x-amz-checksum-sha256 (verified by S3; object_store cannot send Content-MD5). Other stores
-may only keep that header, so with a custom endpoint obstore's uploads are also checked after
-the fact: the ETag the store answers must be the MD5 of the bytes sent (for a multipart upload,
-the MD5 of its parts' MD5s); a store whose ETags are not MD5s (encryption) is found out once, by
-reading the object back, and not checked that way any more.
+x-amz-checksum-sha256 and the signed payload's SHA-256 (verified by S3; object_store
+cannot send Content-MD5). Other stores may only keep those (rclone, moto), so with a custom
+endpoint obstore's single PutObjects are also checked after the fact: the ETag the store answers
+must be the MD5 syncd computed anyway. A store whose ETags are not MD5s (encryption) is found
+out once, by reading the object back, and not checked that way any more. Multipart ETags are not
+checked: that would cost a second MD5 pass over every large file.
 """
 
 from __future__ import annotations
@@ -45,14 +46,6 @@ class Body:
         self.size = size
         self.changed = changed
         self.md5 = hashlib.md5()
-        self.part_md5: list[bytes] | None = None  # kept by parts() when asked
-
-    def etag(self) -> str:
-        """The ETag S3 gives the object as sent: its MD5, or for a multipart upload the MD5 of
-        its parts' MD5s and their count."""
-        if self.part_md5 is None:
-            return self.md5.hexdigest()
-        return f"{hashlib.md5(b''.join(self.part_md5)).hexdigest()}-{len(self.part_md5)}"
 
     async def whole(self) -> bytes:
         if self.size <= READ_INLINE:
@@ -67,10 +60,8 @@ class Body:
         self.md5.update(data)
         return data
 
-    async def parts(self, part_size: int, etag: bool = False) -> AsyncIterator[bytes]:
-        """The file in pieces of `part_size` (the last one shorter), in order; `etag`: keep
-        each piece's MD5 too, for `etag()`."""
-        self.part_md5 = [] if etag else None
+    async def parts(self, part_size: int) -> AsyncIterator[bytes]:
+        """The file in pieces of `part_size` (the last one shorter), in order."""
         with open(self.path, "rb") as f:
             left = self.size
             while left > 0:
@@ -85,8 +76,6 @@ class Body:
         if len(data) != size:
             raise self.changed
         self.md5.update(data)
-        if self.part_md5 is not None:
-            self.part_md5.append(hashlib.md5(data).digest())
         return data
 
     def hexdigest(self) -> str:
@@ -235,17 +224,17 @@ class ObstoreStore:
                 answer = await obstore.put_async(
                     self.store, key, data, attributes=attributes, use_multipart=False
                 )
-            else:
-                answer = await obstore.put_async(
-                    self.store,
-                    key,
-                    body.parts(part_size, etag=self.check_etags),
-                    attributes=attributes,
-                    chunk_size=part_size,
-                    max_concurrency=PARTS_PER_FILE,
-                )
-            if self.check_etags:
-                await self._check_etag(body, key, (answer.get("e_tag") or "").strip('"'))
+                if self.check_etags:
+                    await self._check_etag(body, key, (answer.get("e_tag") or "").strip('"'))
+                return
+            await obstore.put_async(
+                self.store,
+                key,
+                body.parts(part_size),
+                attributes=attributes,
+                chunk_size=part_size,
+                max_concurrency=PARTS_PER_FILE,
+            )
 
     async def _check_etag(self, body: Body, key: str, etag: str) -> None:
         """The store answered `etag` for `body`: unless it is the MD5 syncd expects, the
@@ -253,7 +242,7 @@ class ObstoreStore:
         ETags are not MD5s (then they are not checked again)."""
         import obstore
 
-        if not etag or etag == body.etag():
+        if not etag or etag == body.hexdigest():
             return
         stored = await obstore.get_async(self.store, key)
         digest = hashlib.md5()
