@@ -122,3 +122,33 @@ def test_a_store_whose_etags_are_not_md5s_is_found_out_once(moto_workspace):
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("answers ETags that are not MD5s") == 1
     assert ws.objects() == {f"outputs/exec_3_abcdef03/{k}": v for k, v in files.items()}
+
+
+@pytest.mark.parametrize("size", [1000, 20 * MiB], ids=["one-put", "multipart"])
+@pytest.mark.parametrize("rust", [True, False], ids=["obstore", "s3fs"])
+def test_a_file_cut_short_while_it_is_read_is_never_stored(moto_workspace, rust, size):
+    """A file holds fewer bytes than were listed (truncated between listing and reading): the
+    client stops with the tree's `changed` error, and no object is left under its key."""
+    import asyncio
+
+    from syncd.config import ObjectStorage
+    from syncd.errors import SyncdError
+    from syncd.objects import headers_for
+    from syncd.storage import Body, open_store
+
+    ws = moto_workspace
+    path = ws.root / "short.bin"
+    path.write_bytes(os.urandom(size - 1))
+    storage = ObjectStorage(**{**ws.settings["object_storage"], "use_rust_client": rust})
+
+    async def put() -> None:
+        store = open_store(storage)
+        try:
+            body = Body(path, size, SyncdError("files changed while they were uploaded"))
+            await store.put(body, "outputs/short.bin", headers_for("short.bin"))
+        finally:
+            await store.close()
+
+    with pytest.raises(SyncdError, match="files changed while they were uploaded"):
+        asyncio.run(put())
+    assert ws.objects() == {}
