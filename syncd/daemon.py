@@ -415,17 +415,20 @@ class Daemon:
         assert outcome.error is not None
         message = f"{result.name}: {outcome.error}"
         being_written = outcome.error.code == metadata.BEING_WRITTEN_CODE
-        if not being_written:
-            self.metrics.failures.labels(outcome.error.kind.value).inc()
-        if being_written:
+        if being_written:  # its writer is at it: not a failure
             logger.debug("{} (attempt {})", message, outcome.attempts)
-        elif not outcome.error.permanent:
-            logger.warning(
-                "{} (attempt {}; retrying in {:.1f} s)", message, outcome.attempts, outcome.retry_in
-            )
-        elif self.reported.get(rel) != message:  # log it once, not every retry
-            logger.error("{} (retrying every {:.0f} s)", message, outcome.retry_in)
-            self.reported[rel] = message
+        else:
+            self.metrics.failures.labels(outcome.error.kind.value).inc()
+            if not outcome.error.permanent:
+                logger.warning(
+                    "{} (attempt {}; retrying in {:.1f} s)",
+                    message,
+                    outcome.attempts,
+                    outcome.retry_in,
+                )
+            elif self.reported.get(rel) != message:  # log it once, not every retry
+                logger.error("{} (retrying every {:.0f} s)", message, outcome.retry_in)
+                self.reported[rel] = message
         self.retry_later(result, outcome.retry_in, failing=not being_written)
 
     def count(self, result: Result, outcome: Outcome) -> None:
@@ -436,7 +439,7 @@ class Daemon:
         if uploaded is None:
             return
         seconds = uploaded.seconds if uploaded.sent else None
-        self.metrics.published(result.name, len(uploaded.files), uploaded.bytes, seconds)
+        self.metrics.published(len(uploaded.files), uploaded.bytes, seconds)
         self.last_published = (result.name, time.time())
 
     def retry_later(self, result: Result, delay: float, failing: bool = True) -> None:

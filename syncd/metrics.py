@@ -145,7 +145,7 @@ class Metrics:
         if self.file is not None:
             self.write()  # the last counts, for a scrape after the stop
 
-    def published(self, name: str, files: int, size: int, seconds: float | None) -> None:
+    def published(self, files: int, size: int, seconds: float | None) -> None:
         """A result recorded after its upload (`seconds`: None when an earlier attempt sent it)."""
         self.published_results.inc()
         self.published_files.inc(files)

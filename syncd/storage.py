@@ -384,7 +384,8 @@ class S3fsStore:
 
         async def send(number: int, data: bytes) -> None:
             try:
-                md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+                digest = await asyncio.to_thread(lambda: hashlib.md5(data).digest())  # off the loop
+                md5 = base64.b64encode(digest).decode()
                 answer = await fs._call_s3(
                     "upload_part", **upload, PartNumber=number, Body=data, ContentMD5=md5
                 )
