@@ -34,7 +34,7 @@ from syncd.errors import SyncdError, store_error
 from syncd.objects import ObjectHeaders
 
 # Files up to this size are read on the event loop: a thread costs more than the read.
-READ_INLINE = 256 * 1024
+READ_INLINE = 16 * 1024
 
 
 class Body:
@@ -158,10 +158,15 @@ def request_timeout(request_bytes: int) -> float:
     return 60.0 + request_bytes / SLOWEST_RATE
 
 
-def file_deadline(size: int, request_bytes: int, retries: int) -> float:
-    """Seconds the requests of one file may take, every retry included."""
-    rounds = -(-max(size, 1) // (request_bytes * PARTS_PER_FILE))  # parts go PARTS_PER_FILE at once
-    return (retries + 1) * rounds * request_timeout(request_bytes) + 60.0
+def file_deadline(size: int, single_below: int, part_bytes: int, retries: int) -> float:
+    """Seconds the requests of one file may take, every retry included: one request below
+    `single_below` bytes, else parts of `part_bytes`, PARTS_PER_FILE at once. Sized by the
+    file, so a small file's upload that hangs outside any request (a client's connection pool,
+    say) is given up in minutes, not in the hours a part could take."""
+    if size < single_below:
+        return (retries + 1) * request_timeout(size) + 60.0
+    rounds = -(-size // (part_bytes * PARTS_PER_FILE))
+    return (retries + 1) * rounds * request_timeout(part_bytes) + 60.0
 
 
 def _location(storage: ObjectStorage) -> str:
@@ -268,8 +273,8 @@ class ObstoreStore:
         return min(size, (PARTS_PER_FILE + 1) * self.storage.multipart_chunksize)
 
     def deadline(self, size: int) -> float:
-        retries = CLIENT_RETRIES["max_retries"]
-        return file_deadline(size, self.storage.multipart_chunksize, retries)
+        part = self.storage.multipart_chunksize
+        return file_deadline(size, part + 1, part, CLIENT_RETRIES["max_retries"])
 
     async def delete(self, keys: list[str]) -> None:
         import obstore
@@ -405,7 +410,8 @@ class S3fsStore:
         return sorted(parts, key=lambda part: part["PartNumber"])
 
     def deadline(self, size: int) -> float:
-        return file_deadline(size, self.single_put_below, retries=3 * 3)
+        part = self.storage.multipart_chunksize
+        return file_deadline(size, self.single_put_below, part, retries=3 * 3)
 
     async def delete(self, keys: list[str]) -> None:
         fs = await self._client()
