@@ -34,7 +34,7 @@ from syncd.errors import SyncdError, store_error
 from syncd.objects import ObjectHeaders
 
 # Files up to this size are read on the event loop: a thread costs more than the read.
-READ_INLINE = 16 * 1024
+READ_INLINE = 256 * 1024
 
 
 class Body:
