@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -322,6 +323,38 @@ def forecast() -> Any:
             "lon": np.linspace(0, 360, 32, endpoint=False),
         },
     )
+
+
+class NotifySocket:
+    """systemd's notify socket, as the daemon sees it under a Type=notify unit."""
+
+    def __init__(self, path: Path) -> None:
+        self.address = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.address)
+        self.sock.settimeout(30)
+        self.messages: list[str] = []  # each datagram, as received
+
+    def receive(self, done: Any) -> None:
+        """Receive until `done(messages)` holds (or fail after 30 s without a message)."""
+        while not done(self.messages):
+            self.messages.append(self.sock.recv(4096).decode())
+
+    def statuses(self) -> list[str]:
+        """Every STATUS= value received, in order."""
+        return [
+            line.removeprefix("STATUS=")
+            for message in self.messages
+            for line in message.splitlines()
+            if line.startswith("STATUS=")
+        ]
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    notify = NotifySocket(tmp_path / "notify.sock")
+    yield notify
+    notify.sock.close()
 
 
 def md5(data: bytes) -> str:

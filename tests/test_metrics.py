@@ -164,33 +164,25 @@ def test_a_full_disk_under_the_textfile_is_one_warning_and_the_daemon_goes_on(
     assert value(samples((textfile / "syncd.prom").read_text()), "syncd_published_results_total")
 
 
-def test_status_line_says_what_is_happening(moto_workspace, tmp_path):
+def test_status_line_says_what_is_happening(moto_workspace, notify_socket):
     ws = moto_workspace
-    address = str(tmp_path / "notify.sock")
-    statuses: list[str] = []
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind(address)
-        sock.settimeout(30)
 
-        def status(predicate) -> str:
-            while not (statuses and predicate(statuses[-1])):
-                message = sock.recv(4096).decode()
-                statuses.extend(
-                    line.removeprefix("STATUS=")
-                    for line in message.splitlines()
-                    if line.startswith("STATUS=")
-                )
-            return statuses[-1]
+    def status(predicate) -> str:
+        notify_socket.receive(
+            lambda _: bool(notify_socket.statuses()) and predicate(notify_socket.statuses()[-1])
+        )
+        return notify_socket.statuses()[-1]
 
-        daemon = ws.daemon(env=ws.env(NOTIFY_SOCKET=address))
-        status(lambda s: s == "idle; nothing published since start")
-        ws.result("exec_2_abcdef02", {"x": b"x"}, metadata="{broken")
-        ws.mark("exec_2_abcdef02")
-        status(lambda s: s.startswith("1 failing;"))
-        ws.result("exec_1_abcdef01", {"a": b"a"})
-        ws.mark("exec_1_abcdef01")
-        line = status(lambda s: "last published" in s)
-        assert line.startswith("1 failing; last published exec_1_abcdef01 ")
-        assert daemon.terminate() == 0
+    daemon = ws.daemon(env=ws.env(NOTIFY_SOCKET=notify_socket.address))
+    status(lambda s: s == "idle; nothing published since start")
+    ws.result("exec_2_abcdef02", {"x": b"x"}, metadata="{broken")
+    ws.mark("exec_2_abcdef02")
+    status(lambda s: s.startswith("1 failing;"))
+    ws.result("exec_1_abcdef01", {"a": b"a"})
+    ws.mark("exec_1_abcdef01")
+    line = status(lambda s: "last published" in s)
+    assert line.startswith("1 failing; last published exec_1_abcdef01 ")
+    assert daemon.terminate() == 0
     # Sent when it changes, at most once a second.
+    statuses = notify_socket.statuses()
     assert all(a != b for a, b in itertools.pairwise(statuses))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -74,26 +73,21 @@ def test_unit_file_has_what_an_operator_relies_on():
     assert DaemonSettings().stop_grace < timeout
 
 
-def test_daemon_notifies_ready_watchdog_and_stopping(moto_workspace, tmp_path):
+def test_daemon_notifies_ready_watchdog_and_stopping(moto_workspace, notify_socket):
     ws = moto_workspace
-    address = str(tmp_path / "notify.sock")
-    messages: list[str] = []
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind(address)
-        sock.settimeout(30)
+    messages = notify_socket.messages
 
-        def receive(text: str, count: int = 1) -> None:
-            while sum(m.startswith(text) for m in messages) < count:
-                messages.append(sock.recv(4096).decode())
+    def receive(text: str, count: int = 1) -> None:
+        notify_socket.receive(lambda got: sum(m.startswith(text) for m in got) >= count)
 
-        daemon = ws.daemon(env=ws.env(NOTIFY_SOCKET=address, WATCHDOG_USEC="200000"))
-        receive("READY=1")
-        ws.result("exec_1_abcdef01", {"a": b"a"})
-        ws.mark("exec_1_abcdef01")
-        wait_until(lambda: ws.recorded("exec_1_abcdef01"))
-        receive("WATCHDOG=1", count=sum(m == "WATCHDOG=1" for m in messages) + 3)
-        assert daemon.terminate() == 0
-        receive("STOPPING=1")
+    daemon = ws.daemon(env=ws.env(NOTIFY_SOCKET=notify_socket.address, WATCHDOG_USEC="200000"))
+    receive("READY=1")
+    ws.result("exec_1_abcdef01", {"a": b"a"})
+    ws.mark("exec_1_abcdef01")
+    wait_until(lambda: ws.recorded("exec_1_abcdef01"))
+    receive("WATCHDOG=1", count=sum(m == "WATCHDOG=1" for m in messages) + 3)
+    assert daemon.terminate() == 0
+    receive("STOPPING=1")
     assert messages[0].startswith("READY=1\nSTATUS=watching ")
 
 
