@@ -83,7 +83,9 @@ class SignedHTTPFileSystem(HTTPFileSystem):
     """fsspec over one CloudFront signed URL: every request carries its signing query. Paths
     are plain text URLs (`result_root(signed_url)/<path>`), encoded here, once."""
 
-    def __init__(self, signed_url: str, md5: dict[str, str] | None = None, **options: Any) -> None:
+    def __init__(
+        self, signed_url: str, *, md5: dict[str, str] | None = None, **options: Any
+    ) -> None:
         """`md5`: the MD5 (hex) each file must have, by its plain URL."""
         query = dict(p.split("=", 1) for p in urlsplit(signed_url).query.split("&") if p)
         super().__init__(params=query, encoded=True, **options)

@@ -53,6 +53,7 @@ class Metrics:
         self.server: Any = None
         self.serving: threading.Thread | None = None
         self.file_error: str | None = None  # the last one logged
+        self.started = False
         registry = self.registry = CollectorRegistry()
         ProcessCollector(registry=registry)
         self.results = Gauge(
@@ -131,6 +132,7 @@ class Metrics:
                     f"syncd.metrics_file {self.file}: cannot write it "
                     f"({exc.strerror or exc}); create its folder or make it writable for syncd"
                 ) from None
+        self.started = True
 
     @property
     def alive(self) -> bool:
@@ -142,7 +144,7 @@ class Metrics:
             self.server.shutdown()
             self.server.server_close()
             self.server = self.serving = None
-        if self.file is not None:
+        if self.file is not None and self.started:
             self.write()  # the last counts, for a scrape after the stop
 
     def published(self, files: int, size: int, seconds: float | None) -> None:

@@ -131,6 +131,7 @@ def test_metrics_settings_that_cannot_work_stop_the_start(moto_workspace, tmp_pa
     ws.settings["syncd"]["metrics_file"] = str(tmp_path / "missing" / "syncd.prom")
     done = ws.syncd("run", "--config", str(ws.config), timeout=60)
     assert done.returncode == 2
+    assert "metrics not written" not in done.stderr  # the one line says it all
     assert done.stderr.strip().splitlines()[-1] == (
         f"syncd: error: syncd.metrics_file {tmp_path}/missing/syncd.prom: cannot write it (No "
         "such file or directory); create its folder or make it writable for syncd"
