@@ -6,7 +6,9 @@ journald adds the time itself.
 
 Records of the standard `logging` module (botocore, s3fs, asyncio, watchdog, ...) go through the
 same sink, named by their logger: a library's warnings and errors keep their level, its
-chatter (INFO) shows at DEBUG, and below INFO nothing is taken from it.
+chatter (INFO) shows at DEBUG, and below INFO nothing is taken from it. watchdog's records are
+all chatter: `watch` turns what they mean into syncd's own lines (lost events, a watcher that
+stopped), and watchdog logs races it recovers from (an emitter stopped mid-read) as errors.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from loguru import logger
 from syncd.config import DaemonSettings
 from syncd.errors import printable
 
+# Libraries whose records syncd reports in its own words: shown at DEBUG only.
+TRANSLATED = ("watchdog",)
 TEXT_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {message}"
 SYSLOG_PRIORITY = {
     "TRACE": 7,
@@ -55,7 +59,9 @@ class ToLoguru(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         level = record.levelname if record.levelno >= logging.WARNING else "DEBUG"
-        if level not in SYSLOG_PRIORITY:  # a library's own level name
+        if record.name.split(".")[0] in TRANSLATED:
+            level = "DEBUG"
+        elif level not in SYSLOG_PRIORITY:  # a library's own level name
             level = "ERROR" if record.levelno >= logging.ERROR else "WARNING"
         try:
             message = record.getMessage()
