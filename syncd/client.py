@@ -109,7 +109,8 @@ class SignedHTTPFileSystem(HTTPFileSystem):
         return data
 
     async def _info(self, url: str, **kwargs: Any) -> dict[str, Any]:
-        return await self._retried(super()._info, url, **kwargs)
+        info: dict[str, Any] = await self._retried(super()._info, url, **kwargs)
+        return info
 
     async def _retried(self, call: Any, url: str, **kwargs: Any) -> Any:
         for attempt in range(RETRIES):
@@ -159,11 +160,13 @@ def download_result(
     inside = _inside(metadata, path)
     if metadata.get("storage_type") == "s3":
         fs = SignedHTTPFileSystem(metadata["signed_url"], md5=checksums(metadata))
-        return fs.cat_file(f"{result_root(metadata['signed_url'])}/{inside}")
+        data: bytes = fs.cat_file(f"{result_root(metadata['signed_url'])}/{inside}")
+        return data
     location = _server_location(metadata, outputs)
     if isinstance(location, Path):
         return (location / inside).read_bytes()
-    return fsspec.filesystem("http").cat_file(f"{location}/{quote(inside)}")
+    fetched: bytes = fsspec.filesystem("http").cat_file(f"{location}/{quote(inside)}")
+    return fetched
 
 
 def open_dataset(

@@ -29,7 +29,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from syncd.errors import Kind, SyncdError
 
@@ -296,7 +301,7 @@ class DaemonSettings(BaseModel):
 class Settings(BaseSettings):
     """Everything syncd reads; built by `load_settings` and passed down, never re-read."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = SettingsConfigDict(extra="forbid")
 
     object_storage: ObjectStorage = Field(default_factory=ObjectStorage)
     syncd: DaemonSettings = Field(default_factory=DaemonSettings)
@@ -331,6 +336,7 @@ ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "cloudfront_private_key": ("CLOUDFRONT_PRIVATE_KEY",),
     "signed_url_expires_in": ("OBJECT_STORAGE_SIGNED_URL_EXPIRES_IN", "SIGNED_URL_EXPIRES_IN"),
 }
+SECTIONS: dict[str, type[BaseModel]] = {"object_storage": ObjectStorage, "syncd": DaemonSettings}
 SECRETS = ("secret_access_key", "session_token", "cloudfront_private_key")
 
 
@@ -512,7 +518,7 @@ class Origin:
             return f"invalid {section} settings ({self.where()}): {message}"
         section, key = loc[0], loc[1]
         if error["type"] == "extra_forbidden":
-            known = ", ".join(Settings.model_fields[section].annotation.model_fields)
+            known = ", ".join(SECTIONS[section].model_fields)
             return f"{self.where()}: unknown key {section}.{key} (known keys: {known})"
         value = error.get("input")
         if key in SECRETS:

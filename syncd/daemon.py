@@ -33,7 +33,7 @@ import contextlib
 import signal
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from loguru import logger
 
@@ -170,8 +170,9 @@ class Daemon:
             )
             finished = asyncio.gather(*in_flight, return_exceptions=True)
             abort = asyncio.create_task(self.aborting.wait())
+            either: list[asyncio.Future[Any]] = [finished, abort]
             await asyncio.wait(
-                [finished, abort], timeout=self.config.stop_grace, return_when="FIRST_COMPLETED"
+                either, timeout=self.config.stop_grace, return_when="FIRST_COMPLETED"
             )
             abort.cancel()
         unfinished = [t for t in workers if not t.done()]

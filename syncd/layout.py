@@ -15,7 +15,7 @@ import re
 import stat
 import string
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -173,6 +173,7 @@ class Layout:
         """Every result whose completion signal exists: its marker, or with completion by
         metadata its metadata file (whatever it says yet), at the top level and one workflow
         folder deep."""
+        find: Callable[[Path], Result | None]
         if self.by_metadata:
             folders, find = self.metadata_folders(), self.for_metadata
         else:
@@ -290,9 +291,10 @@ def tree_files(result: Result) -> Iterator[LocalFile]:
                     target = Path(os.path.realpath(root / rel))
                     try:
                         info = target.stat()
+                        inside = target.is_relative_to(root) and target != root
                     except FileNotFoundError:
-                        info = None
-                    if info is None or not target.is_relative_to(root) or target == root:
+                        inside = False
+                    if not inside:
                         logger.warning(
                             "{}: skipping symlink {} that leads outside the tree",
                             result.name,

@@ -16,12 +16,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
 from syncd.config import DaemonSettings
 from syncd.errors import printable
+
+if TYPE_CHECKING:
+    from loguru import Record
 
 # Libraries whose records syncd reports in its own words: shown at DEBUG only.
 TRANSLATED = ("watchdog",)
@@ -37,11 +40,15 @@ SYSLOG_PRIORITY = {
 }
 
 
-def configure(daemon: DaemonSettings) -> None:
-    logger.remove()
+def one_line(record: Record) -> None:
     # A name from the disk may hold a newline or bytes that are not UTF-8: escaped, so one
     # event is always one line.
-    logger.configure(patcher=lambda record: record.update(message=printable(record["message"])))
+    record["message"] = printable(record["message"])
+
+
+def configure(daemon: DaemonSettings) -> None:
+    logger.remove()
+    logger.configure(patcher=one_line)
     if daemon.log_format == "json":
         logger.add(sys.stderr, level=daemon.log_level, serialize=True)
     elif stderr_is_journal():

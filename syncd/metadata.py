@@ -177,12 +177,12 @@ def recorded(
             "status": "completed",
         }
     )
-    updated.update(
-        storage_type="s3",
-        signed_url=signed_url,
-        remote_path=result.remote_path,
-        output_files=files,
-    )
+    updated |= {
+        "storage_type": "s3",
+        "signed_url": signed_url,
+        "remote_path": result.remote_path,
+        "output_files": files,
+    }
     return updated
 
 

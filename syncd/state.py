@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from loguru import logger
 
@@ -205,7 +206,7 @@ SLOTS = ", ".join("?" * len(COLUMNS.split(",")))
 UPDATES = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS.split(", ")[1:])
 
 
-def _record(row: tuple) -> Record:
+def _record(row: tuple[Any, ...]) -> Record:
     rel, state, attempts, last_error, permanent, next_try, files, size, updated, uploaded = row
     return Record(
         rel,

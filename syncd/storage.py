@@ -24,9 +24,12 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from loguru import logger
+
+if TYPE_CHECKING:
+    from obstore.store import ClientConfig, S3Config
 
 from syncd.budget import PARTS_PER_FILE
 from syncd.config import ObjectStorage
@@ -71,7 +74,7 @@ class Body:
             if await asyncio.to_thread(f.read, 1):
                 raise self.changed
 
-    def _read_piece(self, f: Any, size: int) -> bytes:
+    def _read_piece(self, f: BinaryIO, size: int) -> bytes:
         data = f.read(size)
         if len(data) != size:
             raise self.changed
@@ -182,7 +185,7 @@ class ObstoreStore:
 
         self.storage = storage
         self.description = f"{_location(storage)} via obstore"
-        config: dict[str, Any] = {"region": storage.region}
+        config: S3Config = {"region": storage.region}
         if storage.access_key_id:
             config["access_key_id"] = storage.access_key_id
         if storage.secret_access_key:
@@ -197,7 +200,7 @@ class ObstoreStore:
         elif storage.accelerated:
             config["endpoint"] = f"https://{storage.bucket}.s3-accelerate.amazonaws.com"
             config["virtual_hosted_style_request"] = True
-        client: dict[str, Any] = {
+        client: ClientConfig = {
             "connect_timeout": timedelta(seconds=CONNECT_TIMEOUT),
             # A whole-request timeout (obstore has no progress-based one for uploads), set
             # from the largest request it sends: one part, or one file below a part.
@@ -434,7 +437,10 @@ class S3fsStore:
 
     async def _list(self, **params: Any) -> dict[str, Any]:
         fs = await self._client()
-        return await fs._call_s3("list_objects_v2", Bucket=self.storage.bucket, **params)
+        answer: dict[str, Any] = await fs._call_s3(
+            "list_objects_v2", Bucket=self.storage.bucket, **params
+        )
+        return answer
 
     async def sizes(self, prefix: str) -> dict[str, int]:
         found: dict[str, int] = {}

@@ -56,10 +56,10 @@ class ResultWatcher(FileSystemEventHandler):
         self,
         layout: Layout,
         daemon: DaemonSettings,
-        on_file: Callable[[Path], None],
-        on_gone: Callable[[Path], None],
-        on_folder: Callable[[Path], None],
-        on_lost: Callable[[str], None],
+        on_file: Callable[[Path], object],
+        on_gone: Callable[[Path], object],
+        on_folder: Callable[[Path], object],
+        on_lost: Callable[[str], object],
     ) -> None:
         self.layout = layout
         self.poll_interval = daemon.poll_interval
@@ -218,7 +218,7 @@ class OverflowAlarm(logging.Handler):
     """watchdog (7.x) notices IN_Q_OVERFLOW but only logs it; its handlers get no event.
     This hears that log record and reports the loss."""
 
-    def __init__(self, on_lost: Callable[[str], None]) -> None:
+    def __init__(self, on_lost: Callable[[str], object]) -> None:
         super().__init__(logging.WARNING)
         self.on_lost = on_lost
 
