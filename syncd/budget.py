@@ -1,10 +1,12 @@
-"""What every result uploading at once shares: at most `max_concurrency` files in flight, and
-at most `upload_buffer` bytes of their data held in memory.
+"""What every result uploading at once shares, and so what `max_concurrency` means: at most
+`max_concurrency` files in flight (the seed's "max concurrent transfers", shared by all results),
+each sending up to PARTS_PER_FILE parts at once, and at most `upload_buffer` bytes of their data
+held in memory.
 
 A file takes one transfer slot and reserves what its client holds in memory while sending it
 (the store's `held()`), and gives both back when it is done. So requests in flight stay at
-max_concurrency and memory near upload_buffer, however large the files are and however many
-results upload at once.
+`requests_in_flight(max_concurrency)` and memory near upload_buffer, however large the files
+are and however many results upload at once.
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ from contextlib import asynccontextmanager
 # Parts of one multipart file in flight at once; the rest of the parallelism is across files.
 # Two keep a loopback upload as fast as four did, at half the memory per file (measured).
 PARTS_PER_FILE = 2
+
+
+def requests_in_flight(max_concurrency: int) -> int:
+    """The most requests that carry file bytes at once: what a client's connection pool needs."""
+    return PARTS_PER_FILE * max_concurrency
 
 
 class TransferBudget:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import errno
 import re
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 
@@ -105,6 +107,28 @@ def store_error(exc: BaseException, action: str) -> SyncdError:
     if remedy is None:
         return SyncdError(f"{action} failed: {summary}", Kind.TRANSIENT, code)
     return SyncdError(f"{action} failed: {summary.rstrip('.')}: {remedy}", Kind.OPERATOR, code)
+
+
+@contextmanager
+def store_errors(action: str) -> Iterator[None]:
+    """Translate a client's exception into the taxonomy, once; local read errors pass through."""
+    try:
+        yield
+    except SyncdError:
+        raise  # already in the taxonomy's words (the file changed while it was read)
+    except Exception as exc:
+        # obstore raises FileNotFoundError for a missing bucket, but without a file name.
+        if isinstance(exc, OSError) and exc.filename is not None:
+            raise
+        raise store_error(exc, action) from exc
+
+
+def damaged(key: str, stored: str, sent: str) -> SyncdError:
+    """The store holds other bytes under `key` than syncd sent (MD5s in hex)."""
+    return SyncdError(
+        f"upload of {key} failed: the store holds other bytes than were sent (MD5 {stored}, "
+        f"sent {sent}): damaged on the way; sending it again"
+    )
 
 
 # What to do about a filesystem error, by errno: (kind, remedy).

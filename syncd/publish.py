@@ -255,7 +255,8 @@ class Publisher:
 
         try:
             async with asyncio.TaskGroup() as group:
-                for _ in range(min(self.storage.max_concurrency, len(files))):
+                # As many workers as files could be in flight; the budget admits them.
+                for _ in range(min(self.budget.transfers, len(files))):
                     group.create_task(worker())
         except* SyncdError as errors:
             raise errors.exceptions[0] from None

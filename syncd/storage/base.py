@@ -1,0 +1,63 @@
+"""What syncd needs from a bucket, whichever client talks to it."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from syncd.config import ObjectStorage
+from syncd.objects import ObjectHeaders
+from syncd.storage.body import Body
+
+
+class MultipartCleaner(Protocol):
+    async def abort_uploads(self, prefix: str) -> int:
+        """Abort the unfinished multipart uploads under `prefix`; return how many."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class ObjectStore(Protocol):
+    """What syncd needs from a bucket."""
+
+    description: str
+
+    async def connect(self) -> None:
+        """Build the clients (no request is sent), so the first result does not wait for it."""
+        ...
+
+    async def put(self, body: Body, key: str, headers: ObjectHeaders) -> None:
+        """Upload `body` as `key`: stored once the store has acknowledged it."""
+        ...
+
+    def held(self, size: int) -> int:
+        """Bytes this client holds in memory at most while it uploads a file of `size`."""
+        ...
+
+    def deadline(self, size: int) -> float:
+        """Seconds after which the upload of a file of `size` can only be hung: every
+        request and retry of it would have timed out by then."""
+        ...
+
+    async def delete(self, keys: list[str]) -> None:
+        """Delete these objects."""
+        ...
+
+    async def sizes(self, prefix: str) -> dict[str, int]:
+        """Size of every object whose key starts with `prefix`."""
+        ...
+
+    async def probe(self) -> None:
+        """Reach the bucket with one cheap listing; raise SyncdError if that fails."""
+        ...
+
+    async def abort_uploads(self, prefix: str) -> int:
+        """Abort the unfinished multipart uploads under `prefix`; return how many."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def location(storage: ObjectStorage) -> str:
+    endpoint = storage.endpoint_url or ("s3-accelerate" if storage.accelerated else "AWS S3")
+    return f"s3://{storage.bucket} ({endpoint}, {storage.region})"

@@ -1,0 +1,59 @@
+"""A local file's bytes as an upload reads them: once, with their MD5 computed on the way."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import BinaryIO
+
+from syncd.errors import SyncdError
+
+# Files up to this size are read on the event loop: a thread costs more than the read.
+READ_INLINE = 256 * 1024
+
+
+class Body:
+    """The bytes of one file as they are read, once, with their MD5 computed on the way; a
+    file that does not hold exactly `size` bytes any more is a SyncdError (`changed`)."""
+
+    def __init__(self, path: Path, size: int, changed: SyncdError) -> None:
+        self.path = path
+        self.size = size
+        self.changed = changed
+        self.md5 = hashlib.md5()
+
+    async def whole(self) -> bytes:
+        if self.size <= READ_INLINE:
+            return self._read_whole()
+        return await asyncio.to_thread(self._read_whole)
+
+    def _read_whole(self) -> bytes:
+        with open(self.path, "rb") as f:
+            data = f.read(self.size + 1)
+        if len(data) != self.size:
+            raise self.changed
+        self.md5.update(data)
+        return data
+
+    async def parts(self, part_size: int) -> AsyncIterator[bytes]:
+        """The file in pieces of `part_size` (the last one shorter), in order."""
+        with open(self.path, "rb") as f:
+            left = self.size
+            while left > 0:
+                piece = await asyncio.to_thread(self._read_piece, f, min(part_size, left))
+                left -= len(piece)
+                yield piece
+            if await asyncio.to_thread(f.read, 1):
+                raise self.changed
+
+    def _read_piece(self, f: BinaryIO, size: int) -> bytes:
+        data = f.read(size)
+        if len(data) != size:
+            raise self.changed
+        self.md5.update(data)
+        return data
+
+    def hexdigest(self) -> str:
+        return self.md5.hexdigest()

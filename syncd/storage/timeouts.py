@@ -1,0 +1,44 @@
+"""How long a request, a file and a client's own retries may take: sized by the bytes they
+carry, so a slow link never fails a transfer that moves and a hung one is given up in time."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from syncd.budget import PARTS_PER_FILE
+
+# A few quick retries inside the client absorb a single failed request (rclone serve s3 fails
+# one now and then); longer outages are the daemon's to retry, with backoff, per result.
+CLIENT_RETRIES: Any = {
+    "max_retries": 3,
+    "retry_timeout": timedelta(seconds=30),
+    "backoff": {
+        "init_backoff": timedelta(milliseconds=100),
+        "max_backoff": timedelta(seconds=2),
+        "base": 2,
+    },
+}
+
+
+# The slowest link a request must still get through, in bytes per second per request. A
+# request is failed only once it has taken longer than its bytes need at this rate (plus a
+# minute), so a slow uplink shared by many transfers never fails one that is moving.
+SLOWEST_RATE = 16 * 1024
+CONNECT_TIMEOUT = 10.0
+
+
+def request_timeout(request_bytes: int) -> float:
+    """Seconds a request carrying `request_bytes` may take."""
+    return 60.0 + request_bytes / SLOWEST_RATE
+
+
+def file_deadline(size: int, single_below: int, part_bytes: int, retries: int) -> float:
+    """Seconds the requests of one file may take, every retry included: one request below
+    `single_below` bytes, else parts of `part_bytes`, PARTS_PER_FILE at once. Sized by the
+    file, so a small file's upload that hangs outside any request (a client's connection pool,
+    say) is given up in minutes, not in the hours a part could take."""
+    if size < single_below:
+        return (retries + 1) * request_timeout(size) + 60.0
+    rounds = -(-size // (part_bytes * PARTS_PER_FILE))
+    return (retries + 1) * rounds * request_timeout(part_bytes) + 60.0
