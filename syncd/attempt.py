@@ -1,14 +1,19 @@
-"""One attempt at one result, as the daemon and `syncd sync` both make it: see that it is
-finished, claim it, upload it, remember the upload, record it, keep its state, and after a
-failure say when to try again. A result this daemon recorded whose metadata was written again
-without the record (the Earth2Studio server writes its own view) gets the record back from
-the state, without uploading again.
+"""One attempt at one result, as the daemon and `syncd sync` both make it, and the one place
+that decides its course: see that it is finished, claim it, upload it, remember the upload,
+record it, journal its state, say when to try again after a failure, and log what became of
+it. `publish` does the work it decides on.
 
-An attempt never raises: whatever fails becomes a SyncdError in the outcome (an exception of
-an unexpected kind is classified as transient and its traceback logged at DEBUG), so the
-worker that made it always goes on with the next result. Retries back off exponentially from
+A result this daemon recorded whose metadata was written again without the record (the
+Earth2Studio server writes its own view) gets the record back from the journal, without
+uploading again.
+
+An attempt never raises: whatever fails becomes a `Failed` outcome (an exception of an
+unexpected kind is classified as transient and its traceback logged at DEBUG), so the worker
+that made it always goes on with the next result. Retries back off exponentially from
 retry_min_delay to retry_max_delay, with jitter so that many results failing together do not
-retry together; a failure only a person can fix waits retry_permanent_delay.
+retry together; a failure only a person can fix is logged once and waits
+retry_permanent_delay. When to try again is kept in the journal (`state`), which the daemon's
+scheduler reads: nowhere else.
 """
 
 from __future__ import annotations
@@ -33,23 +38,54 @@ BEING_WRITTEN_RETRY = 1.0
 
 
 @dataclass(frozen=True)
-class Outcome:
-    done: bool  # recorded now or before
-    stamp: Stamp | None = None  # of the metadata as recorded, when done
-    unfinished: str | None = None  # why it is not finished (marker removed, status running)
-    held_by: str | None = None  # another daemon is publishing it
-    error: SyncdError | None = None
-    attempts: int = 0  # failed attempts so far, this one included
-    retry_in: float = 0.0  # seconds until the next attempt, after a failure
-    uploaded: Uploaded | None = None  # the tree recorded now
-    restored: bool = False  # the record was written again, without an upload
+class Recorded:
+    """Its metadata records it: by this attempt, before, or again without an upload."""
+
+    stamp: Stamp | None  # of the metadata as recorded
+    uploaded: Uploaded | None = None  # the tree this attempt recorded
+    restored: bool = False  # the record was written again from the journal
+
+
+@dataclass(frozen=True)
+class Unfinished:
+    """Not finished (yet): its marker was removed, or its metadata does not say completed."""
+
+    why: str
+
+
+@dataclass(frozen=True)
+class Held:
+    """Another daemon is publishing it."""
+
+    by: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: SyncdError
+    attempts: int  # failed attempts so far, this one included
+    retry_in: float  # seconds until the next attempt, as the journal keeps it
+
+    @property
+    def being_written(self) -> bool:
+        """Its metadata was being written: its writer is at it, which is not a failure."""
+        return self.error.code == metadata.BEING_WRITTEN_CODE
+
+
+Outcome = Recorded | Unfinished | Held | Failed
 
 
 class Attempts:
-    def __init__(self, settings: Settings, publisher: Publisher, state: StateStore) -> None:
+    def __init__(
+        self, settings: Settings, publisher: Publisher, state: StateStore, retries: bool = True
+    ) -> None:
+        """`retries`: a daemon tries a failed result again; `syncd sync` only says why."""
         self.config = settings.syncd
+        self.retries = retries
         self.publisher = publisher
         self.state = state
+        # The permanent error last logged per failing result: logged once, not every retry.
+        self.reported: dict[str, str] = {}
 
     async def attempt(self, result: Result, force: bool = False) -> Outcome:
         """Publish `result` if it is finished, unless its metadata records it already.
@@ -67,12 +103,12 @@ class Attempts:
         # cannot be recorded into stops the attempt before anything is uploaded.
         marked = force or result.by_metadata or await asyncio.to_thread(result.marker.exists)
         if not marked:
-            return Outcome(done=False, unfinished="its marker was removed")
+            return self.unfinished(result, "its marker was removed")
         document, stamp = await self.publisher.read_metadata(result)
         recorded = metadata.is_recorded(document, result)
         if not force:
             if result.by_metadata and not metadata.completed(document):
-                return Outcome(done=False, unfinished=not_completed(document))
+                return self.unfinished(result, not_completed(document))
             if recorded:
                 return self.already(result, document, stamp)
             kept = self.kept(result)
@@ -80,15 +116,17 @@ class Attempts:
                 return self.restored(result, await self.publisher.restore(result, kept), kept)
         claim = await asyncio.to_thread(claims.try_claim, result, self.config.claim_timeout)
         if isinstance(claim, str):
-            return Outcome(done=False, held_by=claim)
+            logger.debug("{}: being published by {}", result.name, claim)
+            return Held(claim)  # a rescan looks again; a dead owner's claim expires
         heartbeat = asyncio.create_task(self.keep(claim))
         try:
             # Under the claim, look again: another daemon may have recorded it meanwhile.
             document, stamp = await self.publisher.read_metadata(result)
             if metadata.is_recorded(document, result) and not force:
                 return self.already(result, document, stamp)
-            # Published before (and forced now), or left by a killed daemon: the bucket may
-            # hold objects that are not in the tree any more.
+            # Published before (and forced now), or left by a daemon that died holding the
+            # claim (any host's): the bucket may hold objects that are not in the tree any
+            # more. The journal adds this host's own failed or killed attempts.
             uploaded = await self.upload(result, recorded or claim.took_over)
             if not await asyncio.to_thread(claim.still_ours):
                 raise SyncdError("another daemon took over this result; leaving it")
@@ -123,7 +161,7 @@ class Attempts:
         return uploaded
 
     def already(self, result: Result, document: Metadata | None, stamp: Stamp | None) -> Outcome:
-        """Recorded before (by this daemon before a restart, or by another): the state keeps
+        """Recorded before (by this daemon before a restart, or by another): the journal keeps
         the record, so that it can be restored if the metadata loses it."""
         rel = result.rel.as_posix()
         previous = self.state.get(rel)
@@ -133,13 +171,15 @@ class Attempts:
             kept = Kept.of(result, document)
             if kept is not None:
                 self.state.keep_record(rel, kept.dumps())
-        return Outcome(done=True, stamp=stamp)
+        self.reported.pop(rel, None)
+        return Recorded(stamp)
 
     def restored(self, result: Result, stamp: Stamp, kept: Kept) -> Outcome:
         rel = result.rel.as_posix()
         previous = self.state.get(rel)
         files, size = (previous.files, previous.bytes) if previous else (None, None)
         self.state.set(Record(rel, State.DONE, files=files, bytes=size))
+        self.reported.pop(rel, None)
         logger.info(
             "{}: its metadata {} was written without syncd's record; restored the record "
             "({} files in {}) without uploading again",
@@ -148,12 +188,13 @@ class Attempts:
             len(kept.output_files),
             result.remote_path,
         )
-        return Outcome(done=True, stamp=stamp, restored=True)
+        return Recorded(stamp, restored=True)
 
     def done(self, result: Result, uploaded: Uploaded, kept: Kept, stamp: Stamp) -> Outcome:
         rel = result.rel.as_posix()
         self.state.set(Record(rel, State.DONE, files=len(uploaded.files), bytes=uploaded.bytes))
         self.state.keep_record(rel, kept.dumps())
+        self.reported.pop(rel, None)
         logger.info(
             "{}: uploaded {} files, {} bytes in {:.2f} s ({:.1f} MB/s) to {}; recorded in {}",
             result.name,
@@ -164,7 +205,7 @@ class Attempts:
             result.remote_path,
             result.metadata,
         )
-        return Outcome(done=True, stamp=stamp, uploaded=uploaded)
+        return Recorded(stamp, uploaded=uploaded)
 
     async def keep(self, claim: claims.Claim) -> None:
         while True:
@@ -174,25 +215,21 @@ class Attempts:
             except Exception as exc:  # a full disk, say: still_ours() decides before recording
                 logger.warning("{}: cannot refresh its claim: {}", claim.result.name, classify(exc))
 
-    def failed(self, result: Result, error: SyncdError) -> Outcome:
-        """The outcome of a failed attempt, with its backoff; kept in the state if it can be
-        (the database failing too is only logged: the retry is not lost with it)."""
+    def failed(self, result: Result, error: SyncdError) -> Failed:
+        """The outcome of a failed attempt, with its backoff, journalled and logged (the
+        journal failing too is only logged: the next rescan tries the result again)."""
         rel = result.rel.as_posix()
         try:
             previous = self.state.get(rel)
         except SyncdError:
             previous = None
         attempts = (previous.attempts if previous else 0) + 1
-        if error.code == metadata.BEING_WRITTEN_CODE:
-            # Its writer is at it: no backoff, and nothing for the operator to see.
-            return Outcome(done=False, error=error, attempts=attempts, retry_in=BEING_WRITTEN_RETRY)
-        if error.permanent:
-            delay = self.config.retry_permanent_delay
-        else:
-            ceiling = min(
-                self.config.retry_max_delay, self.config.retry_min_delay * 2 ** (attempts - 1)
-            )
-            delay = random.uniform(ceiling / 2, ceiling)
+        if error.code == metadata.BEING_WRITTEN_CODE and self.retries:
+            # Its writer is at it: no backoff, no journal, nothing for the operator to see.
+            logger.debug("{}: {} (attempt {})", result.name, error, attempts)
+            return Failed(error, attempts, BEING_WRITTEN_RETRY)
+        delay = self.backoff(error, attempts)
+        self.say(result, error, attempts, delay)
         record = Record(
             rel,
             State.RETRYING,
@@ -206,7 +243,53 @@ class Attempts:
             self.state.set(record)
         except SyncdError as exc:
             logger.warning("{}: {}", result.name, exc)
-        return Outcome(done=False, error=error, attempts=attempts, retry_in=delay)
+        return Failed(error, attempts, delay)
+
+    def backoff(self, error: SyncdError, attempts: int) -> float:
+        """Seconds until the next try after `attempts` failed ones."""
+        if error.permanent:
+            return self.config.retry_permanent_delay
+        ceiling = min(
+            self.config.retry_max_delay, self.config.retry_min_delay * 2 ** (attempts - 1)
+        )
+        return random.uniform(ceiling / 2, ceiling)
+
+    def say(self, result: Result, error: SyncdError, attempts: int, delay: float) -> None:
+        """Log a failure: `syncd sync` says it once; a daemon says a transient one at every
+        retry, and one only a person can fix once until it changes."""
+        message = f"{result.name}: {error}"
+        rel = result.rel.as_posix()
+        if not self.retries:
+            logger.error("{}", message)
+        elif not error.permanent:
+            logger.warning("{} (attempt {}; retrying in {:.1f} s)", message, attempts, delay)
+        elif self.reported.get(rel) != message:
+            logger.error("{} (retrying every {:.0f} s)", message, delay)
+            self.reported[rel] = message
+
+    def unfinished(self, result: Result, why: str) -> Unfinished:
+        """Not finished: forgotten if it was tried before (its marker was removed since), else
+        left quietly until its signal comes (status running)."""
+        try:
+            previous = self.state.get(result.rel.as_posix())
+        except SyncdError:
+            previous = None
+        if previous is not None and previous.state in (State.RETRYING, State.PENDING):
+            self.forget(result, why)
+        else:
+            logger.debug("{}: not finished: {}", result.name, why)
+        return Unfinished(why)
+
+    def forget(self, result: Result, why: str, short: str | None = None) -> None:
+        """Its signal is gone: nothing more is done for it until one comes again. `short`: the
+        reason as `syncd status` shows it."""
+        rel = result.rel.as_posix()
+        self.reported.pop(rel, None)
+        logger.info("{}: {}; forgotten", result.name, why)
+        try:
+            self.state.set(Record(rel, State.FORGOTTEN, last_error=short or why))
+        except SyncdError as exc:
+            logger.warning("{}: {}", result.name, exc)
 
 
 def not_completed(document: Metadata | None) -> str:

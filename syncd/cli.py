@@ -19,7 +19,7 @@ import yaml
 from loguru import logger
 
 from syncd import __version__, logs, status
-from syncd.attempt import Attempts
+from syncd.attempt import Attempts, Held, Recorded
 from syncd.config import ConfigError, Settings, load_settings, redacted
 from syncd.daemon import Daemon
 from syncd.errors import SyncdError
@@ -153,25 +153,24 @@ async def run_sync(settings: Settings, signer: UrlSigner | None, exec_dirs: list
     publisher = Publisher(
         settings, store, signer, show_progress=settings.syncd.log_format == "text"
     )
-    attempts = Attempts(settings, publisher, state)
+    attempts = Attempts(settings, publisher, state, retries=False)
     failed = 0
     try:
         for result in results:
-            outcome = await attempts.attempt(result, force=True)
-            if outcome.done:
-                print(
-                    f"{result.tree} -> s3://{settings.object_storage.bucket}/{result.remote_path}"
-                )
-                continue
+            match await attempts.attempt(result, force=True):
+                case Recorded():
+                    remote = f"s3://{settings.object_storage.bucket}/{result.remote_path}"
+                    print(f"{result.tree} -> {remote}")
+                    continue
+                case Held(by):
+                    logger.error(
+                        "{}: being published by {} right now; try again when it is done",
+                        result.name,
+                        by,
+                    )
+                case _:  # the attempt has said why
+                    pass
             failed += 1
-            if outcome.held_by is not None:
-                logger.error(
-                    "{}: being published by {} right now; try again when it is done",
-                    result.name,
-                    outcome.held_by,
-                )
-            else:
-                logger.error("{}: {}", result.name, outcome.error)
     finally:
         await store.close()
         state.close()

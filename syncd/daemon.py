@@ -1,16 +1,18 @@
 """The daemon: find finished results (watch, start-up scan, periodic rescan) and publish them.
 
 A result is finished when its marker exists, or (completion by metadata) when its metadata
-says so. Results go through one queue to `parallel_results` workers. A result is queued at
-most once at a time and published under a claim, so daemons sharing outputs_dir never both
-record it. A failure is retried with capped exponential backoff and jitter; one only a person
-can fix is logged once and retried slowly. A fresh event for a waiting result (its marker
-dropped again, its metadata rewritten, its folder appearing after the signal) tries it at once;
-a removed signal forgets it.
+says so. Results go through one queue to `parallel_results` workers, each of which hands one
+result to `attempt` (which decides, journals and logs) and acts on the typed outcome. A result
+is queued at most once at a time and published under a claim, so daemons sharing outputs_dir
+never both record it. A failed result is offered again when the journal's next try is due (the
+attempt set it, with backoff); a start makes every one due at once. A fresh event for a waiting
+result (its marker dropped again, its metadata rewritten, its folder appearing after the
+signal) tries it at once; a removed signal forgets it.
 
-A recorded result needs only its metadata's stamp: when the metadata changes (an event, or a
-stat at each rescan) the result is tried again, and a record someone else's write removed is
-restored; when the metadata is deleted the result is forgotten.
+A recorded result needs only its metadata's stamp in memory (and, with signed URLs, when to
+renew it): when the metadata changes (an event, or a stat at each rescan) the result is tried
+again, and a record someone else's write removed is restored; when the metadata is deleted the
+result is dropped from memory.
 
 Once a second the daemon tells `metrics` how things stand (systemd's STATUS= line, and the
 Prometheus gauges when metrics are on).
@@ -32,13 +34,13 @@ import asyncio
 import contextlib
 import signal
 import time
-from pathlib import Path
-from typing import Any, NamedTuple
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 from loguru import logger
 
 from syncd import metadata
-from syncd.attempt import Attempts, Outcome
+from syncd.attempt import Attempts, Failed, Held, Outcome, Recorded, Unfinished
 from syncd.config import Settings
 from syncd.errors import SyncdError, classify
 from syncd.layout import Layout, Result
@@ -47,7 +49,7 @@ from syncd.metrics import Metrics, Standing, status_line
 from syncd.notify import Notifier
 from syncd.publish import Publisher, recover_leftovers
 from syncd.resign import Resigner
-from syncd.state import Record, State, StateStore
+from syncd.state import State, StateStore
 from syncd.watch import ResultWatcher
 
 # Seconds without any progress while results are being worked on before the daemon counts as
@@ -57,11 +59,6 @@ STALL = 600.0
 TEND_EVERY = 2.0
 # Seconds between reports of how things stand (STATUS=, metrics).
 REPORT_EVERY = 1.0
-
-
-class Waiting(NamedTuple):
-    handle: asyncio.TimerHandle  # offers the result again
-    failing: bool  # after a failure (not: its metadata is being written)
 
 
 class Daemon:
@@ -85,15 +82,17 @@ class Daemon:
         self.metrics = metrics
         self.queue: asyncio.Queue[Result] = asyncio.Queue()
         self.queued: set[str] = set()  # waiting in the queue or in progress
-        # Recorded: only their metadata (its stamp as last written or seen) and signed URLs
-        # need care.
-        self.done: dict[str, tuple[Result, Stamp | None]] = {}
-        self.waiting: dict[str, Waiting] = {}  # until the next attempt
+        # Recorded: only their metadata's stamp (as last written or seen) needs keeping, to
+        # notice a write by someone else; the resigner keeps when to renew each URL.
+        self.done: dict[str, Stamp | None] = {}
+        self.rereading: set[str] = set()  # metadata being written: read again in a moment
+        # Retries are due by the journal's next_try; those up to this time were offered.
+        self.retried_until = 0.0
+        self.retries_changed = asyncio.Event()
         # Finished and not yet recorded: when each was finished (its signal's mtime).
         self.since: dict[str, float] = {}
         self.last_published: tuple[str, float] | None = None
         self.status = ""  # as last sent to systemd
-        self.reported: dict[str, str] = {}  # the permanent error already logged per result
         self.busy: set[asyncio.Task[None]] = set()
         self.tasks: list[asyncio.Task[None]] = []  # workers and helpers; none may end
         self.scans: set[asyncio.Task[None]] = set()  # rescans after lost events
@@ -106,7 +105,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        self.state.reset_interrupted()
+        self.state.start()
         await asyncio.to_thread(recover_leftovers, self.layout)
         self.progress_at = loop.time()
         watcher = ResultWatcher(
@@ -121,6 +120,7 @@ class Daemon:
         workers = [asyncio.create_task(self.work()) for _ in range(self.config.parallel_results)]
         helpers = [
             asyncio.create_task(self.rescan_every(self.config.rescan_interval)),
+            asyncio.create_task(self.retry_when_due()),
             asyncio.create_task(self.tend(watcher)),
             asyncio.create_task(self.report_every(REPORT_EVERY)),
         ]
@@ -179,9 +179,7 @@ class Daemon:
         for task in unfinished:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
-        for waiting in self.waiting.values():
-            waiting.handle.cancel()
-        left = len(self.queued) + len(self.waiting)
+        left = len(self.queued) + len(self.rereading) + self.retries_after(time.time())[0]
         logger.info("syncd stopped; {} results left for the next start", left)
 
     async def rescan_every(self, interval: float) -> None:
@@ -189,26 +187,49 @@ class Daemon:
             await self.scan()
             await asyncio.sleep(interval)
 
+    async def retry_when_due(self) -> None:
+        """Offer each failed result again when the journal says its next try is due."""
+        while True:
+            self.retries_changed.clear()
+            now = time.time()
+            try:
+                due = self.state.due(self.retried_until, now)
+            except SyncdError as exc:  # the rescan finds the results meanwhile
+                logger.warning("cannot read the retries due: {}", exc)
+                due = []
+            self.retried_until = now
+            for rel in due:
+                self.offer(self.layout.result(PurePosixPath(rel)))
+            first = self.retries_after(now)[1]
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(None if first is None else first - now):
+                    await self.retries_changed.wait()
+
+    def retries_after(self, now: float) -> tuple[int, float | None]:
+        try:
+            return self.state.retries_after(now)
+        except SyncdError:
+            return 0, None  # said where it matters: when a failure is journalled
+
     async def renew_every(self, interval: float) -> None:
         assert self.resigner is not None
         while True:
             await asyncio.sleep(interval)
             now = time.time()
-            due = [r for r, _ in self.done.values() if self.resigner.due(r, now)]
-            for result in due:
+            for rel in [rel for rel in self.done if self.resigner.due(rel, now)]:
+                result = self.layout.result(PurePosixPath(rel))
                 try:
                     stamp = await asyncio.to_thread(self.resigner.refresh, result, now)
                 except Exception as exc:  # one bad metadata file never stops the others
                     logger.warning(
                         "{}: cannot renew its signed URL: {}", result.name, classify(exc)
                     )
-                    self.resigner.later(result, now)
+                    self.resigner.later(rel, now)
                     continue
-                rel = result.rel.as_posix()
                 if stamp is not None:
                     self.metrics.renewed.inc()
                     if rel in self.done:
-                        self.done[rel] = (result, stamp)
+                        self.done[rel] = stamp
 
     async def report_every(self, interval: float) -> None:
         while True:
@@ -224,11 +245,10 @@ class Daemon:
             await asyncio.sleep(interval)
 
     def standing(self) -> Standing:
-        failing = sum(w.failing for w in self.waiting.values())
         return Standing(
             uploading=len(self.busy),
-            waiting=self.queue.qsize() + len(self.waiting) - failing,
-            failing=failing,
+            waiting=self.queue.qsize() + len(self.rereading),
+            failing=self.retries_after(self.retried_until)[0],
             done=len(self.done),
             oldest_since=min(self.since.values(), default=None),
             last_published=self.last_published,
@@ -279,16 +299,19 @@ class Daemon:
             task.add_done_callback(self.scans.discard)
 
     async def scan(self) -> None:
-        recorded = list(self.done.values())
+        recorded = list(self.done.items())
         try:
             stamps = await asyncio.to_thread(
-                lambda: [metadata.stamp(result.metadata) for result, _ in recorded]
+                lambda: [
+                    metadata.stamp(self.layout.result(PurePosixPath(rel)).metadata)
+                    for rel, _ in recorded
+                ]
             )
         except Exception as exc:
             logger.warning("cannot look at recorded results' metadata: {}", classify(exc))
         else:
-            for (result, known), now in zip(recorded, stamps, strict=True):
-                self.metadata_changed(result, known, now)
+            for (rel, known), now in zip(recorded, stamps, strict=True):
+                self.metadata_changed(self.layout.result(PurePosixPath(rel)), known, now)
         try:
             signalled = await asyncio.to_thread(lambda: list(self.layout.signalled()))
         except Exception as exc:
@@ -307,9 +330,8 @@ class Daemon:
         try:
             if rel in self.done:
                 if path == result.metadata:
-                    known = self.done[rel][1]
-                    self.metadata_changed(result, known, metadata.stamp(result.metadata))
-            elif path == result.signal or rel in self.waiting or result.signal.exists():
+                    self.metadata_changed(result, self.done[rel], metadata.stamp(result.metadata))
+            elif path == result.signal or self.waiting(rel) or result.signal.exists():
                 self.offer(result, fresh=True)
         except OSError as exc:  # the next rescan looks again
             logger.debug("{}: cannot look at {}: {}", result.name, path, exc)
@@ -318,12 +340,11 @@ class Daemon:
         """A recorded result's metadata as it is now: gone (nothing left to care for), or
         written by someone else (try it again: its record is restored if it was lost)."""
         rel = result.rel.as_posix()
-        current = self.done.get(rel)
-        if now == known or current is None or current[1] != known:
+        if now == known or rel not in self.done or self.done[rel] != known:
             return  # unchanged, no longer recorded, or rewritten by syncd since `known`
         del self.done[rel]
         if self.resigner is not None:
-            self.resigner.forget(result)
+            self.resigner.forget(rel)
         if now is None:
             logger.debug("{}: its metadata was removed; nothing more to do", result.name)
         else:
@@ -335,51 +356,42 @@ class Daemon:
             return
         rel = result.rel.as_posix()
         if rel in self.done and path == result.metadata:
-            self.metadata_changed(result, self.done[rel][1], None)
-        elif rel in self.waiting and path == result.signal:
+            self.metadata_changed(result, self.done[rel], None)
+        elif path == result.signal and rel not in self.queued and self.waiting(rel):
             name = result.signal_name
-            self.forget(result, f"its {name} was removed", short=f"{name} removed")
+            self.attempts.forget(result, f"its {name} was removed", short=f"{name} removed")
+            self.since.pop(rel, None)
 
-    def forget(self, result: Result, why: str, short: str | None = None) -> None:
-        """Its signal is gone: nothing more is done for it until one comes again. `short`: the
-        reason as `syncd status` shows it."""
-        rel = result.rel.as_posix()
-        waiting = self.waiting.pop(rel, None)
-        if waiting is not None:
-            waiting.handle.cancel()
-        self.reported.pop(rel, None)
-        self.since.pop(rel, None)
-        logger.info("{}: {}; forgotten", result.name, why)
+    def waiting(self, rel: str) -> bool:
+        """Waiting for its next try: failed (as the journal says), or being written."""
+        if rel in self.rereading:
+            return True
         try:
-            self.state.set(Record(rel, State.FORGOTTEN, last_error=short or why))
-        except SyncdError as exc:
-            logger.warning("{}: {}", result.name, exc)
-
-    def not_finished(self, result: Result, why: str) -> None:
-        """The attempt found the result not finished: forgotten if it was tried before (its
-        marker was removed), else left quietly until its signal comes (status running)."""
-        try:
-            previous = self.state.get(result.rel.as_posix())
+            record = self.state.get(rel)
         except SyncdError:
-            previous = None
-        if previous is not None and previous.state in (State.RETRYING, State.PENDING):
-            self.forget(result, why)
-        else:
-            self.since.pop(result.rel.as_posix(), None)
-            logger.debug("{}: not finished: {}", result.name, why)
+            return False
+        return record is not None and record.state == State.RETRYING
 
     def offer(self, result: Result, fresh: bool = False) -> None:
+        """Queue `result`, unless it is queued or recorded; one that waits for its next try
+        only when `fresh` (an event for it: tried now)."""
         rel = result.rel.as_posix()
         if rel in self.queued or rel in self.done or self.stopping.is_set():
             return
-        if rel in self.waiting:
-            if not fresh:
-                return
-            self.waiting.pop(rel).handle.cancel()
+        if not fresh and self.waiting(rel) and not self.due(rel):
+            return
+        self.rereading.discard(rel)
         if rel not in self.since:
             self.since[rel] = finished_at(result)
         self.queued.add(rel)
         self.queue.put_nowait(result)
+
+    def due(self, rel: str) -> bool:
+        try:
+            record = self.state.get(rel)
+        except SyncdError:
+            return True
+        return record is None or (record.next_try or 0) <= time.time()
 
     async def work(self) -> None:
         task = asyncio.current_task()
@@ -388,51 +400,34 @@ class Daemon:
             result = await self.queue.get()
             self.busy.add(task)
             try:
-                await self.process(result)
-            except Exception as exc:  # a bug in the bookkeeping below: the worker goes on
+                self.settle(result, await self.attempts.attempt(result))
+            except Exception as exc:  # a bug in the bookkeeping: the worker goes on
                 logger.opt(exception=exc).debug("{}: where it came from", result.name)
-                logger.error("{}: {}", result.name, classify(exc))
-                self.retry_later(result, self.config.retry_max_delay)
+                logger.error("{}: {}; the next rescan tries it again", result.name, classify(exc))
             finally:
                 self.busy.discard(task)
                 self.queued.discard(result.rel.as_posix())
                 self.progress_at = asyncio.get_running_loop().time()
 
-    async def process(self, result: Result) -> None:
+    def settle(self, result: Result, outcome: Outcome) -> None:
+        """Act on what became of an attempt (the attempt has logged and journalled it)."""
         rel = result.rel.as_posix()
-        outcome = await self.attempts.attempt(result)
-        if outcome.done:
-            self.done[rel] = (result, outcome.stamp)
-            self.reported.pop(rel, None)
-            self.since.pop(rel, None)
-            self.count(result, outcome)
-            return
-        if outcome.unfinished is not None:
-            self.not_finished(result, outcome.unfinished)
-            return
-        if outcome.held_by is not None:
-            logger.debug("{}: being published by {}", result.name, outcome.held_by)
-            return  # a rescan looks again; a dead owner's claim expires
-        assert outcome.error is not None
-        message = f"{result.name}: {outcome.error}"
-        being_written = outcome.error.code == metadata.BEING_WRITTEN_CODE
-        if being_written:  # its writer is at it: not a failure
-            logger.debug("{} (attempt {})", message, outcome.attempts)
-        else:
-            self.metrics.failures.labels(outcome.error.kind.value).inc()
-            if not outcome.error.permanent:
-                logger.warning(
-                    "{} (attempt {}; retrying in {:.1f} s)",
-                    message,
-                    outcome.attempts,
-                    outcome.retry_in,
-                )
-            elif self.reported.get(rel) != message:  # log it once, not every retry
-                logger.error("{} (retrying every {:.0f} s)", message, outcome.retry_in)
-                self.reported[rel] = message
-        self.retry_later(result, outcome.retry_in, failing=not being_written)
+        match outcome:
+            case Recorded():
+                self.done[rel] = outcome.stamp
+                self.since.pop(rel, None)
+                self.count(result, outcome)
+            case Unfinished():
+                self.since.pop(rel, None)
+            case Held():
+                pass  # a rescan looks again; a dead owner's claim expires
+            case Failed() if outcome.being_written:
+                self.reread_later(result, outcome.retry_in)
+            case Failed():
+                self.metrics.failures.labels(outcome.error.kind.value).inc()
+                self.retries_changed.set()
 
-    def count(self, result: Result, outcome: Outcome) -> None:
+    def count(self, result: Result, outcome: Recorded) -> None:
         """A recorded result, in the metrics."""
         if outcome.restored:
             self.metrics.restored.inc()
@@ -443,18 +438,18 @@ class Daemon:
         self.metrics.published(len(uploaded.files), uploaded.bytes, seconds)
         self.last_published = (result.name, time.time())
 
-    def retry_later(self, result: Result, delay: float, failing: bool = True) -> None:
+    def reread_later(self, result: Result, delay: float) -> None:
+        """Its metadata is being written: read it again in a moment (no backoff, no journal:
+        its writer is at it, which is not a failure)."""
         rel = result.rel.as_posix()
-        loop = asyncio.get_running_loop()
 
         def again() -> None:
-            self.waiting.pop(rel, None)
-            self.offer(result)
+            if rel in self.rereading:
+                self.rereading.discard(rel)
+                self.offer(result, fresh=True)
 
-        old = self.waiting.pop(rel, None)
-        if old is not None:
-            old.handle.cancel()
-        self.waiting[rel] = Waiting(loop.call_later(delay, again), failing)
+        self.rereading.add(rel)
+        asyncio.get_running_loop().call_later(delay, again)
 
 
 def finished_at(result: Result) -> float:

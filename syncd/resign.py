@@ -24,15 +24,15 @@ class Resigner:
         self.margin = settings.syncd.resign_fraction * self.lifetime
         self.next_look: dict[str, float] = {}  # rel -> when its URL needs a look again
 
-    def due(self, result: Result, now: float) -> bool:
-        return self.next_look.get(result.rel.as_posix(), 0) <= now
+    def due(self, rel: str, now: float) -> bool:
+        return self.next_look.get(rel, 0) <= now
 
-    def later(self, result: Result, now: float) -> None:
+    def later(self, rel: str, now: float) -> None:
         """After a failed renewal: look again within the margin, not at every pass."""
-        self.next_look[result.rel.as_posix()] = now + max(self.margin / 4, 1.0)
+        self.next_look[rel] = now + max(self.margin / 4, 1.0)
 
-    def forget(self, result: Result) -> None:
-        self.next_look.pop(result.rel.as_posix(), None)
+    def forget(self, rel: str) -> None:
+        self.next_look.pop(rel, None)
 
     def refresh(self, result: Result, now: float) -> metadata.Stamp | None:
         """Re-sign `result` if its URL is close to expiry; remember when to look again.

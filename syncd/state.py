@@ -143,13 +143,37 @@ class StateStore:
     def close(self) -> None:
         self.db.close()
 
-    def reset_interrupted(self) -> None:
-        """Results a killed daemon was uploading are pending again."""
+    def start(self) -> None:
+        """At a daemon's start: results a killed daemon was uploading are pending again, and
+        every result waiting to be retried is due now (a start, after a fix, tries them all)."""
         with self.errors():
             self.db.execute(
                 "UPDATE results SET state = ? WHERE state = ?",
                 (State.PENDING.value, State.UPLOADING.value),
             )
+            self.db.execute(
+                "UPDATE results SET next_try = ? WHERE state = ? AND next_try > ?",
+                (time.time(), State.RETRYING.value, time.time()),
+            )
+
+    def due(self, after: float, until: float) -> list[str]:
+        """Results whose next try falls in (`after`, `until`]."""
+        with self.errors():
+            rows = self.db.execute(
+                "SELECT rel FROM results WHERE state = ? AND next_try > ? AND next_try <= ? "
+                "ORDER BY next_try",
+                (State.RETRYING.value, after, until),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def retries_after(self, after: float) -> tuple[int, float | None]:
+        """How many results wait for a try after `after`, and when the first of them is due."""
+        with self.errors():
+            count, first = self.db.execute(
+                "SELECT COUNT(*), MIN(next_try) FROM results WHERE state = ? AND next_try > ?",
+                (State.RETRYING.value, after),
+            ).fetchone()
+        return count, first
 
     def get(self, rel: str) -> Record | None:
         with self.errors():
