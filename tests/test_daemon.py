@@ -4,10 +4,11 @@ logged while the others are served; SIGTERM exits 0."""
 from __future__ import annotations
 
 import subprocess
+import time
 
 import pytest
 
-from tests.conftest import SYNCD, clean_env
+from tests.conftest import SYNCD, clean_env, only_error, status_of
 from tests.servers import S3Server, wait_until
 
 
@@ -193,3 +194,46 @@ def test_earth2studio_layout_end_to_end(moto_workspace):
     assert ws.objects() == {f"outputs/{rel}/results.zarr/.zgroup": b"{}"}
     assert not (ws.outputs / f"{rel}.json").exists()
     assert daemon.terminate() == 0
+
+
+def test_a_slow_retry_waits_in_the_journal_and_a_start_makes_it_due(moto_workspace):
+    """The journal keeps when a failed result is tried next: rescans do not try it sooner, and
+    a start (after a fix, say) tries it at once."""
+    ws = moto_workspace
+    ws.settings["syncd"]["retry_permanent_delay"] = 3600
+    ws.settings["syncd"]["rescan_interval"] = 0.2
+    ws.settings["syncd"]["metrics_file"] = str(ws.root / "syncd.prom")
+    ws.result("exec_4_abcdef04", {"z.bin": b"zz"}, metadata="not json yet")
+    ws.mark("exec_4_abcdef04")
+    daemon = ws.daemon()
+    daemon.wait_log("is not valid JSON")
+    failed_at = time.time()
+    prom = ws.root / "syncd.prom"
+    # Ten rescans and more: still the one failed attempt.
+    wait_until(
+        lambda: prom.exists() and prom.stat().st_mtime > failed_at + 2, what="2 s of rescans"
+    )
+    assert 'syncd_failures_total{kind="input"} 1.0' in prom.read_text()
+    assert "(retrying every 3600 s)" in only_error(daemon.log())
+    record = status_of(ws)["exec_4_abcdef04"]
+    assert (record["state"], record["attempts"]) == ("retrying", 1)
+    assert record["next_try"] > time.time() + 3500
+    assert daemon.terminate() == 0
+
+    # Fixed while syncd is stopped: no event tells the next daemon, only the journal.
+    ws.metadata_path("exec_4_abcdef04").write_text('{"request_id": "exec_4_abcdef04"}')
+    again = ws.daemon()
+    wait_until(lambda: ws.recorded("exec_4_abcdef04"), what="recorded at the start")
+    assert ws.objects() == {"outputs/exec_4_abcdef04/z.bin": b"zz"}
+    assert again.terminate() == 0
+
+
+def test_sync_says_a_failure_once_without_promising_a_retry(moto_workspace):
+    ws = moto_workspace
+    ws.result("exec_5_abcdef05", {"z.bin": b"zz"}, metadata="not json yet")
+    done = ws.sync("exec_5_abcdef05")
+    assert done.returncode == 1
+    line = only_error(done.stderr)
+    assert "exec_5_abcdef05: " in line and "is not valid JSON" in line
+    assert "retrying" not in line
+    assert ws.objects() == {}
