@@ -1,5 +1,21 @@
-"""`python -m syncd` runs the command line."""
+"""The `syncd` command (and `python -m syncd`): the command line, or one line saying what to
+install when the daemon's packages are missing (a reader's `syncd[client]` has none of them)."""
 
-from syncd.cli import main
+from __future__ import annotations
 
-main()
+import sys
+
+
+def run() -> None:
+    try:
+        from syncd.cli import main
+    except ModuleNotFoundError as exc:
+        sys.exit(
+            f"syncd: error: {exc.name} is not installed: the daemon and its commands need "
+            "pip install 'syncd[daemon]'"
+        )
+    main()
+
+
+if __name__ == "__main__":
+    run()

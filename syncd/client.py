@@ -28,7 +28,7 @@ import fsspec
 import yarl
 from fsspec.implementations.http import HTTPFileSystem
 
-from syncd.signing import expiry
+from syncd.policy import expiry
 
 RETRIES = 4
 TRANSIENT = {500, 502, 503, 504}

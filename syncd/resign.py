@@ -14,7 +14,8 @@ from loguru import logger
 from syncd import metadata
 from syncd.config import Settings
 from syncd.layout import Result
-from syncd.signing import UrlSigner, expiry
+from syncd.policy import expiry
+from syncd.signing import UrlSigner
 
 
 class Resigner:

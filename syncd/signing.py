@@ -7,11 +7,9 @@ v1.5, in CloudFront's base64 alphabet. The output equals botocore's `CloudFrontS
 
 from __future__ import annotations
 
-import base64
-import json
 import time
 from pathlib import Path
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import quote
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -19,25 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from loguru import logger
 
 from syncd.config import ConfigError, ObjectStorage, read_file
-
-
-def cloudfront_b64(data: bytes) -> str:
-    """Base64 with CloudFront's substitutions (not the same as urlsafe_b64encode)."""
-    return (
-        base64.b64encode(data).decode("ascii").replace("+", "-").replace("=", "_").replace("/", "~")
-    )
-
-
-def expiry(signed_url: str) -> int | None:
-    """The DateLessThan of a custom-policy signed URL, or None if it has none."""
-    try:
-        policy = parse_qs(urlsplit(signed_url).query)["Policy"][0]
-        decoded = base64.b64decode(policy.replace("-", "+").replace("_", "=").replace("~", "/"))
-        statement = json.loads(decoded)["Statement"][0]
-        return int(statement["Condition"]["DateLessThan"]["AWS:EpochTime"])
-    except (KeyError, IndexError, ValueError, TypeError):
-        return None
-
+from syncd.policy import cloudfront_b64, policy
 
 KEY_TEXT = "object_storage.cloudfront_private_key (CLOUDFRONT_PRIVATE_KEY)"
 
@@ -115,19 +95,9 @@ class UrlSigner:
     def sign(self, remote_path: str, expires_in: int, now: float | None = None) -> str:
         resource = self.resource(remote_path)
         expires = int(now if now is not None else time.time()) + expires_in
-        policy = json.dumps(
-            {
-                "Statement": [
-                    {
-                        "Resource": resource,
-                        "Condition": {"DateLessThan": {"AWS:EpochTime": expires}},
-                    }
-                ]
-            },
-            separators=(",", ":"),
-        ).encode()
-        signature = self.private_key.sign(policy, padding.PKCS1v15(), hashes.SHA1())
+        document = policy(resource, expires)
+        signature = self.private_key.sign(document, padding.PKCS1v15(), hashes.SHA1())
         return (
-            f"{resource}?Policy={cloudfront_b64(policy)}&Signature={cloudfront_b64(signature)}"
+            f"{resource}?Policy={cloudfront_b64(document)}&Signature={cloudfront_b64(signature)}"
             f"&Key-Pair-Id={self.key_pair_id}"
         )

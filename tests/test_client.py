@@ -3,6 +3,9 @@ that checks every signature, or from the server's outputs."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -19,7 +22,7 @@ from syncd.client import (
     file_url,
     open_dataset,
 )
-from syncd.signing import expiry
+from syncd.policy import expiry
 from tests.conftest import forecast
 
 EXEC = "exec_1769560728_10ed9d3c"
@@ -186,3 +189,47 @@ def test_every_file_name_round_trips(moto_workspace, signing_key):
     xr.testing.assert_identical(opened, odd_forecast())
     assert f"outputs/wf/{EXEC}/odd/c#d.txt" in ws.objects()
     assert cloudfront.refusals == []
+
+
+# What `syncd[daemon]` installs and `syncd[client]` does not (pyyaml it does: zarr needs it).
+DAEMON_PACKAGES = (
+    "watchdog",
+    "s3fs",
+    "obstore",
+    "cryptography",
+    "pydantic",
+    "pydantic_settings",
+    "loguru",
+    "prometheus_client",
+    "botocore",
+    "aiobotocore",
+)
+WITHOUT_DAEMON = f"import sys; sys.modules.update(dict.fromkeys({DAEMON_PACKAGES!r}))\n"
+
+
+def test_a_reader_needs_none_of_the_daemons_packages(published):
+    """Read over the signed URL in a process where the daemon's packages cannot be imported,
+    as with `pip install syncd[client]`; the command says what it needs there."""
+    ws, _, meta = published
+    read = WITHOUT_DAEMON + (
+        "import json, xarray\n"
+        "from syncd.client import open_dataset\n"
+        "print(float(open_dataset(json.loads(sys.argv[1]))['t2m'].sum()))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", read, json.dumps(meta)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) == pytest.approx(float(forecast()["t2m"].sum()))
+
+    command = WITHOUT_DAEMON + "from syncd.__main__ import run\nrun()\n"
+    done = subprocess.run(
+        [sys.executable, "-c", command, "status", "--config", str(ws.config)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().endswith(
+        "the daemon and its commands need pip install 'syncd[daemon]'"
+    )
+    assert done.stderr.startswith("syncd: error: ")

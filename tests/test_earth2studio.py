@@ -19,7 +19,7 @@ from earth2studio.serve.client.fsspec_utils import create_cloudfront_mapper
 from earth2studio.serve.client.models import InferenceRequestResults, StorageType
 
 from syncd.client import open_dataset
-from syncd.signing import expiry
+from syncd.policy import expiry
 from tests.cloudfront import file_url, verify
 from tests.conftest import (
     KEY_PAIR_ID,

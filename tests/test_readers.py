@@ -10,7 +10,7 @@ import time
 
 import requests
 
-from syncd.signing import expiry
+from syncd.policy import expiry
 from tests.cloudfront import file_url, verify
 from tests.conftest import KEY_PAIR_ID, SYNCD, md5
 from tests.servers import wait_until

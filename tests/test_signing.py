@@ -14,7 +14,8 @@ from botocore.signers import CloudFrontSigner
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from syncd.signing import UrlSigner, cloudfront_b64
+from syncd.policy import cloudfront_b64
+from syncd.signing import UrlSigner
 from tests.cloudfront import Forbidden, file_url, verify
 
 DOMAIN = "https://d30anq61ot046p.cloudfront.net"
