@@ -124,10 +124,7 @@ class Attempts:
             document, stamp = await self.publisher.read_metadata(result)
             if metadata.is_recorded(document, result) and not force:
                 return self.already(result, document, stamp)
-            # Published before (and forced now), or left by a daemon that died holding the
-            # claim (any host's): the bucket may hold objects that are not in the tree any
-            # more. The journal adds this host's own failed or killed attempts.
-            uploaded = await self.upload(result, recorded or claim.took_over)
+            uploaded = await self.upload(result, published_before=recorded, claim=claim)
             if not await asyncio.to_thread(claim.still_ours):
                 raise SyncdError("another daemon took over this result; leaving it")
             files = metadata.output_files(result, uploaded.files, uploaded.md5)
@@ -146,15 +143,21 @@ class Attempts:
         kept = Kept.loads(text)
         return kept if kept.remote_path == result.remote_path else None
 
-    async def upload(self, result: Result, maybe_left: bool) -> Uploaded:
+    async def upload(self, result: Result, published_before: bool, claim: claims.Claim) -> Uploaded:
         rel = result.rel.as_posix()
         previous = self.state.get(rel)
         acknowledged = previous.uploaded if previous is not None else None
         attempts = previous.attempts if previous is not None else 0
         self.state.set(Record(rel, State.UPLOADING, attempts=attempts, uploaded=acknowledged))
         self.state.keep_record(rel, None)  # the bucket is about to change under it
-        # Only an attempt that failed or was killed can have left parts or objects behind.
-        interrupted = maybe_left or (previous is not None and previous.state != State.DONE)
+        # The bucket may hold parts or objects that are not in the tree any more after a
+        # publish (forced again now), after a failed or killed attempt of this host (the
+        # journal says so), or of any daemon that died holding the claim (the claim says so).
+        interrupted = (
+            published_before
+            or claim.took_over
+            or (previous is not None and previous.state != State.DONE)
+        )
         uploaded = await self.publisher.upload(result, interrupted, acknowledged)
         if uploaded.sent:
             self.state.remember_upload(rel, uploaded.acknowledgement())
@@ -167,6 +170,8 @@ class Attempts:
         previous = self.state.get(rel)
         if previous is None or previous.state != State.DONE:
             self.state.set(Record(rel, State.DONE))
+        if self.state.watching(rel) != stamp:
+            self.state.watch(rel, stamp)
         if self.state.kept(rel) is None:
             kept = Kept.of(result, document)
             if kept is not None:
@@ -179,6 +184,7 @@ class Attempts:
         previous = self.state.get(rel)
         files, size = (previous.files, previous.bytes) if previous else (None, None)
         self.state.set(Record(rel, State.DONE, files=files, bytes=size))
+        self.state.watch(rel, stamp)
         self.reported.pop(rel, None)
         logger.info(
             "{}: its metadata {} was written without syncd's record; restored the record "
@@ -193,6 +199,7 @@ class Attempts:
     def done(self, result: Result, uploaded: Uploaded, kept: Kept, stamp: Stamp) -> Outcome:
         rel = result.rel.as_posix()
         self.state.set(Record(rel, State.DONE, files=len(uploaded.files), bytes=uploaded.bytes))
+        self.state.watch(rel, stamp)
         self.state.keep_record(rel, kept.dumps())
         self.reported.pop(rel, None)
         logger.info(

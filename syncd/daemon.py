@@ -9,10 +9,10 @@ attempt set it, with backoff); a start makes every one due at once. A fresh even
 result (its marker dropped again, its metadata rewritten, its folder appearing after the
 signal) tries it at once; a removed signal forgets it.
 
-A recorded result needs only its metadata's stamp in memory (and, with signed URLs, when to
-renew it): when the metadata changes (an event, or a stat at each rescan) the result is tried
-again, and a record someone else's write removed is restored; when the metadata is deleted the
-result is dropped from memory.
+A recorded result is watched through the stamp of its metadata, which the journal keeps (in
+memory it costs nothing but, with signed URLs, its next renewal time): when the metadata
+changes (an event, or a stat at each rescan) the result is tried again, and a record someone
+else's write removed is restored; when the metadata is deleted it is watched no more.
 
 Once a second the daemon tells `metrics` how things stand (systemd's STATUS= line, and the
 Prometheus gauges when metrics are on).
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import signal
 import time
 from pathlib import Path, PurePosixPath
@@ -82,9 +83,6 @@ class Daemon:
         self.metrics = metrics
         self.queue: asyncio.Queue[Result] = asyncio.Queue()
         self.queued: set[str] = set()  # waiting in the queue or in progress
-        # Recorded: only their metadata's stamp (as last written or seen) needs keeping, to
-        # notice a write by someone else; the resigner keeps when to renew each URL.
-        self.done: dict[str, Stamp | None] = {}
         self.rereading: set[str] = set()  # metadata being written: read again in a moment
         # Retries are due by the journal's next_try; those up to this time were offered.
         self.retried_until = 0.0
@@ -216,7 +214,7 @@ class Daemon:
         while True:
             await asyncio.sleep(interval)
             now = time.time()
-            for rel in [rel for rel in self.done if self.resigner.due(rel, now)]:
+            for rel in self.resigner.due(now):
                 result = self.layout.result(PurePosixPath(rel))
                 try:
                     stamp = await asyncio.to_thread(self.resigner.refresh, result, now)
@@ -228,8 +226,9 @@ class Daemon:
                     continue
                 if stamp is not None:
                     self.metrics.renewed.inc()
-                    if rel in self.done:
-                        self.done[rel] = stamp
+                    with contextlib.suppress(SyncdError):  # a rescan sees it as changed then
+                        if self.state.watching(rel) is not None:
+                            self.state.watch(rel, stamp)
 
     async def report_every(self, interval: float) -> None:
         while True:
@@ -249,10 +248,24 @@ class Daemon:
             uploading=len(self.busy),
             waiting=self.queue.qsize() + len(self.rereading),
             failing=self.retries_after(self.retried_until)[0],
-            done=len(self.done),
+            done=self.count_watched(),
             oldest_since=min(self.since.values(), default=None),
             last_published=self.last_published,
         )
+
+    def count_watched(self) -> int:
+        try:
+            return self.state.count_watched()
+        except SyncdError:
+            return 0
+
+    def watching(self, rel: str) -> Stamp | None:
+        """The stamp of a recorded result's metadata as the journal keeps it; None if the
+        result is not a recorded, watched one (or the journal cannot say)."""
+        try:
+            return self.state.watching(rel)
+        except SyncdError:
+            return None
 
     async def tend(self, watcher: ResultWatcher) -> None:
         """Every few seconds: watch again what was replaced, and feed systemd's watchdog
@@ -299,26 +312,37 @@ class Daemon:
             task.add_done_callback(self.scans.discard)
 
     async def scan(self) -> None:
-        recorded = list(self.done.items())
+        """Look at every recorded result's metadata, then offer every signalled result that
+        is not recorded."""
         try:
-            stamps = await asyncio.to_thread(
-                lambda: [
-                    metadata.stamp(self.layout.result(PurePosixPath(rel)).metadata)
-                    for rel, _ in recorded
-                ]
-            )
+            watched = self.state.watched()
+        except SyncdError as exc:
+            logger.warning("cannot read the recorded results: {}", exc)
+            watched = []
+
+        def changed() -> list[tuple[str, Stamp, Stamp | None]]:
+            # One Result at a time: a year of results must not be held at once.
+            found = []
+            for rel, known in watched:
+                now = metadata.stamp(self.layout.result(PurePosixPath(rel)).metadata)
+                if now != known:
+                    found.append((rel, known, now))
+            return found
+
+        try:
+            for rel, known, now in await asyncio.to_thread(changed):
+                self.metadata_changed(self.layout.result(PurePosixPath(rel)), known, now)
         except Exception as exc:
             logger.warning("cannot look at recorded results' metadata: {}", classify(exc))
-        else:
-            for (rel, known), now in zip(recorded, stamps, strict=True):
-                self.metadata_changed(self.layout.result(PurePosixPath(rel)), known, now)
         try:
             signalled = await asyncio.to_thread(lambda: list(self.layout.signalled()))
         except Exception as exc:
             logger.warning("cannot scan {}: {}", self.layout.outputs_dir, classify(exc))
             return
+        recorded = {rel for rel, _ in watched}  # those changed since were offered above
         for result in signalled:
-            self.offer(result)
+            if result.rel.as_posix() not in recorded:
+                self.offer(result)
 
     def file_changed(self, path: Path) -> None:
         """A file or folder appeared or was written: its result is tried now, even if it
@@ -328,10 +352,11 @@ class Daemon:
             return
         rel = result.rel.as_posix()
         try:
-            if rel in self.done:
+            known = self.watching(rel)
+            if known is not None:
                 if path == result.metadata:
-                    self.metadata_changed(result, self.done[rel], metadata.stamp(result.metadata))
-            elif path == result.signal or self.waiting(rel) or result.signal.exists():
+                    self.metadata_changed(result, known, metadata.stamp(result.metadata))
+            elif path == result.signal or self.next_try(rel) is not None or result.signal.exists():
                 self.offer(result, fresh=True)
         except OSError as exc:  # the next rescan looks again
             logger.debug("{}: cannot look at {}: {}", result.name, path, exc)
@@ -340,9 +365,12 @@ class Daemon:
         """A recorded result's metadata as it is now: gone (nothing left to care for), or
         written by someone else (try it again: its record is restored if it was lost)."""
         rel = result.rel.as_posix()
-        if now == known or rel not in self.done or self.done[rel] != known:
+        if now == known or self.watching(rel) != known:
             return  # unchanged, no longer recorded, or rewritten by syncd since `known`
-        del self.done[rel]
+        try:
+            self.state.watch(rel, None)
+        except SyncdError as exc:
+            logger.warning("{}: {}", result.name, exc)
         if self.resigner is not None:
             self.resigner.forget(rel)
         if now is None:
@@ -355,43 +383,40 @@ class Daemon:
         if result is None:
             return
         rel = result.rel.as_posix()
-        if rel in self.done and path == result.metadata:
-            self.metadata_changed(result, self.done[rel], None)
-        elif path == result.signal and rel not in self.queued and self.waiting(rel):
+        known = self.watching(rel) if path == result.metadata else None
+        if known is not None:
+            self.metadata_changed(result, known, None)
+        elif path == result.signal and rel not in self.queued and self.next_try(rel) is not None:
             name = result.signal_name
             self.attempts.forget(result, f"its {name} was removed", short=f"{name} removed")
             self.since.pop(rel, None)
 
-    def waiting(self, rel: str) -> bool:
-        """Waiting for its next try: failed (as the journal says), or being written."""
+    def next_try(self, rel: str) -> float | None:
+        """When a result that waits for its next try gets it (being written: its timer offers
+        it; failed: the journal's time); None when it does not wait."""
         if rel in self.rereading:
-            return True
+            return math.inf
         try:
             record = self.state.get(rel)
         except SyncdError:
-            return False
-        return record is not None and record.state == State.RETRYING
+            return None  # the journal cannot say: tried now rather than lost
+        if record is None or record.state != State.RETRYING:
+            return None
+        return record.next_try or 0.0
 
     def offer(self, result: Result, fresh: bool = False) -> None:
         """Queue `result`, unless it is queued or recorded; one that waits for its next try
         only when `fresh` (an event for it: tried now)."""
         rel = result.rel.as_posix()
-        if rel in self.queued or rel in self.done or self.stopping.is_set():
+        if rel in self.queued or self.stopping.is_set() or self.watching(rel) is not None:
             return
-        if not fresh and self.waiting(rel) and not self.due(rel):
+        if not fresh and (self.next_try(rel) or 0.0) > time.time():
             return
         self.rereading.discard(rel)
         if rel not in self.since:
             self.since[rel] = finished_at(result)
         self.queued.add(rel)
         self.queue.put_nowait(result)
-
-    def due(self, rel: str) -> bool:
-        try:
-            record = self.state.get(rel)
-        except SyncdError:
-            return True
-        return record is None or (record.next_try or 0) <= time.time()
 
     async def work(self) -> None:
         task = asyncio.current_task()
@@ -414,7 +439,8 @@ class Daemon:
         rel = result.rel.as_posix()
         match outcome:
             case Recorded():
-                self.done[rel] = outcome.stamp
+                if self.resigner is not None:
+                    self.resigner.track(rel)
                 self.since.pop(rel, None)
                 self.count(result, outcome)
             case Unfinished():

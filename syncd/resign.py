@@ -25,8 +25,13 @@ class Resigner:
         self.margin = settings.syncd.resign_fraction * self.lifetime
         self.next_look: dict[str, float] = {}  # rel -> when its URL needs a look again
 
-    def due(self, rel: str, now: float) -> bool:
-        return self.next_look.get(rel, 0) <= now
+    def track(self, rel: str) -> None:
+        """A recorded result: its URL is looked at on the next pass, then when it needs to."""
+        self.next_look.setdefault(rel, 0.0)
+
+    def due(self, now: float) -> list[str]:
+        """The recorded results whose URLs need a look now."""
+        return [rel for rel, when in self.next_look.items() if when <= now]
 
     def later(self, rel: str, now: float) -> None:
         """After a failed renewal: look again within the margin, not at every pass."""

@@ -1,10 +1,13 @@
 """Each result's state, kept in SQLite under state_dir so it survives restarts.
 
 A result is `pending` (marked, not started), `uploading`, `retrying` (with attempts, last
-error and next try), `done`, or `forgotten` (its marker was removed while it waited). A
+error and next try: the one place a retry time is kept; the daemon offers a result again when
+it falls due), `done`, or `forgotten` (its marker was removed while it waited). A
 result whose tree was uploaded whole but not recorded keeps that upload's acknowledgement (the
 tree's fingerprint and each file's MD5), so the next attempt records it without sending the
-tree again. `syncd status` reads the same file while the daemon runs.
+tree again. A recorded result keeps the stamp of its metadata as syncd last wrote or saw it, so
+a write by someone else is noticed with a stat while nothing of it is held in memory.
+`syncd status` reads the same file while the daemon runs.
 
 The metadata files are the record of what is published; this database is only a journal. A
 corrupt one is moved aside with one warning and started afresh. Every failure to use it is a
@@ -26,6 +29,7 @@ from loguru import logger
 
 from syncd.config import ConfigError
 from syncd.errors import state_error
+from syncd.metadata import Stamp
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
@@ -39,7 +43,8 @@ CREATE TABLE IF NOT EXISTS results (
     bytes      INTEGER,
     updated    REAL NOT NULL,
     uploaded   TEXT,
-    recorded   TEXT
+    recorded   TEXT,
+    stamp      TEXT
 )
 """
 # How long a write waits for another process's lock before it counts as a failure.
@@ -112,7 +117,7 @@ class StateStore:
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute(SCHEMA)
             columns = {row[1] for row in db.execute("PRAGMA table_info(results)")}
-            for column in ("uploaded", "recorded"):  # a state file from an earlier version
+            for column in ("uploaded", "recorded", "stamp"):  # from an earlier version
                 if column not in columns:
                     db.execute(f"ALTER TABLE results ADD COLUMN {column} TEXT")
         except BaseException:
@@ -144,8 +149,11 @@ class StateStore:
         self.db.close()
 
     def start(self) -> None:
-        """At a daemon's start: results a killed daemon was uploading are pending again, and
-        every result waiting to be retried is due now (a start, after a fix, tries them all)."""
+        """At a daemon's start: results a killed daemon was uploading are pending again, every
+        result waiting to be retried is due now (a start, after a fix, tries them all), and no
+        recorded result is watched until an attempt has looked at it under the settings of
+        this run (its remote_path may have changed)."""
+        now = time.time()
         with self.errors():
             self.db.execute(
                 "UPDATE results SET state = ? WHERE state = ?",
@@ -153,8 +161,9 @@ class StateStore:
             )
             self.db.execute(
                 "UPDATE results SET next_try = ? WHERE state = ? AND next_try > ?",
-                (time.time(), State.RETRYING.value, time.time()),
+                (now, State.RETRYING.value, now),
             )
+            self.db.execute("UPDATE results SET stamp = NULL WHERE stamp IS NOT NULL")
 
     def due(self, after: float, until: float) -> list[str]:
         """Results whose next try falls in (`after`, `until`]."""
@@ -220,6 +229,38 @@ class StateStore:
             row = self.db.execute("SELECT recorded FROM results WHERE rel = ?", (rel,)).fetchone()
         return row[0] if row else None
 
+    def watch(self, rel: str, stamp: Stamp | None) -> None:
+        """The stamp of a recorded result's metadata as syncd last wrote or saw it; None: the
+        metadata is gone, and the result needs no more looks."""
+        text = ":".join(map(str, stamp)) if stamp is not None else None
+        with self.errors():
+            self.db.execute("UPDATE results SET stamp = ? WHERE rel = ?", (text, rel))
+
+    def watching(self, rel: str) -> Stamp | None:
+        """The stamp of a recorded result's metadata, or None if it is not a watched one."""
+        with self.errors():
+            row = self.db.execute(
+                "SELECT stamp FROM results WHERE rel = ? AND state = ?", (rel, State.DONE.value)
+            ).fetchone()
+        return _stamp(row[0]) if row else None
+
+    def watched(self) -> list[tuple[str, Stamp]]:
+        """Every recorded result whose metadata is watched, with its stamp."""
+        with self.errors():
+            rows = self.db.execute(
+                "SELECT rel, stamp FROM results WHERE state = ? AND stamp IS NOT NULL",
+                (State.DONE.value,),
+            ).fetchall()
+        return [(rel, stamp) for rel, text in rows if (stamp := _stamp(text)) is not None]
+
+    def count_watched(self) -> int:
+        with self.errors():
+            row = self.db.execute(
+                "SELECT COUNT(*) FROM results WHERE state = ? AND stamp IS NOT NULL",
+                (State.DONE.value,),
+            ).fetchone()
+        return int(row[0])
+
     def remember_upload(self, rel: str, acknowledgement: str) -> None:
         with self.errors():
             self.db.execute("UPDATE results SET uploaded = ? WHERE rel = ?", (acknowledgement, rel))
@@ -228,6 +269,14 @@ class StateStore:
 COLUMNS = "rel, state, attempts, last_error, permanent, next_try, files, bytes, updated, uploaded"
 SLOTS = ", ".join("?" * len(COLUMNS.split(",")))
 UPDATES = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS.split(", ")[1:])
+
+
+def _stamp(text: str | None) -> Stamp | None:
+    try:
+        ino, size, mtime_ns = map(int, (text or "").split(":"))
+    except ValueError:
+        return None
+    return (ino, size, mtime_ns)
 
 
 def _record(row: tuple[Any, ...]) -> Record:

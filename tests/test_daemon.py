@@ -237,3 +237,23 @@ def test_sync_says_a_failure_once_without_promising_a_retry(moto_workspace):
     assert "exec_5_abcdef05: " in line and "is not valid JSON" in line
     assert "retrying" not in line
     assert ws.objects() == {}
+
+
+def test_a_restart_with_a_new_prefix_publishes_recorded_results_there(moto_workspace):
+    """The journal's watch over recorded results lasts one run: a start looks at each result
+    again under its own settings."""
+    ws = moto_workspace
+    ws.result("exec_6_abcdef06", {"z.bin": b"zz"})
+    ws.mark("exec_6_abcdef06")
+    daemon = ws.daemon()
+    wait_until(lambda: ws.recorded("exec_6_abcdef06"), what="recorded under outputs/")
+    assert daemon.terminate() == 0
+
+    ws.settings["object_storage"]["prefix"] = "moved"
+    again = ws.daemon()
+    wait_until(
+        lambda: ws.metadata("exec_6_abcdef06")["remote_path"] == "moved/exec_6_abcdef06",
+        what="recorded under moved/",
+    )
+    assert ws.objects("moved/") == {"moved/exec_6_abcdef06/z.bin": b"zz"}
+    assert again.terminate() == 0
