@@ -10,6 +10,8 @@ def run() -> None:
     try:
         from syncd.cli import main
     except ModuleNotFoundError as exc:
+        if (exc.name or "syncd").partition(".")[0] == "syncd":
+            raise  # a broken install of syncd itself, not a missing extra
         sys.exit(
             f"syncd: error: {exc.name} is not installed: the daemon and its commands need "
             "pip install 'syncd[daemon]'"
