@@ -16,6 +16,8 @@ from loguru import logger
 from syncd.config import ObjectStorage
 from syncd.storage.base import ObjectStore
 from syncd.storage.body import Body
+from syncd.storage.obstore_client import ObstoreStore
+from syncd.storage.s3fs_client import S3fsStore
 
 __all__ = ["Body", "ObjectStore", "open_store"]
 
@@ -27,12 +29,8 @@ def open_store(storage: ObjectStorage) -> ObjectStore:
             "only on AWS S3 itself",
             storage.endpoint_url,
         )
-    from syncd.storage.s3fs_client import S3fsStore
-
     if not storage.use_rust_client:
         return S3fsStore(storage)
-    from syncd.storage.obstore_client import ObstoreStore
-
     # obstore cannot list multipart uploads: an s3fs client does that rare housekeeping, built
     # on first use (after an interrupted or failed attempt): botocore's S3 model costs ~30 MB.
     return ObstoreStore(storage, multipart=S3fsStore(storage))
