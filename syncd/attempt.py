@@ -226,10 +226,7 @@ class Attempts:
         """The outcome of a failed attempt, with its backoff, journalled and logged (the
         journal failing too is only logged: the next rescan tries the result again)."""
         rel = result.rel.as_posix()
-        try:
-            previous = self.state.get(rel)
-        except SyncdError:
-            previous = None
+        previous = self.previous(rel)
         attempts = (previous.attempts if previous else 0) + 1
         if error.code == metadata.BEING_WRITTEN_CODE and self.retries:
             # Its writer is at it: no backoff, no journal, nothing for the operator to see.
@@ -251,6 +248,14 @@ class Attempts:
         except SyncdError as exc:
             logger.warning("{}: {}", result.name, exc)
         return Failed(error, attempts, delay)
+
+    def previous(self, rel: str) -> Record | None:
+        """The journal's record of `rel`, or None when there is none or the journal cannot
+        say (a failure is still reported and retried without it)."""
+        try:
+            return self.state.get(rel)
+        except SyncdError:
+            return None
 
     def backoff(self, error: SyncdError, attempts: int) -> float:
         """Seconds until the next try after `attempts` failed ones."""
@@ -277,10 +282,7 @@ class Attempts:
     def unfinished(self, result: Result, why: str) -> Unfinished:
         """Not finished: forgotten if it was tried before (its marker was removed since), else
         left quietly until its signal comes (status running)."""
-        try:
-            previous = self.state.get(result.rel.as_posix())
-        except SyncdError:
-            previous = None
+        previous = self.previous(result.rel.as_posix())
         if previous is not None and previous.state in (State.RETRYING, State.PENDING):
             self.forget(result, why)
         else:

@@ -35,8 +35,9 @@ import contextlib
 import math
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 from loguru import logger
 
@@ -52,6 +53,8 @@ from syncd.publish import Publisher, recover_leftovers
 from syncd.resign import Resigner
 from syncd.state import State, StateStore
 from syncd.watch import ResultWatcher
+
+T = TypeVar("T")
 
 # Seconds without any progress while results are being worked on before the daemon counts as
 # wedged (every transfer has its own deadline; this catches what has none).
@@ -203,11 +206,22 @@ class Daemon:
                 async with asyncio.timeout(None if first is None else first - now):
                     await self.retries_changed.wait()
 
-    def retries_after(self, now: float) -> tuple[int, float | None]:
+    def ask(self, question: Callable[[], T], otherwise: T) -> T:
+        """The journal's answer, or `otherwise` when it cannot say: a locked or broken
+        database is reported where a failure is journalled, not at every look."""
         try:
-            return self.state.retries_after(now)
+            return question()
         except SyncdError:
-            return 0, None  # said where it matters: when a failure is journalled
+            return otherwise
+
+    def retries_after(self, now: float) -> tuple[int, float | None]:
+        nothing: tuple[int, float | None] = (0, None)
+        return self.ask(lambda: self.state.retries_after(now), nothing)
+
+    def watching(self, rel: str) -> Stamp | None:
+        """The stamp of a recorded result's metadata as the journal keeps it; None if the
+        result is not a recorded, watched one (or the journal cannot say)."""
+        return self.ask(lambda: self.state.watching(rel), None)
 
     async def renew_every(self, interval: float) -> None:
         assert self.resigner is not None
@@ -248,24 +262,10 @@ class Daemon:
             uploading=len(self.busy),
             waiting=self.queue.qsize() + len(self.rereading),
             failing=self.retries_after(self.retried_until)[0],
-            done=self.count_watched(),
+            done=self.ask(self.state.count_watched, 0),
             oldest_since=min(self.since.values(), default=None),
             last_published=self.last_published,
         )
-
-    def count_watched(self) -> int:
-        try:
-            return self.state.count_watched()
-        except SyncdError:
-            return 0
-
-    def watching(self, rel: str) -> Stamp | None:
-        """The stamp of a recorded result's metadata as the journal keeps it; None if the
-        result is not a recorded, watched one (or the journal cannot say)."""
-        try:
-            return self.state.watching(rel)
-        except SyncdError:
-            return None
 
     async def tend(self, watcher: ResultWatcher) -> None:
         """Every few seconds: watch again what was replaced, and feed systemd's watchdog
@@ -396,10 +396,7 @@ class Daemon:
         it; failed: the journal's time); None when it does not wait."""
         if rel in self.rereading:
             return math.inf
-        try:
-            record = self.state.get(rel)
-        except SyncdError:
-            return None  # the journal cannot say: tried now rather than lost
+        record = self.ask(lambda: self.state.get(rel), None)  # unknown: tried, not lost
         if record is None or record.state != State.RETRYING:
             return None
         return record.next_try or 0.0

@@ -17,7 +17,7 @@ class MultipartCleaner(Protocol):
     async def close(self) -> None: ...
 
 
-class ObjectStore(Protocol):
+class ObjectStore(MultipartCleaner, Protocol):
     """What syncd needs from a bucket."""
 
     description: str
@@ -50,12 +50,6 @@ class ObjectStore(Protocol):
     async def probe(self) -> None:
         """Reach the bucket with one cheap listing; raise SyncdError if that fails."""
         ...
-
-    async def abort_uploads(self, prefix: str) -> int:
-        """Abort the unfinished multipart uploads under `prefix`; return how many."""
-        ...
-
-    async def close(self) -> None: ...
 
 
 def location(storage: ObjectStorage) -> str:
