@@ -1,6 +1,12 @@
-"""One raw client of ../shared/bench/upload_bench.py as a process the bench can time with its
-own clock: it builds the client, says `ready`, uploads when it reads `go` on stdin, then says
-how much CPU and memory the upload took, as one JSON line.
+"""One peer client as a process the bench can time with its own clock: it builds the client,
+says `ready`, uploads when it reads `go` on stdin, then says how much CPU and memory the upload
+took, as one JSON line. The raw clients come from ../shared/bench/upload_bench.py; the
+multi-storage-client ones are here:
+
+- `msc_server`: as the Earth2Studio server uploads a result (earth2studio/serve/server/
+  object_storage.py): an S3 profile with max_concurrency 16, 8 MiB parts and the Rust client,
+  `StorageClient.sync_from` a local profile. It skips dotfiles (Zarr v2's `.zarray`...).
+- `msc_best`: `StorageClient.upload_files` of every file, Rust client, 64 workers.
 
     python bench/peer.py <client> <endpoint> <tree> <prefix>
 """
@@ -9,9 +15,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import resource
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 UPLOAD_BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench" / "upload_bench.py"
 
@@ -24,13 +33,59 @@ def peak_rss_mb() -> float:
     return 0.0
 
 
-def main(client: str, endpoint: str, tree: str, prefix: str) -> None:
+def msc(endpoint: str, bucket: str) -> Any:
+    """A multi-storage-client S3 profile configured as the Earth2Studio server configures it."""
+    import multistorageclient
+
+    part = 8 * 1024 * 1024
+    options = {
+        "base_path": bucket,
+        "region_name": "us-east-1",
+        "multipart_threshold": part,
+        "multipart_chunksize": part,
+        "max_concurrency": 16,
+        "endpoint_url": endpoint,
+        # allow_http: the bench's servers speak plain HTTP; the server's S3 endpoint is HTTPS.
+        "rust_client": {"multipart_chunksize": part, "max_concurrency": 16, "allow_http": True},
+    }
+    profile = {"profiles": {"e2s": {"storage_provider": {"type": "s3", "options": options}}}}
+    config = multistorageclient.StorageClientConfig.from_dict(config_dict=profile, profile="e2s")
+    return multistorageclient.StorageClient(config=config)
+
+
+def build_msc(endpoint: str, tree: Path, prefix: str, *, server: bool) -> Callable[[], None]:
+    import multistorageclient
+
+    os.environ.update(AWS_ACCESS_KEY_ID=os.environ["BENCH_KEY"])
+    os.environ.update(AWS_SECRET_ACCESS_KEY=os.environ["BENCH_SECRET"])
+    target = msc(endpoint, "bench")
+    remote = f"{prefix}{tree.name}"
+    if server:
+        posix = {"type": "file", "options": {"base_path": "/"}}
+        local = {"profiles": {"local": {"storage_provider": posix}}}
+        source = multistorageclient.StorageClient(
+            config=multistorageclient.StorageClientConfig.from_dict(local, profile="local")
+        )
+        return lambda: target.sync_from(source, str(tree.absolute()), f"/{remote}")
+    files = sorted(p for p in tree.rglob("*") if p.is_file())
+    remotes = [f"{remote}/{p.relative_to(tree).as_posix()}" for p in files]
+    return lambda: target.upload_files(remotes, [str(p) for p in files], max_workers=64)
+
+
+def build(client: str, endpoint: str, tree: Path, prefix: str) -> Callable[[], None]:
+    if client in ("msc_server", "msc_best"):
+        return build_msc(endpoint, tree, prefix, server=client == "msc_server")
     spec = importlib.util.spec_from_file_location("upload_bench", UPLOAD_BENCH)
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     builder, options, _ = bench.PY_CLIENTS[client]
-    upload = builder(endpoint, Path(tree), prefix, **options)
+    upload: Callable[[], None] = builder(endpoint, tree, prefix, **options)
+    return upload
+
+
+def main(client: str, endpoint: str, tree: str, prefix: str) -> None:
+    upload = build(client, endpoint, Path(tree), prefix)
     print("ready", flush=True)
     sys.stdin.readline()
     before = resource.getrusage(resource.RUSAGE_SELF)

@@ -1,17 +1,24 @@
-"""syncd end to end against raw S3 clients, measured in the same run on the same trees.
+"""syncd end to end against the S3 clients users would pick, in the same run on the same trees,
+on loopback and through a distant link.
 
-    .venv/bin/python -m bench.run                      # 3 profiles x 2 servers x 3 reps
+    .venv/bin/python -m bench.run                      # loopback: 3 profiles x 2 servers x 3 reps
+    .venv/bin/python -m bench.run --links loopback,40ms,40ms@40MBps,80ms     # and distant links
+    .venv/bin/python -m bench.run --rtt-ms 40 --link-mbps 40       # loopback and one such link
     .venv/bin/python -m bench.run --reps 1 --profiles mixed --servers rclone   # a quick look
-    .venv/bin/python -m bench.run --scale              # also 2,000 marked results, 100,000 files
+    .venv/bin/python -m bench.run --scale     # also 2,000 marked results, 100,000 files, backlog
 
-Trees come from ../shared/bench/gen_tree.py; rclone serve s3 and moto start on 127.0.0.1. Per
-repetition, interleaved, each tree read once untimed before each upload: syncd (the real
-daemon) with each client, and the raw clients (obstore with 64 puts in flight, s3fs's default
-put, s5cmd). Every upload is verified by listing, then deleted. One clock, this process's, from
-the moment a client is told to go to the moment its work is done: syncd from the marker's
-rename to its metadata saying s3; a raw client, built by `bench/peer.py`, from `go` on its stdin
-to its report; s5cmd (a Go binary, it starts in milliseconds) from its start to its exit. CPU
-and peak RSS are each process's own; syncd's other figures come from its JSON log and metrics.
+Trees come from ../shared/bench/gen_tree.py; rclone serve s3 and moto start on 127.0.0.1. A link
+(`40ms@40MBps`: 40 ms round trips, 40 MB/s each way shared by all connections) is
+`bench/link.py`, a proxy every client goes through; it reports its own CPU and the requests in
+flight. Links use the first server only. Per repetition, interleaved, each tree read once untimed
+before each upload: syncd (the real daemon, at its defaults) with each client, and the peers:
+multi-storage-client as the Earth2Studio server calls it and at its best, obstore with 64 puts
+in flight, s5cmd, rclone copy tuned (`bench/peer.py`). Every upload is verified by listing, then
+deleted. One clock, this process's, from the moment a client is told to go to the moment its
+work is done: syncd from the marker's rename to its metadata saying s3; a Python peer, built by
+`bench/peer.py`, from `go` on its stdin to its report; s5cmd and rclone (Go binaries, they start
+in milliseconds) from their start to their exit. CPU and peak RSS are each process's own;
+syncd's other figures come from its JSON log and metrics.
 """
 
 from __future__ import annotations
@@ -26,10 +33,10 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 import yaml
 
@@ -42,17 +49,39 @@ BIN = Path(sys.executable).parent
 BUCKET = "bench"  # the raw-client bench's own bucket name
 PROFILES = ["small-many", "large-few", "mixed"]
 SYNCD_CLIENTS = {"syncd-obstore": True, "syncd-s3fs": False}  # name: use_rust_client
-RAW_CLIENTS = ["obstore_async64", "s3fs_default", "s5cmd"]  # as ../shared/bench names them
+PEERS = ["msc_server", "msc_best", "obstore_async64", "s5cmd", "rclone_tuned"]
+SKIPS_DOTFILES = {"msc_server"}  # StorageClient.sync_from does
 BACKLOG, WIDE = 2000, 100_000  # results marked before start; files in one result
 TIMEOUT = 600.0  # seconds any one upload may take here before it counts as hung
 
 
 class Figures(NamedTuple):
-    """One upload by one client, timed by this process's clock."""
+    """One upload by one client, timed by this process's clock; what the link saw of it."""
 
     seconds: float
     cpu_s: float
     rss_mb: float
+    in_flight: float = 0.0  # mean requests in flight through the link
+    link_cpu_s: float = 0.0
+
+
+class Case(NamedTuple):
+    """Where the bytes go: loopback, or through the bench's link."""
+
+    rtt_ms: int
+    mbps: float  # the link's cap each way, MB/s; 0 for none
+
+    @staticmethod
+    def parse(spec: str) -> Case:
+        if spec == "loopback":
+            return Case(0, 0.0)
+        rtt, _, cap = spec.removesuffix("MBps").partition("@")
+        return Case(int(rtt.removesuffix("ms")), float(cap or 0))
+
+    def __str__(self) -> str:
+        if not self.rtt_ms and not self.mbps:
+            return "loopback"
+        return f"{self.rtt_ms}ms" + (f"@{self.mbps:g}MBps" if self.mbps else "")
 
 
 @dataclass(frozen=True)
@@ -60,9 +89,40 @@ class Measurement:
     client: str
     profile: str
     server: str
+    case: str
     rep: int
     figures: Figures
     verified: bool
+
+
+class Link:
+    """`bench/link.py` in front of a server, in a process of its own."""
+
+    def __init__(self, server: S3Server, case: Case) -> None:
+        command = [sys.executable, "-m", "bench.link", str(server.port), str(case.rtt_ms)]
+        self.process = subprocess.Popen(
+            [*command, str(case.mbps)],
+            cwd=ROOT,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert self.process.stdout is not None and self.process.stdin is not None
+        self.stdin: IO[str] = self.process.stdin
+        self.stdout: IO[str] = self.process.stdout
+        self.server = replace(server, port=int(self.stdout.readline().split()[1]))
+        self.take()
+
+    def take(self) -> dict[str, float]:
+        """The link's figures since the last take."""
+        self.stdin.write("\n")
+        self.stdin.flush()
+        figures: dict[str, float] = json.loads(self.stdout.readline())
+        return figures
+
+    def close(self) -> None:
+        self.stdin.close()
+        self.process.wait(30)
 
 
 def manifest(tree: Path) -> dict[str, int]:
@@ -78,6 +138,14 @@ def warm(tree: Path) -> None:
             with open(path, "rb") as f:
                 while f.read(1 << 20):
                     pass
+
+
+def uploaded_by(client: str, tree: Path) -> dict[str, int]:
+    """The files of `tree` that `client` uploads."""
+    files = manifest(tree)
+    if client in SKIPS_DOTFILES:
+        return {k: v for k, v in files.items() if not k.rsplit("/", 1)[-1].startswith(".")}
+    return files
 
 
 def verified(server: S3Server, prefix: str, expected: dict[str, int]) -> bool:
@@ -100,7 +168,7 @@ def write_files(folder: Path, files: dict[str, int]) -> None:
 
 def trees(profiles: list[str], scale: bool) -> Path:
     """The profiles' trees (made once), a one-file result and, for --scale, a 100,000-file
-    result (made once) and BACKLOG marked one-file results (made anew)."""
+    result (made once)."""
     root = DATA / "trees"
     for profile in profiles:
         if not (root / profile / f"exec_{profile}").is_dir():
@@ -112,11 +180,6 @@ def trees(profiles: list[str], scale: bool) -> Path:
             root / "wide" / "exec_wide", {f"v{i % 100:02d}/{i}.bin": 1024 for i in range(WIDE)}
         )
         (root / "wide" / "complete").write_text("")
-    if scale:
-        shutil.rmtree(DATA / "backlog", ignore_errors=True)
-        names = [f"exec_{1769560000 + i}_{i:08x}" for i in range(BACKLOG)]
-        write_files(DATA / "backlog", {f"{name}/data.bin": 1024 for name in names})
-        write_files(DATA / "backlog", {f"{name}.done": 0 for name in names})
     return root
 
 
@@ -246,13 +309,9 @@ def measure_peer(client: str, server: S3Server, tree: Path, prefix: str, log: Pa
     return Figures(seconds, used["cpu_s"], used["rss_mb"])
 
 
-def measure_s5cmd(server: S3Server, tree: Path, prefix: str, log: Path) -> Figures:
-    env = dict(
-        os.environ, AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=SECRET, AWS_REGION="us-east-1"
-    )
-    command = [str(BIN / "s5cmd"), "--endpoint-url", server.endpoint, "--log", "error", "cp"]
-    command += [f"{tree}/", f"s3://{BUCKET}/{prefix}{tree.name}/"]
-    usage = log.with_suffix(".time")  # /usr/bin/time: the command's own CPU and peak RSS
+def measure_command(command: list[str], env: dict[str, str], log: Path) -> Figures:
+    """A Go binary, timed from its start to its exit; /usr/bin/time says its CPU and peak RSS."""
+    usage = log.with_suffix(".time")
     with open(log, "ab") as errors:
         started = time.monotonic()
         subprocess.run(
@@ -267,12 +326,36 @@ def measure_s5cmd(server: S3Server, tree: Path, prefix: str, log: Path) -> Figur
     return Figures(seconds, float(user) + float(system), int(rss_kb) / 1024)
 
 
+def s5cmd(server: S3Server, tree: Path, prefix: str) -> tuple[list[str], dict[str, str]]:
+    """s5cmd at its defaults (256 workers)."""
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=SECRET)
+    command = [str(BIN / "s5cmd"), "--endpoint-url", server.endpoint, "--log", "error", "cp"]
+    command += [f"{tree}/", f"s3://{BUCKET}/{prefix}{tree.name}/"]
+    return command, dict(env, AWS_REGION="us-east-1")
+
+
+def rclone(server: S3Server, tree: Path, prefix: str) -> tuple[list[str], dict[str, str]]:
+    """rclone copy tuned for many files: 64 transfers, no checks of the destination, 8 MiB
+    parts, 16 at once."""
+    remote = {"TYPE": "s3", "PROVIDER": "Other", "ENDPOINT": server.endpoint, "REGION": "us-east-1"}
+    remote |= {"ACCESS_KEY_ID": KEY, "SECRET_ACCESS_KEY": SECRET}
+    env = dict(os.environ, **{f"RCLONE_CONFIG_BENCH_{k}": v for k, v in remote.items()})
+    command = [str(BIN / "rclone"), "copy", str(tree), f"bench:{BUCKET}/{prefix}{tree.name}"]
+    command += ["--transfers", "64", "--checkers", "64", "--no-check-dest"]
+    command += ["--s3-no-check-bucket", "--s3-chunk-size", "8M", "--s3-upload-concurrency", "16"]
+    return command, dict(env, RCLONE_CONFIG="/dev/null")
+
+
+COMMANDS = {"s5cmd": s5cmd, "rclone_tuned": rclone}
+
+
 def measure(work: Path, client: str, server: S3Server, tree: Path, prefix: str) -> Figures:
     warm(tree)
     if client in SYNCD_CLIENTS:
         return measure_syncd(work, server, tree, prefix, SYNCD_CLIENTS[client])
-    if client == "s5cmd":
-        return measure_s5cmd(server, tree, prefix, work / "s5cmd.log")
+    if client in COMMANDS:
+        command, env = COMMANDS[client](server, tree, prefix)
+        return measure_command(command, env, work / f"{client}.log")
     return measure_peer(client, server, tree, prefix, work / f"{client}.log")
 
 
@@ -292,10 +375,15 @@ def overhead(work: Path, server: S3Server, tree: Path, prefix: str) -> float:
     return seconds - upload
 
 
-def scale(work: Path, server: S3Server, prefix: str, wide: Path) -> list[str]:
-    """BACKLOG one-file results marked before the daemon starts; one result of WIDE files."""
+def backlog(work: Path, server: S3Server, via: S3Server, prefix: str) -> str:
+    """BACKLOG one-file results marked before the daemon starts (made anew), sent `via` a link
+    or straight to `server`."""
     outputs = DATA / "backlog"
-    with Syncd(work, server, outputs, f"{prefix}backlog/", rust=True) as daemon:
+    shutil.rmtree(outputs, ignore_errors=True)
+    names = [f"exec_{1769560000 + i}_{i:08x}" for i in range(BACKLOG)]
+    write_files(outputs, {f"{name}/data.bin": 1024 for name in names})
+    write_files(outputs, {f"{name}.done": 0 for name in names})
+    with Syncd(work, via, outputs, f"{prefix}backlog/", rust=True) as daemon:
         wait_until(
             lambda: len(daemon.said("; recorded in ")) >= BACKLOG,
             timeout=TIMEOUT,
@@ -304,46 +392,94 @@ def scale(work: Path, server: S3Server, prefix: str, wide: Path) -> list[str]:
         cpu, rss = process_figures(daemon.process.pid)
         first = min(daemon.said(": uploading ")) - daemon.started
         last = max(daemon.said("; recorded in ")) - daemon.started
-    expected = {f"{m.stem}/data.bin": 1024 for m in outputs.glob("*.done")}
-    ok = verified(server, f"{prefix}backlog/", expected)
-    f = measure_syncd(work, server, wide, f"{prefix}wide/", rust=True)
-    wide_ok = verified(server, f"{prefix}wide/{wide.name}/", manifest(wide))
-    return [
-        "\n### scale (syncd-obstore)\n",
-        f"- {BACKLOG} one-file results marked before start -> {server.name}: first upload after "
+    ok = verified(server, f"{prefix}backlog/", {f"{n}/data.bin": 1024 for n in names})
+    where = server.name if via is server else f"{server.name} through the link"
+    return (
+        f"- {BACKLOG} one-file results marked before start -> {where}: first upload after "
         f"{first:.2f} s, all recorded after {last:.1f} s ({BACKLOG / last:.0f} results/s), cpu "
-        f"{cpu:.1f} s, peak rss {rss:.0f} MB" + ("" if ok else " NOT VERIFIED"),
+        f"{cpu:.1f} s, peak rss {rss:.0f} MB" + ("" if ok else " NOT VERIFIED")
+    )
+
+
+def wide(work: Path, server: S3Server, prefix: str, tree: Path) -> str:
+    """One result of WIDE files."""
+    f = measure_syncd(work, server, tree, f"{prefix}wide/", rust=True)
+    ok = verified(server, f"{prefix}wide/{tree.name}/", manifest(tree))
+    return (
         f"- one result of {WIDE} files of 1 KiB -> {server.name}: recorded after "
         f"{f.seconds:.1f} s ({WIDE / f.seconds:.0f} files/s), cpu {f.cpu_s:.1f} s, peak rss "
-        f"{f.rss_mb:.0f} MB" + ("" if wide_ok else " NOT VERIFIED"),
+        f"{f.rss_mb:.0f} MB" + ("" if ok else " NOT VERIFIED")
+    )
+
+
+def medians(measured: list[Measurement], key: tuple[str, str, str, str]) -> Figures | None:
+    """Median figures of the verified runs of (client, profile, server, case)."""
+    runs = [
+        m.figures for m in measured if (m.client, m.profile, m.server, m.case) == key and m.verified
     ]
+    if not runs:
+        return None
+    return Figures(*(statistics.median(c) for c in zip(*runs, strict=True)))
 
 
-def table(measured: list[Measurement], profile: str, server: str, tree: Path) -> str:
-    """Medians of the verified runs, with the ratio to the best raw client."""
+def best_peer(rows: dict[str, Figures]) -> float | None:
+    return min((rows[c].seconds for c in PEERS if c in rows), default=None)
+
+
+def table(measured: list[Measurement], profile: str, server: str, case: Case, tree: Path) -> str:
+    """Medians of the verified runs, with the ratio to the fastest peer."""
     expected = manifest(tree)
     files, size = len(expected), sum(expected.values())
-    rows: dict[str, Figures] = {}
-    for client in [*SYNCD_CLIENTS, *RAW_CLIENTS]:
-        key = (client, profile, server)
-        runs = [
-            m.figures for m in measured if (m.client, m.profile, m.server) == key and m.verified
-        ]
-        if runs:
-            rows[client] = Figures(*(statistics.median(c) for c in zip(*runs, strict=True)))
-    best = min((rows[c].seconds for c in RAW_CLIENTS if c in rows), default=None)
+    rows = {
+        client: figures
+        for client in [*SYNCD_CLIENTS, *PEERS]
+        if (figures := medians(measured, (client, profile, server, str(case))))
+    }
+    best = best_peer(rows)
     lines = [
-        f"\n### {profile} -> {server}: {files} files, {size / 1e6:.1f} MB\n",
-        "| client | median s | MB/s | files/s | cpu s | peak rss MB | ratio to best raw |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"\n### {profile} -> {server}, {case}: {files} files, {size / 1e6:.1f} MB\n",
+        "| client | median s | MB/s | files/s | cpu s | peak rss MB | in flight | link cpu s "
+        "| ratio to best peer |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for client, (seconds, cpu, rss) in rows.items():
-        ratio = f"{seconds / best:.2f}" if best else "-"
+    for client, f in rows.items():
+        ratio = f"{f.seconds / best:.2f}" if best else "-"
         lines.append(
-            f"| {client} | {seconds:.2f} | {size / seconds / 1e6:.0f} | {files / seconds:.0f} | "
-            f"{cpu:.2f} | {rss:.0f} | {ratio} |"
+            f"| {client} | {f.seconds:.2f} | {size / f.seconds / 1e6:.0f} | "
+            f"{files / f.seconds:.0f} | {f.cpu_s:.2f} | {f.rss_mb:.0f} | {f.in_flight:.0f} | "
+            f"{f.link_cpu_s:.2f} | {ratio} |"
         )
     return "\n".join(lines)
+
+
+def summary(measured: list[Measurement], columns: list[tuple[str, str, str]]) -> str:
+    """One table: every client's median seconds and ratio to the fastest peer, per column."""
+    head = [f"{profile} {server} {case}" for profile, server, case in columns]
+    lines = [
+        "\n### every case: median s (ratio to the fastest peer)\n",
+        "| client | " + " | ".join(head) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    cells: dict[str, list[str]] = {c: [] for c in [*SYNCD_CLIENTS, *PEERS]}
+    for profile, server, case in columns:
+        rows = {c: f for c in cells if (f := medians(measured, (c, profile, server, case)))}
+        best = best_peer(rows)
+        for client, column in cells.items():
+            f = rows.get(client)
+            column.append(f"{f.seconds:.2f} ({f.seconds / best:.2f})" if f and best else "-")
+    lines += [f"| {client} | " + " | ".join(column) + " |" for client, column in cells.items()]
+    return "\n".join(lines)
+
+
+def upload(
+    work: Path, client: str, server: S3Server, link: Link | None, tree: Path, prefix: str
+) -> tuple[Figures, bool]:
+    """One measured upload, through the link if there is one, verified by listing."""
+    f = measure(work, client, link.server if link else server, tree, prefix)
+    if link:
+        seen = link.take()
+        f = f._replace(in_flight=seen["in_flight"], link_cpu_s=seen["cpu_s"])
+    return f, verified(server, f"{prefix}{tree.name}/", uploaded_by(client, tree))
 
 
 def main() -> int:
@@ -352,10 +488,17 @@ def main() -> int:
     )
     parser.add_argument("--profiles", default=",".join(PROFILES))
     parser.add_argument("--servers", default="rclone,moto")
+    parser.add_argument("--links", default="loopback", help="e.g. loopback,40ms,40ms@40MBps")
+    parser.add_argument("--rtt-ms", type=int, help="also through a link of this round trip")
+    parser.add_argument("--link-mbps", type=float, default=0, help="...capped at this, each way")
+    parser.add_argument("--clients", default=",".join([*SYNCD_CLIENTS, *PEERS]))
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--scale", action="store_true", help="also: 2,000 results, 100,000 files")
     args = parser.parse_args()
     profiles, names = args.profiles.split(","), args.servers.split(",")
+    cases = [Case.parse(spec) for spec in args.links.split(",")]
+    if args.rtt_ms is not None:
+        cases.append(Case(args.rtt_ms, args.link_mbps))
     root = trees(profiles, args.scale)
     run_id = datetime.now().strftime("%Y%m%dT%H%M%S")
     work = DATA / "runs" / run_id
@@ -365,35 +508,61 @@ def main() -> int:
     servers = {name: S3Server(name, work / name).start() for name in names}
     measured: list[Measurement] = []
     report: list[str] = []
+    columns: list[tuple[str, str, str]] = []
+    scaled: list[str] = []  # the backlog through each link
     try:
         for server in servers.values():
             server.client().create_bucket(Bucket=BUCKET)
-        for rep in range(args.reps):
-            clients = [*SYNCD_CLIENTS, *RAW_CLIENTS]
-            clients = clients[rep % len(clients) :] + clients[: rep % len(clients)]
-            for profile in profiles:
-                tree = root / profile / f"exec_{profile}"
-                for name in names if rep % 2 == 0 else names[::-1]:
-                    for client in clients:
-                        prefix = f"{run_id}/{profile}/{name}/{client}/r{rep}/"
-                        f = measure(work, client, servers[name], tree, prefix)
-                        ok = verified(servers[name], f"{prefix}{tree.name}/", manifest(tree))
-                        measured.append(Measurement(client, profile, name, rep, f, ok))
-                        print(
-                            f"r{rep} {profile:10} {name:6} {client:16} {f.seconds:7.2f} s "
-                            f"cpu {f.cpu_s:6.2f} s rss {f.rss_mb:6.0f} MB "
-                            f"{'ok' if ok else 'NOT VERIFIED'}",
-                            flush=True,
-                        )
+        for case in cases:
+            link = Link(servers[names[0]], case) if str(case) != "loopback" else None
+            on = names if link is None else names[:1]
+            columns += [(p, n, str(case)) for p in profiles for n in on]
+            try:
+                for rep in range(args.reps):
+                    clients = args.clients.split(",")
+                    clients = clients[rep % len(clients) :] + clients[: rep % len(clients)]
+                    for profile in profiles:
+                        tree = root / profile / f"exec_{profile}"
+                        for name in on if rep % 2 == 0 else on[::-1]:
+                            for client in clients:
+                                prefix = f"{run_id}/{case}/{profile}/{name}/{client}/r{rep}/"
+                                f, ok = upload(work, client, servers[name], link, tree, prefix)
+                                measured.append(
+                                    Measurement(client, profile, name, str(case), rep, f, ok)
+                                )
+                                print(
+                                    f"r{rep} {case!s:12} {profile:10} {name:6} {client:16} "
+                                    f"{f.seconds:7.2f} s cpu {f.cpu_s:6.2f} s "
+                                    f"rss {f.rss_mb:6.0f} MB in flight {f.in_flight:5.1f} "
+                                    f"{'ok' if ok else 'NOT VERIFIED'}",
+                                    flush=True,
+                                )
+                report += [
+                    table(measured, p, n, case, root / p / f"exec_{p}")
+                    for p in profiles
+                    for n in on
+                ]
+                if args.scale and link is not None:
+                    scaled.append(
+                        backlog(work, servers[names[0]], link.server, f"{run_id}/{case}/")
+                    )
+            finally:
+                if link is not None:
+                    link.close()
+        report.insert(0, summary(measured, columns))
         one = root / "one-file" / "exec_one-file"
         overheads = [
             overhead(work, servers[name], one, f"{run_id}/one-file/{name}/r{rep}/")
             for rep in range(max(args.reps, 3))
             for name in names
         ]
-        report = [table(measured, p, s, root / p / f"exec_{p}") for p in profiles for s in names]
         if args.scale:
-            report += scale(work, servers[names[0]], f"{run_id}/", root / "wide" / "exec_wide")
+            first = servers[names[0]]
+            scaled[:0] = [
+                backlog(work, first, first, f"{run_id}/"),
+                wide(work, first, f"{run_id}/", root / "wide" / "exec_wide"),
+            ]
+            report += ["\n### scale (syncd-obstore)\n", *scaled]
         report.append(
             "\nsyncd overhead on a one-file result (marker dropped -> metadata written, minus "
             f"the upload itself): median {statistics.median(overheads) * 1000:.0f} ms over "

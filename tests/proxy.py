@@ -1,5 +1,7 @@
 """A TCP proxy on 127.0.0.1 in front of a real server, for faults that come from the link:
-throttled bandwidth shared by every connection, delay, dropped connections, corrupted bytes.
+throttled bandwidth shared by every connection, delay, dropped connections, corrupted bytes; and
+for the bench's distant link: a round-trip time added as a delay line (every byte arrives `rtt`
+later, throughput is not capped by it), with the requests it carries counted.
 
 It runs its own event loop in a thread; `with Proxy(port) as proxy:` starts and stops it.
 """
@@ -21,6 +23,7 @@ class Proxy:
         target_port: int,
         rate: float | None = None,  # bytes/s towards the server, shared by all connections
         delay: float = 0.0,  # seconds before each chunk towards the server
+        rtt: float = 0.0,  # seconds added to each round trip, half each way, as a delay line
         drop_after: int | None = None,  # close each connection after this many bytes up
         corrupt_at: int | None = None,  # flip one byte at this offset of each connection...
         corrupt_connections: int | None = None,  # ...of the first this many connections only
@@ -32,6 +35,7 @@ class Proxy:
         self.target_port = target_port
         self.rate = rate
         self.delay = delay
+        self.rtt = rtt
         self.drop_after = drop_after
         self.corrupt_at = corrupt_at
         self.corrupt_connections = corrupt_connections
@@ -48,6 +52,7 @@ class Proxy:
         self.lock: asyncio.Lock | None = None
         self.server: asyncio.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
+        self.requests = InFlight()
 
     @property
     def endpoint(self) -> str:
@@ -116,39 +121,132 @@ class Proxy:
         corrupt = self.corrupt_at is not None and (
             self.corrupt_connections is None or number < self.corrupt_connections
         )
-        while True:
-            data = await reader.read(16384 if upstream and self.rate else 65536)
-            if not data:
-                writer.write_eof()
-                return
-            if upstream:
-                if self.delay:
-                    await asyncio.sleep(self.delay)
-                if self.delay_listings and data.startswith(b"GET "):
-                    await asyncio.sleep(self.delay_listings)
-                if self.rate:
-                    await self._throttle(len(data))
-                if corrupt and offset <= self.corrupt_at < offset + len(data):  # type: ignore[operator]
-                    i = self.corrupt_at - offset
-                    data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
-                if self.drop_after is not None and offset + len(data) > self.drop_after:
+        line = DelayLine(writer, self.rtt / 2) if self.rtt else None
+        try:
+            while True:
+                data = await reader.read(self._piece(upstream))
+                if not data:
+                    if line is not None:
+                        await line.drain()
+                    writer.write_eof()
                     return
-                offset += len(data)
-                self.sent += len(data)
-            elif self.lie_etags:
-                data = re.sub(rb'(?i)(etag: *"?)[0-9a-f]{32}', rb"\g<1>" + b"e" * 32, data)
-            if self.observer is not None:
-                self.observer(number, upstream, data)
-            writer.write(data)
-            await writer.drain()
+                if upstream:
+                    self.requests.asked(number)
+                    if self.delay:
+                        await asyncio.sleep(self.delay)
+                    if self.delay_listings and data.startswith(b"GET "):
+                        await asyncio.sleep(self.delay_listings)
+                    if self.rate:
+                        await self._throttle(len(data))
+                    if corrupt and offset <= self.corrupt_at < offset + len(data):  # type: ignore[operator]
+                        i = self.corrupt_at - offset
+                        data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
+                    if self.drop_after is not None and offset + len(data) > self.drop_after:
+                        return
+                    offset += len(data)
+                    self.sent += len(data)
+                elif self.lie_etags:
+                    data = re.sub(rb'(?i)(etag: *"?)[0-9a-f]{32}', rb"\g<1>" + b"e" * 32, data)
+                if self.observer is not None:
+                    self.observer(number, upstream, data)
+                if line is not None:
+                    await line.send(data, None if upstream else number, self.requests)
+                else:
+                    if not upstream:
+                        self.requests.answered(number)
+                    writer.write(data)
+                    await writer.drain()
+        finally:
+            if line is not None:
+                line.close()
+
+    def _piece(self, upstream: bool) -> int:
+        """Bytes to read at once: about 10 ms of a throttled link, within 16-256 KiB."""
+        if upstream and self.rate:
+            return min(262144, max(16384, int(self.rate / 100)))
+        return 65536
 
     async def _throttle(self, size: int) -> None:
         """A token bucket shared by every connection: `rate` bytes a second in all."""
         assert self.lock is not None and self.rate is not None
         async with self.lock:
             now = time.monotonic()
-            self.allowance = min(self.rate, self.allowance + (now - self.last) * self.rate)
+            # A burst of 50 ms of the link at most: a link's capacity is its steady rate.
+            self.allowance = min(self.rate / 20, self.allowance + (now - self.last) * self.rate)
             self.last = now
             self.allowance -= size
             if self.allowance < 0:
                 await asyncio.sleep(-self.allowance / self.rate)
+
+
+class InFlight:
+    """Requests the link carries: a connection has one from its first byte towards the server
+    until the first byte of the answer reaches the client. Keeps the peak and the time average."""
+
+    def __init__(self) -> None:
+        self.asking: set[int] = set()
+        self.peak = 0
+        self.area = 0.0  # requests x seconds since `since`
+        self.since = self.changed = time.monotonic()
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        self.area += len(self.asking) * (now - self.changed)
+        self.changed = now
+
+    def asked(self, number: int) -> None:
+        if number not in self.asking:
+            self._step()
+            self.asking.add(number)
+            self.peak = max(self.peak, len(self.asking))
+
+    def answered(self, number: int) -> None:
+        if number in self.asking:
+            self._step()
+            self.asking.discard(number)
+
+    def take(self) -> tuple[float, int]:
+        """Mean and peak since the last take, and start afresh."""
+        self._step()
+        mean = self.area / max(self.changed - self.since, 1e-9)
+        peak, self.peak = self.peak, len(self.asking)
+        self.area, self.since = 0.0, self.changed
+        return mean, peak
+
+
+class DelayLine:
+    """One direction of a connection, `delay` seconds long: each piece is written `delay` after
+    it was read, while later pieces keep coming (up to 64 pieces on the line)."""
+
+    def __init__(self, writer: asyncio.StreamWriter, delay: float) -> None:
+        self.writer, self.delay = writer, delay
+        self.line: asyncio.Queue[tuple[float, bytes, int | None, InFlight] | None] = asyncio.Queue(
+            64
+        )
+        self.task = asyncio.ensure_future(self._deliver())
+
+    async def send(self, data: bytes, answer_of: int | None, requests: InFlight) -> None:
+        if self.task.done():  # the far side went away
+            raise ConnectionResetError
+        await self.line.put((time.monotonic() + self.delay, data, answer_of, requests))
+
+    async def drain(self) -> None:
+        await self.line.put(None)
+        await self.task
+
+    def close(self) -> None:
+        self.task.cancel()
+
+    async def _deliver(self) -> None:
+        try:
+            while (piece := await self.line.get()) is not None:
+                due, data, answer_of, requests = piece
+                if (wait := due - time.monotonic()) > 0:
+                    await asyncio.sleep(wait)
+                if answer_of is not None:
+                    requests.answered(answer_of)
+                self.writer.write(data)
+                await self.writer.drain()
+        finally:  # the far side went away: a sender waiting on a full line must not wait forever
+            while not self.line.empty():
+                self.line.get_nowait()
