@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 from loguru import logger
 
 from syncd import metadata
-from syncd.budget import TransferBudget
+from syncd.budget import TransferBudget, files_in_flight
 from syncd.config import Settings
 from syncd.errors import Kind, SyncdError, os_error
 from syncd.layout import EXEC_PREFIX, Layout, LocalFile, Result, tree_files
@@ -113,7 +113,9 @@ class Publisher:
         self.acknowledged_at = time.monotonic()  # the last file the store acknowledged
         self.deadlines: dict[str, float] = {}  # key -> when its transfer must have ended
         # One bound for every result this publisher uploads.
-        self.budget = TransferBudget(self.storage.max_concurrency, settings.syncd.upload_buffer)
+        self.budget = TransferBudget(
+            files_in_flight(self.storage.max_concurrency), settings.syncd.upload_buffer
+        )
 
     async def read_metadata(
         self, result: Result

@@ -56,3 +56,23 @@ def test_a_connection_dropped_mid_upload_is_retried(moto_workspace):
         daemon.wait_log("exec_2_abcdef02: uploaded 1 files", timeout=60)
         assert daemon.terminate() == 0
     assert ws.objects() == {"outputs/exec_2_abcdef02/a.bin": data["a.bin"]}
+
+
+@pytest.mark.parametrize("rust", [True, False], ids=["obstore", "s3fs"])
+def test_a_distant_link_carries_eight_files_per_unit_of_max_concurrency(moto_workspace, rust):
+    """Over a link of long round trips small files are bound by how many are in flight: as many
+    as the server's own uploader keeps at the default (8 x 16), and never more."""
+    ws = moto_workspace
+    ws.settings["object_storage"]["max_concurrency"] = 2
+    ws.settings["object_storage"]["use_rust_client"] = rust
+    data = {f"results.zarr/t2m/{i}.0.0": os.urandom(1024) for i in range(40)}
+    ws.result("exec_3_abcdef03", data)
+    with Proxy(ws.server.port, rtt=0.2) as proxy:
+        ws.settings["object_storage"]["endpoint_url"] = proxy.endpoint
+
+        done = ws.sync("exec_3_abcdef03")
+
+    assert done.returncode == 0, done.stderr
+    assert ws.objects() == {f"outputs/exec_3_abcdef03/{k}": v for k, v in data.items()}
+    _, peak = proxy.requests.take()
+    assert peak == 16

@@ -71,10 +71,11 @@ def test_a_workflow_folder_that_is_a_symlink_is_never_followed(moto_workspace, t
 @pytest.mark.parametrize("swap", ["symlink", "fifo"])
 def test_a_file_swapped_during_the_upload_is_never_read(moto_workspace, tmp_path, swap):
     ws = moto_workspace
-    ws.settings["object_storage"]["max_concurrency"] = 1  # files go one after the other
+    # a.bin holds the whole upload buffer while it goes: z.txt waits for it.
+    ws.settings["syncd"]["upload_buffer"] = 5 * MiB
     ws.settings["syncd"]["retry_min_delay"] = 0.2
     secret = secret_folder(tmp_path) / "credentials"
-    tree = ws.result("exec_4_abcdef04", {"a.bin": os.urandom(4 * MiB), "z.txt": b"zzz"})
+    tree = ws.result("exec_4_abcdef04", {"a.bin": os.urandom(5 * MiB), "z.txt": b"zzz"})
     ws.mark("exec_4_abcdef04")
     with Proxy(ws.server.port, rate=2_000_000) as proxy:
         ws.settings["object_storage"]["endpoint_url"] = proxy.endpoint
