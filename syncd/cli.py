@@ -29,7 +29,7 @@ from syncd.notify import Notifier
 from syncd.publish import Publisher
 from syncd.resign import Resigner
 from syncd.signing import UrlSigner
-from syncd.state import StateStore
+from syncd.state import Multiparts, StateStore
 from syncd.storage import open_store
 
 EXIT_FAILED = 1
@@ -129,7 +129,7 @@ async def run_daemon(settings: Settings, signer: UrlSigner | None) -> int:
             "set syncd.outputs_dir (SYNCD_OUTPUTS_DIR)"
         )
     state = StateStore(settings.syncd.state_dir)
-    store = open_store(settings.object_storage)
+    store = open_store(settings.object_storage, Multiparts(state))
     metrics = Metrics(settings.syncd)
     try:
         metrics.start()
@@ -148,7 +148,7 @@ async def run_sync(settings: Settings, signer: UrlSigner | None, exec_dirs: list
     layout = Layout(settings)
     results = [layout.for_tree(path) for path in exec_dirs]  # all usage errors before any upload
     state = StateStore(settings.syncd.state_dir)
-    store = open_store(settings.object_storage)
+    store = open_store(settings.object_storage, Multiparts(state))
     # JSON logs are for collectors: keep stderr one JSON object per line.
     publisher = Publisher(
         settings, store, signer, show_progress=settings.syncd.log_format == "text"
@@ -214,7 +214,7 @@ async def run_check(settings: Settings, config_file: Path | None) -> int:
             f"# CloudFront: key {source} (RSA {signer.private_key.key_size} bits), "
             f"key pair {signer.key_pair_id}"
         )
-    store = open_store(settings.object_storage)
+    store = open_store(settings.object_storage, None)
     try:
         await store.probe()
     finally:

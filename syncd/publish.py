@@ -141,7 +141,7 @@ class Publisher:
             )
         logger.info("{}: uploading {} files, {} bytes", result.name, len(files), total)
         if interrupted:
-            await self._abort_unfinished(result)
+            await self._abort_unfinished(result, {result.key(f.rel) for f in files})
         progress = Progress(result.name, len(files), total) if self.show_progress else None
         md5: dict[str, str] = {}
         # Zarr metadata documents only once every chunk is stored.
@@ -187,11 +187,12 @@ class Publisher:
         with tree_errors(result):
             return holds_exactly(result, before)
 
-    async def _abort_unfinished(self, result: Result) -> None:
-        """Abort multipart uploads an interrupted attempt left. Best effort: the seed's IAM
-        policy does not grant listing them, and some S3-compatible servers cannot."""
+    async def _abort_unfinished(self, result: Result, keys: set[str]) -> None:
+        """Abort multipart uploads an interrupted attempt left, but those of `keys` that this
+        attempt resumes. Best effort: the seed's IAM policy does not grant listing them, and
+        some S3-compatible servers cannot."""
         try:
-            aborted = await self.store.abort_uploads(f"{result.remote_path}/")
+            aborted = await self.store.abort_uploads(f"{result.remote_path}/", keys)
         except SyncdError as exc:
             if exc.code not in CLEANUP_REFUSED:  # the upload itself says what is wrong next
                 logger.debug("{}: no multipart clean-up: {}", result.name, exc)

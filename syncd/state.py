@@ -28,7 +28,7 @@ from typing import Any
 from loguru import logger
 
 from syncd.config import ConfigError
-from syncd.errors import state_error
+from syncd.errors import SyncdError, state_error
 from syncd.metadata import Stamp
 
 SCHEMA = """
@@ -45,6 +45,15 @@ CREATE TABLE IF NOT EXISTS results (
     uploaded   TEXT,
     recorded   TEXT,
     stamp      TEXT
+)
+"""
+# The multipart uploads this host started and has not completed or aborted: a restart resumes
+# them from the parts the store kept (rclone cannot list them, and S3 may not let syncd).
+MULTIPART_SCHEMA = """
+CREATE TABLE IF NOT EXISTS multipart (
+    key       TEXT PRIMARY KEY,
+    upload_id TEXT NOT NULL,
+    part_size INTEGER NOT NULL
 )
 """
 # How long a write waits for another process's lock before it counts as a failure.
@@ -116,6 +125,7 @@ class StateStore:
                 db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute(SCHEMA)
+            db.execute(MULTIPART_SCHEMA)
             columns = {row[1] for row in db.execute("PRAGMA table_info(results)")}
             for column in ("uploaded", "recorded", "stamp"):  # from an earlier version
                 if column not in columns:
@@ -264,6 +274,44 @@ class StateStore:
     def remember_upload(self, rel: str, acknowledgement: str) -> None:
         with self.errors():
             self.db.execute("UPDATE results SET uploaded = ? WHERE rel = ?", (acknowledgement, rel))
+
+
+class Multiparts:
+    """The state's journal of unfinished multipart uploads, as the storage adapters use it. A
+    journal that cannot answer or write costs only the chance to resume: never an upload."""
+
+    def __init__(self, state: StateStore) -> None:
+        self.state = state
+
+    def _ask(self, query: str, *args: object) -> list[tuple[Any, ...]]:
+        try:
+            with self.state.errors():
+                return self.state.db.execute(query, args).fetchall()
+        except SyncdError as exc:
+            logger.debug("multipart journal: {}", exc)
+            return []
+
+    def begun(self, key: str, upload_id: str, part_size: int) -> None:
+        self._ask(
+            "INSERT OR REPLACE INTO multipart (key, upload_id, part_size) VALUES (?, ?, ?)",
+            key,
+            upload_id,
+            part_size,
+        )
+
+    def find(self, key: str) -> tuple[str, int] | None:
+        rows = self._ask("SELECT upload_id, part_size FROM multipart WHERE key = ?", key)
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    def ended(self, key: str) -> None:
+        self._ask("DELETE FROM multipart WHERE key = ?", key)
+
+    def under(self, prefix: str) -> dict[str, str]:
+        """Upload ids by key, for keys that start with `prefix`."""
+        rows = self._ask(
+            "SELECT key, upload_id FROM multipart WHERE substr(key, 1, ?) = ?", len(prefix), prefix
+        )
+        return {key: upload_id for key, upload_id in rows}
 
 
 COLUMNS = "rel, state, attempts, last_error, permanent, next_try, files, bytes, updated, uploaded"

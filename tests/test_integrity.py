@@ -50,10 +50,12 @@ def test_every_request_with_bytes_carries_their_checksum_and_docs_go_last(worksp
     uploads = recorder.uploads()
     assert {r.key for r in uploads} == {f"outputs/exec_1_abcdef01/{k}" for k in files}
     assert [e for r in uploads if (e := r.checksum_error()) is not None] == []
-    header = "x-amz-checksum-sha256" if rust else "content-md5"
-    assert all(header in r.headers for r in uploads)
     parts = [r for r in uploads if r.key.endswith("forecast.nc")]
     assert len(parts) == 3 and all("partNumber=" in r.query for r in parts)
+    # Parts go as s3fs's with either client (they resume); obstore sends the rest.
+    assert all("content-md5" in r.headers for r in parts)
+    header = "x-amz-checksum-sha256" if rust else "content-md5"
+    assert all(header in r.headers for r in uploads if r not in parts)
 
     # Every metadata document starts only once every other file was acknowledged (for the
     # netCDF file: its CompleteMultipartUpload).
@@ -142,7 +144,7 @@ def test_a_file_cut_short_while_it_is_read_is_never_stored(moto_workspace, rust,
     storage = ObjectStorage(**{**ws.settings["object_storage"], "use_rust_client": rust})
 
     async def put() -> None:
-        store = open_store(storage)
+        store = open_store(storage, None)
         try:
             body = Body(path, size, SyncdError("files changed while they were uploaded"))
             await store.put(body, "outputs/short.bin", headers_for("short.bin"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 from loguru import logger
 
 from syncd.config import ObjectStorage
-from syncd.storage.base import ObjectStore
+from syncd.storage.base import Multiparts, ObjectStore
 from syncd.storage.body import Body
 from syncd.storage.obstore_client import ObstoreStore
 from syncd.storage.s3fs_client import S3fsStore
@@ -22,7 +22,9 @@ from syncd.storage.s3fs_client import S3fsStore
 __all__ = ["Body", "ObjectStore", "open_store"]
 
 
-def open_store(storage: ObjectStorage) -> ObjectStore:
+def open_store(storage: ObjectStorage, multiparts: Multiparts | None) -> ObjectStore:
+    """`multiparts` journals unfinished multipart uploads so that they resume; None for a
+    store that only probes the bucket."""
     if storage.use_transfer_acceleration and storage.endpoint_url is not None:
         logger.warning(
             "use_transfer_acceleration is ignored with endpoint_url {}: acceleration exists "
@@ -30,7 +32,7 @@ def open_store(storage: ObjectStorage) -> ObjectStore:
             storage.endpoint_url,
         )
     if not storage.use_rust_client:
-        return S3fsStore(storage)
-    # obstore cannot list multipart uploads: an s3fs client does that rare housekeeping, built
-    # on first use (after an interrupted or failed attempt): botocore's S3 model costs ~30 MB.
-    return ObstoreStore(storage, multipart=S3fsStore(storage))
+        return S3fsStore(storage, multiparts)
+    # obstore hides the ids of its multipart uploads: an s3fs client sends those (and cleans
+    # up), built on first use: botocore's S3 model costs ~30 MB.
+    return ObstoreStore(storage, multipart=S3fsStore(storage, multiparts))

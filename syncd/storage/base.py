@@ -9,15 +9,24 @@ from syncd.objects import ObjectHeaders
 from syncd.storage.body import Body
 
 
-class MultipartCleaner(Protocol):
-    async def abort_uploads(self, prefix: str) -> int:
-        """Abort the unfinished multipart uploads under `prefix`; return how many."""
+class Multiparts(Protocol):
+    """Where an adapter keeps the multipart uploads it started, until they are completed or
+    aborted, so that a restart can resume them (state.Multiparts)."""
+
+    def begun(self, key: str, upload_id: str, part_size: int) -> None: ...
+
+    def find(self, key: str) -> tuple[str, int] | None:
+        """The upload id and part size of the unfinished upload of `key`."""
         ...
 
-    async def close(self) -> None: ...
+    def ended(self, key: str) -> None: ...
+
+    def under(self, prefix: str) -> dict[str, str]:
+        """Upload ids by key, for keys under `prefix`."""
+        ...
 
 
-class ObjectStore(MultipartCleaner, Protocol):
+class ObjectStore(Protocol):
     """What syncd needs from a bucket."""
 
     description: str
@@ -50,6 +59,13 @@ class ObjectStore(MultipartCleaner, Protocol):
     async def probe(self) -> None:
         """Reach the bucket with one cheap listing; raise SyncdError if that fails."""
         ...
+
+    async def abort_uploads(self, prefix: str, keep: set[str]) -> int:
+        """Abort the unfinished multipart uploads under `prefix`, but those of the keys in
+        `keep` that can be resumed; return how many."""
+        ...
+
+    async def close(self) -> None: ...
 
 
 def location(storage: ObjectStorage) -> str:

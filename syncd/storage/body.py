@@ -1,4 +1,4 @@
-"""A local file's bytes as an upload reads them: once, with their MD5 computed on the way."""
+"""A local file's bytes as an upload reads them, with their MD5 computed on the way."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ READ_INLINE = 256 * 1024
 
 
 class Body:
-    """The bytes of one file as they are read, once, with their MD5 computed on the way; a
-    file that does not hold exactly `size` bytes any more is a SyncdError (`changed`)."""
+    """The bytes of one file as they are read, with their MD5 computed on the way (each read
+    starts it afresh); a file that does not hold exactly `size` bytes any more is a SyncdError
+    (`changed`)."""
 
     def __init__(self, path: Path, size: int, changed: SyncdError) -> None:
         self.path = path
@@ -34,11 +35,12 @@ class Body:
             data = f.read(self.size + 1)
         if len(data) != self.size:
             raise self.changed
-        self.md5.update(data)
+        self.md5 = hashlib.md5(data)
         return data
 
     async def parts(self, part_size: int) -> AsyncIterator[bytes]:
         """The file in pieces of `part_size` (the last one shorter), in order."""
+        self.md5 = hashlib.md5()
         with open(self.path, "rb") as f:
             left = self.size
             while left > 0:

@@ -1,8 +1,8 @@
-"""The obstore adapter (Rust `object_store`): PutObject up to multipart_chunksize, multipart
-above it; x-amz-checksum-sha256 on every request. A store that may only keep that header (a
-custom endpoint) has the ETag of each single PutObject compared with the MD5 syncd computed
-while reading; a store whose ETags are not MD5s is found out once, by reading one object back.
-Multipart ETags are not checked: that would cost a second MD5 pass over every large file."""
+"""The obstore adapter (Rust `object_store`): PutObject up to multipart_chunksize, with
+x-amz-checksum-sha256. A store that may only keep that header (a custom endpoint) has the ETag
+of each PutObject compared with the MD5 syncd computed while reading; a store whose ETags are
+not MD5s is found out once, by reading one object back. Larger files go as the s3fs adapter's
+multipart uploads, which resume after a restart (obstore's cannot: it hides their ids)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from syncd.budget import PARTS_PER_FILE
 from syncd.config import ObjectStorage
 from syncd.errors import damaged, store_errors
 from syncd.objects import ObjectHeaders
-from syncd.storage.base import MultipartCleaner, location
+from syncd.storage.base import location
 from syncd.storage.body import Body
+from syncd.storage.s3fs_client import S3fsStore
 from syncd.storage.timeouts import CLIENT_RETRIES, CONNECT_TIMEOUT, file_deadline, request_timeout
 
 if TYPE_CHECKING:
@@ -25,10 +25,9 @@ if TYPE_CHECKING:
 
 
 class ObstoreStore:
-    """obstore's S3Store: Rust, async, multipart for files above multipart_chunksize."""
+    """obstore's S3Store: Rust, async; `multipart` for files above multipart_chunksize."""
 
-    def __init__(self, storage: ObjectStorage, multipart: MultipartCleaner) -> None:
-        """`multipart` aborts unfinished multipart uploads, which obstore cannot list."""
+    def __init__(self, storage: ObjectStorage, multipart: S3fsStore) -> None:
         from obstore.store import S3Store
 
         self.storage = storage
@@ -70,24 +69,15 @@ class ObstoreStore:
             "Content-Type": headers.content_type,
             "Cache-Control": headers.cache_control,
         }
-        part_size = self.storage.multipart_chunksize
+        if body.size > self.storage.multipart_chunksize:
+            return await self.multipart.multipart(body, key, headers)
         with store_errors(f"upload of {key}"):
-            if body.size <= part_size:
-                data = await body.whole()
-                answer = await obstore.put_async(
-                    self.store, key, data, attributes=attributes, use_multipart=False
-                )
-                if self.check_etags:
-                    await self._check_etag(body, key, (answer.get("e_tag") or "").strip('"'))
-                return
-            await obstore.put_async(
-                self.store,
-                key,
-                body.parts(part_size),
-                attributes=attributes,
-                chunk_size=part_size,
-                max_concurrency=PARTS_PER_FILE,
+            data = await body.whole()
+            answer = await obstore.put_async(
+                self.store, key, data, attributes=attributes, use_multipart=False
             )
+            if self.check_etags:
+                await self._check_etag(body, key, (answer.get("e_tag") or "").strip('"'))
 
     async def _check_etag(self, body: Body, key: str, etag: str) -> None:
         """The store answered `etag` for `body`: unless it is the MD5 syncd expects, the
@@ -114,11 +104,14 @@ class ObstoreStore:
         raise damaged(key, stored=digest.hexdigest(), sent=body.hexdigest())
 
     def held(self, size: int) -> int:
-        # Measured: obstore reads one part ahead of the parts it sends.
-        return min(size, (PARTS_PER_FILE + 1) * self.storage.multipart_chunksize)
+        if size > self.storage.multipart_chunksize:
+            return self.multipart.held(size)
+        return size
 
     def deadline(self, size: int) -> float:
         part = self.storage.multipart_chunksize
+        if size > part:
+            return self.multipart.deadline(size)
         return file_deadline(size, part + 1, part, CLIENT_RETRIES["max_retries"])
 
     async def delete(self, keys: list[str]) -> None:
@@ -148,8 +141,8 @@ class ObstoreStore:
     async def connect(self) -> None:
         pass  # the S3Store is built; it opens connections on the first request
 
-    async def abort_uploads(self, prefix: str) -> int:
-        return await self.multipart.abort_uploads(prefix)
+    async def abort_uploads(self, prefix: str, keep: set[str]) -> int:
+        return await self.multipart.abort_uploads(prefix, keep)
 
     async def close(self) -> None:
         await self.multipart.close()

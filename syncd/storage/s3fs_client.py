@@ -1,28 +1,45 @@
 """The s3fs adapter (aiobotocore on the running loop): PutObject below two parts, else syncd's
 own multipart (s3fs's cannot take a header per part); Content-MD5 on every request, which S3,
-MinIO and rclone verify. It also aborts unfinished multipart uploads for the obstore adapter."""
+MinIO and rclone verify. Its multipart uploads resume: each one is journaled (`Multiparts`)
+from its start to its end, and a later attempt asks the store which parts it holds
+(ListParts), keeps those whose size and MD5 match the local bytes and sends only the rest. It
+also sends the obstore adapter's multipart uploads (obstore hides their ids, so they could not
+resume), and aborts the unfinished ones nobody resumes."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 from typing import Any
+
+from loguru import logger
 
 from syncd.budget import PARTS_PER_FILE, requests_in_flight
 from syncd.config import ObjectStorage
 from syncd.errors import store_errors
 from syncd.objects import ObjectHeaders
-from syncd.storage.base import location
+from syncd.storage.base import Multiparts, location
 from syncd.storage.body import Body
-from syncd.storage.timeouts import CONNECT_TIMEOUT, file_deadline
+from syncd.storage.timeouts import CONNECT_TIMEOUT, READ_TIMEOUT, file_deadline
+
+# The parts a store holds of an upload: part number -> (MD5 hex of its bytes, size).
+Stored = dict[int, tuple[str, int]]
+
+
+class Differs(Exception):
+    """A part the store holds of an upload to resume differs from the file's bytes."""
 
 
 class S3fsStore:
     """s3fs/aiobotocore on the running event loop; one PutObject or multipart per file."""
 
-    def __init__(self, storage: ObjectStorage) -> None:
+    def __init__(self, storage: ObjectStorage, multiparts: Multiparts | None) -> None:
+        """`multiparts`: where unfinished multipart uploads are journaled; None (`syncd check`)
+        for a store that uploads nothing."""
         self.storage = storage
+        self.multiparts = multiparts
         self.description = f"{location(storage)} via s3fs"
         # s3fs's own threshold: a file under two parts goes as one PutObject.
         self.single_put_below = 2 * storage.multipart_chunksize
@@ -38,9 +55,11 @@ class S3fsStore:
                 # clean-up of another result meanwhile.
                 "max_pool_connections": requests_in_flight(storage.max_concurrency) + 1,
                 "retries": {"max_attempts": 3, "mode": "standard"},
-                # botocore's read timeout (60 s) only runs while it waits for bytes of the
-                # answer, never while a slow body is sent (measured): it stays.
                 "connect_timeout": CONNECT_TIMEOUT,
+                # Runs only while botocore waits for bytes of an answer, never while a slow body
+                # is sent (measured). s3fs sets 15 s; a CompleteMultipartUpload of 2 GiB took
+                # moto 26 s here, and a retry racing the first completion fails it (500).
+                "read_timeout": READ_TIMEOUT,
             }
             if storage.accelerated:
                 config["s3"] = {"use_accelerate_endpoint": True}
@@ -68,38 +87,135 @@ class S3fsStore:
         await self._client()
 
     async def put(self, body: Body, key: str, headers: ObjectHeaders) -> None:
+        if body.size >= self.single_put_below:
+            return await self.multipart(body, key, headers)
         fs = await self._client()
-        target = {"Bucket": self.storage.bucket, "Key": key}
-        described = {"ContentType": headers.content_type, "CacheControl": headers.cache_control}
         with store_errors(f"upload of {key}"):
-            if body.size < self.single_put_below:
-                # Straight to s3fs's client call: its _put_file costs ~12 % more CPU per small
-                # file (type guessing, checks, callbacks), the bottleneck here.
-                data = await body.whole()
-                md5 = base64.b64encode(body.md5.digest()).decode()
-                await fs._call_s3("put_object", **target, **described, Body=data, ContentMD5=md5)
-                return
-            started = await fs._call_s3("create_multipart_upload", **target, **described)
-            upload = {**target, "UploadId": started["UploadId"]}
-            try:
-                parts = await self._parts(fs, body, upload)
-                await fs._call_s3(
-                    "complete_multipart_upload", **upload, MultipartUpload={"Parts": parts}
-                )
-            except BaseException:
-                # Best effort (a stop may be under way): what is left, the next attempt aborts.
-                aborting = asyncio.ensure_future(fs._call_s3("abort_multipart_upload", **upload))
-                await asyncio.wait([aborting], timeout=CONNECT_TIMEOUT)
-                raise
+            # Straight to s3fs's client call: its _put_file costs ~12 % more CPU per small
+            # file (type guessing, checks, callbacks), the bottleneck here.
+            data = await body.whole()
+            md5 = base64.b64encode(body.md5.digest()).decode()
+            await fs._call_s3(
+                "put_object",
+                Bucket=self.storage.bucket,
+                Key=key,
+                ContentType=headers.content_type,
+                CacheControl=headers.cache_control,
+                Body=data,
+                ContentMD5=md5,
+            )
 
-    async def _parts(self, fs: Any, body: Body, upload: dict[str, str]) -> list[dict[str, Any]]:
-        """Send the parts of `body`, PARTS_PER_FILE at a time, each with its Content-MD5."""
+    async def multipart(self, body: Body, key: str, headers: ObjectHeaders) -> None:
+        """Upload `body` in parts of multipart_chunksize, resuming the journaled upload of
+        `key` if the store still holds it and every part it holds matches the file."""
+        fs = await self._client()
+        with store_errors(f"upload of {key}"):
+            upload, stored = await self._resumable(fs, key)
+            if upload is not None:
+                try:
+                    kept = await self._send(fs, body, upload, stored)
+                except Differs:
+                    # The file changed since: start afresh (rclone cannot replace a part).
+                    logger.info(
+                        "{}: the store holds parts of an earlier upload that differ from the "
+                        "file; uploading it afresh",
+                        key,
+                    )
+                    await self._abort(fs, upload)
+                else:
+                    logger.info(
+                        "{}: resumed its multipart upload: {} of {} bytes were stored already "
+                        "and match the file",
+                        key,
+                        kept,
+                        body.size,
+                    )
+                    return
+            started = await fs._call_s3(
+                "create_multipart_upload",
+                Bucket=self.storage.bucket,
+                Key=key,
+                ContentType=headers.content_type,
+                CacheControl=headers.cache_control,
+            )
+            upload = {"Bucket": self.storage.bucket, "Key": key, "UploadId": started["UploadId"]}
+            if self.multiparts is not None:
+                self.multiparts.begun(key, started["UploadId"], self.storage.multipart_chunksize)
+            await self._send(fs, body, upload, {})
+
+    async def _send(self, fs: Any, body: Body, upload: dict[str, Any], stored: Stored) -> int:
+        """Send the parts the store does not hold and complete the upload; returns the bytes
+        it held already."""
+        try:
+            parts, kept = await self._parts(fs, body, upload, stored)
+            await fs._call_s3(
+                "complete_multipart_upload", **upload, MultipartUpload={"Parts": parts}
+            )
+        except Differs:
+            raise
+        except BaseException:
+            if self.multiparts is None:  # not resumable: best effort (a stop may be under way)
+                aborting = asyncio.ensure_future(self._abort(fs, upload))
+                await asyncio.wait([aborting], timeout=CONNECT_TIMEOUT)
+            raise
+        if self.multiparts is not None:
+            self.multiparts.ended(upload["Key"])
+        return kept
+
+    async def _abort(self, fs: Any, upload: dict[str, Any]) -> None:
+        """Abort `upload` and forget it; one the store does not know any more is gone too."""
+        with contextlib.suppress(FileNotFoundError):  # NoSuchUpload
+            await fs._call_s3("abort_multipart_upload", **upload)
+        if self.multiparts is not None:
+            self.multiparts.ended(upload["Key"])
+
+    async def _resumable(self, fs: Any, key: str) -> tuple[dict[str, Any] | None, Stored]:
+        """The journaled upload of `key` and the parts the store holds of it, if it can be
+        resumed; else (None, {}), with the upload aborted if the store still has it."""
+        found = self.multiparts.find(key) if self.multiparts is not None else None
+        if found is None:
+            return None, {}
+        upload_id, part_size = found
+        upload = {"Bucket": self.storage.bucket, "Key": key, "UploadId": upload_id}
+        if part_size == self.storage.multipart_chunksize:
+            try:
+                return upload, await self._stored_parts(fs, upload)
+            except FileNotFoundError:
+                pass  # NoSuchUpload: completed, aborted, or the store forgot it
+        await self._abort(fs, upload)  # its parts would not fit
+        return None, {}
+
+    async def _stored_parts(self, fs: Any, upload: dict[str, Any]) -> Stored:
+        stored: Stored = {}
+        marker = 0
+        while True:
+            page = await fs._call_s3("list_parts", **upload, PartNumberMarker=marker)
+            for part in page.get("Parts", []):
+                stored[part["PartNumber"]] = (part["ETag"].strip('"').lower(), part["Size"])
+            if not page.get("IsTruncated"):
+                return stored
+            marker = page["NextPartNumberMarker"]
+
+    async def _parts(
+        self, fs: Any, body: Body, upload: dict[str, Any], stored: Stored
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Send the parts of `body`, PARTS_PER_FILE at a time, each with its Content-MD5; a
+        part the store holds with the same size and MD5 is not sent again, one that differs
+        raises Differs. Returns the parts and the bytes not sent again."""
         parts: list[dict[str, Any]] = []
+        kept = 0
         slots = asyncio.Semaphore(PARTS_PER_FILE)
 
         async def send(number: int, data: bytes) -> None:
+            nonlocal kept
             try:
                 digest = await asyncio.to_thread(lambda: hashlib.md5(data).digest())  # off the loop
+                if number in stored:
+                    if stored[number] != (digest.hex(), len(data)):
+                        raise Differs
+                    parts.append({"PartNumber": number, "ETag": f'"{digest.hex()}"'})
+                    kept += len(data)
+                    return
                 md5 = base64.b64encode(digest).decode()
                 answer = await fs._call_s3(
                     "upload_part", **upload, PartNumber=number, Body=data, ContentMD5=md5
@@ -117,7 +233,7 @@ class S3fsStore:
                     group.create_task(send(number, data))
         except* Exception as errors:
             raise errors.exceptions[0] from None
-        return sorted(parts, key=lambda part: part["PartNumber"])
+        return sorted(parts, key=lambda part: part["PartNumber"]), kept
 
     def deadline(self, size: int) -> float:
         part = self.storage.multipart_chunksize
@@ -139,8 +255,7 @@ class S3fsStore:
     def held(self, size: int) -> int:
         # Measured: s3fs reads PARTS_PER_FILE parts (or a file under 2 parts) at once, and
         # botocore holds a second copy of each while it signs and sends it.
-        parts = PARTS_PER_FILE * self.storage.multipart_chunksize
-        return 2 * (size if size < self.single_put_below else parts)
+        return 2 * min(size, PARTS_PER_FILE * self.storage.multipart_chunksize)
 
     async def _list(self, **params: Any) -> dict[str, Any]:
         fs = await self._client()
@@ -164,26 +279,45 @@ class S3fsStore:
         with store_errors(f"listing {self.description}"):
             await self._list(Prefix=self.storage.prefix, MaxKeys=1)
 
-    async def abort_uploads(self, prefix: str) -> int:
+    async def abort_uploads(self, prefix: str, keep: set[str]) -> int:
         fs = await self._client()
         bucket = self.storage.bucket
+        journaled = self.multiparts.under(prefix) if self.multiparts is not None else {}
+        resumed = {(key, upload_id) for key, upload_id in journaled.items() if key in keep}
         aborted = 0
+
+        async def abort(key: str, upload_id: str) -> None:
+            nonlocal aborted
+            try:
+                await fs._call_s3(
+                    "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id
+                )
+                aborted += 1
+            except FileNotFoundError:
+                pass  # NoSuchUpload: gone already
+            if journaled.get(key) == upload_id and self.multiparts is not None:
+                self.multiparts.ended(key)
+
+        with store_errors(f"aborting multipart uploads under {prefix}"):
+            # Those this host journaled first: rclone cannot list them.
+            for key, upload_id in journaled.items():
+                if (key, upload_id) not in resumed:
+                    await abort(key, upload_id)
         with store_errors(f"listing multipart uploads under {prefix}"):
-            page = await fs._call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix)
-            # A page holds up to 1,000; aborting them shrinks the list, so list again.
-            while page.get("Uploads"):
-                for upload in page["Uploads"]:
-                    await fs._call_s3(
-                        "abort_multipart_upload",
-                        Bucket=bucket,
-                        Key=upload["Key"],
-                        UploadId=upload["UploadId"],
-                    )
-                    aborted += 1
+            marker: dict[str, str] = {}
+            while True:
+                page = await fs._call_s3(
+                    "list_multipart_uploads", Bucket=bucket, Prefix=prefix, **marker
+                )
+                for upload in page.get("Uploads", []):
+                    if (upload["Key"], upload["UploadId"]) not in resumed:
+                        await abort(upload["Key"], upload["UploadId"])
                 if not page.get("IsTruncated"):
-                    break
-                page = await fs._call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix)
-        return aborted
+                    return aborted
+                marker = {
+                    "KeyMarker": page["NextKeyMarker"],
+                    "UploadIdMarker": page["NextUploadIdMarker"],
+                }
 
     async def close(self) -> None:
         if self.fs is not None and self.fs._s3 is not None:

@@ -26,6 +26,9 @@ CLIENT_RETRIES: Any = {
 # minute), so a slow uplink shared by many transfers never fails one that is moving.
 SLOWEST_RATE = 16 * 1024
 CONNECT_TIMEOUT = 10.0
+# Silence after a request was sent before it is retried: a store may work on an answer for a
+# while (CompleteMultipartUpload of GiBs), and S3 sends whitespace meanwhile.
+READ_TIMEOUT = 120.0
 
 
 def request_timeout(request_bytes: int) -> float:

@@ -1,0 +1,173 @@
+"""A restart in the middle of a big file resumes its multipart upload: the parts the store holds
+and that match the local bytes are not sent again; what nobody resumes is aborted."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+
+import pytest
+from botocore.exceptions import ClientError
+
+from tests.conftest import Workspace
+from tests.proxy import Proxy
+from tests.servers import wait_until
+
+MiB = 1024 * 1024
+
+
+def write_random(path: os.PathLike[str], size: int) -> str:
+    """A file of `size` random bytes; returns its MD5."""
+    digest = hashlib.md5()
+    with open(path, "wb") as f:
+        for _ in range(size // (64 * MiB)):
+            piece = os.urandom(64 * MiB)
+            digest.update(piece)
+            f.write(piece)
+        piece = os.urandom(size % (64 * MiB))
+        digest.update(piece)
+        f.write(piece)
+    return digest.hexdigest()
+
+
+def stored_md5(ws: Workspace, key: str) -> str:
+    body = ws.server.client().get_object(Bucket=ws.bucket, Key=key)["Body"]
+    digest = hashlib.md5()
+    for piece in body.iter_chunks(8 * MiB):
+        digest.update(piece)
+    return digest.hexdigest()
+
+
+def unfinished(ws: Workspace) -> list[str]:
+    """Keys with a multipart upload the store still holds. rclone cannot list them (it
+    answers NoSuchUpload): there the daemon's log says what it aborted."""
+    try:
+        answer = ws.server.client().list_multipart_uploads(Bucket=ws.bucket)
+    except ClientError as exc:
+        assert ws.server.name == "rclone", exc
+        return []
+    return [upload["Key"] for upload in answer.get("Uploads", [])]
+
+
+def kept_bytes(log: str) -> int:
+    found = re.findall(r"resumed its multipart upload: (\d+) of \d+ bytes were stored", log)
+    assert len(found) == 1, log
+    return int(found[0])
+
+
+def kill(daemon) -> None:
+    os.killpg(daemon.process.pid, signal.SIGKILL)
+    daemon.process.wait()
+
+
+@pytest.mark.slow
+def test_sigkill_at_60_percent_of_a_2_gib_file_sends_only_the_rest_on_restart(workspace):
+    """Both clients send multipart uploads the same way (the s3fs adapter's)."""
+    ws = workspace
+    size = 2048 * MiB
+    tree = ws.result("exec_1_abcdef01", {"forecast.json": b"{}"})
+    md5 = write_random(tree / "forecast.nc", size)
+    ws.mark("exec_1_abcdef01")
+    with Proxy(ws.server.port, rate=150_000_000) as proxy:  # a slow link, shared
+        ws.settings["object_storage"]["endpoint_url"] = proxy.endpoint
+        daemon = ws.daemon()
+        wait_until(lambda: proxy.sent >= 0.6 * size, timeout=300, what="60 % sent")
+        kill(daemon)
+        sent_before = proxy.sent
+
+        again = ws.daemon()
+        wait_until(lambda: ws.recorded("exec_1_abcdef01"), timeout=300, what="recorded")
+        assert again.terminate() == 0
+    resent = proxy.sent - sent_before
+    # The rest of the file, and at most the parts that were in flight when it was killed.
+    assert resent < size - sent_before + 4 * 8 * MiB, (resent, sent_before)
+    assert kept_bytes(again.log()) >= sent_before - 4 * 8 * MiB
+    entry = {f["path"]: f for f in ws.metadata("exec_1_abcdef01")["output_files"]}
+    assert entry["exec_1_abcdef01/forecast.nc"]["md5"] == md5
+    assert entry["exec_1_abcdef01/forecast.nc"]["size"] == size
+    assert stored_md5(ws, "outputs/exec_1_abcdef01/forecast.nc") == md5
+    assert unfinished(ws) == []
+
+
+def test_a_file_whose_stored_parts_differ_from_it_is_uploaded_afresh(workspace):
+    """The file changed after the kill: the parts the store holds are not the file's any more
+    (and rclone cannot replace a part it has streamed to its backend)."""
+    ws = workspace
+    size = 96 * MiB
+    tree = ws.result("exec_2_abcdef02", {})
+    write_random(tree / "forecast.nc", size)
+    ws.mark("exec_2_abcdef02")
+    with Proxy(ws.server.port, rate=20_000_000) as proxy:
+        ws.settings["object_storage"]["endpoint_url"] = proxy.endpoint
+        daemon = ws.daemon()
+        wait_until(lambda: proxy.sent >= size // 2, timeout=60, what="half sent")
+        kill(daemon)
+        with open(tree / "forecast.nc", "r+b") as f:  # the first part, stored already
+            f.seek(1000)
+            byte = f.read(1)
+            f.seek(1000)
+            f.write(bytes([byte[0] ^ 0xFF]))
+
+        again = ws.daemon()
+        wait_until(lambda: ws.recorded("exec_2_abcdef02"), timeout=60, what="recorded")
+        assert again.terminate() == 0
+    local = hashlib.md5((tree / "forecast.nc").read_bytes()).hexdigest()
+    assert stored_md5(ws, "outputs/exec_2_abcdef02/forecast.nc") == local
+    assert ws.metadata("exec_2_abcdef02")["output_files"][0]["md5"] == local
+    assert (
+        "outputs/exec_2_abcdef02/forecast.nc: the store holds parts of an earlier upload that "
+        "differ from the file; uploading it afresh" in again.log()
+    )
+    assert "resumed" not in again.log()
+    assert unfinished(ws) == []
+
+
+def test_an_upload_of_a_file_gone_from_the_tree_is_aborted_not_resumed(workspace):
+    ws = workspace
+    tree = ws.result("exec_3_abcdef03", {"small.bin": b"s"})
+    write_random(tree / "forecast.nc", 64 * MiB)
+    ws.mark("exec_3_abcdef03")
+    with Proxy(ws.server.port, rate=10_000_000) as proxy:
+        ws.settings["object_storage"]["endpoint_url"] = proxy.endpoint
+        daemon = ws.daemon()
+        wait_until(lambda: proxy.sent >= 20 * MiB, timeout=60, what="parts sent")
+        kill(daemon)
+        (tree / "forecast.nc").unlink()  # the workflow rewrote its result without it
+
+        again = ws.daemon()
+        wait_until(lambda: ws.recorded("exec_3_abcdef03"), timeout=60, what="recorded")
+        assert again.terminate() == 0
+    assert "exec_3_abcdef03: aborted 1 unfinished multipart uploads" in again.log()
+    assert "resumed" not in again.log()
+    assert unfinished(ws) == []
+    assert set(ws.objects()) == {"outputs/exec_3_abcdef03/small.bin"}
+
+
+@pytest.mark.parametrize("change", ["part size", "aborted by a lifecycle rule"])
+def test_an_upload_that_cannot_resume_is_sent_afresh(moto_workspace, change):
+    ws = moto_workspace
+    tree = ws.result("exec_4_abcdef04", {})
+    md5 = write_random(tree / "forecast.nc", 64 * MiB)
+    ws.mark("exec_4_abcdef04")
+    with Proxy(ws.server.port, rate=10_000_000) as proxy:
+        ws.settings["object_storage"]["endpoint_url"] = proxy.endpoint
+        daemon = ws.daemon()
+        wait_until(lambda: proxy.sent >= 20 * MiB, timeout=60, what="parts sent")
+        kill(daemon)
+        if change == "part size":
+            ws.settings["object_storage"]["multipart_chunksize"] = 16 * MiB
+        else:
+            s3 = ws.server.client()
+            for upload in s3.list_multipart_uploads(Bucket=ws.bucket)["Uploads"]:
+                s3.abort_multipart_upload(
+                    Bucket=ws.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                )
+
+        again = ws.daemon()
+        wait_until(lambda: ws.recorded("exec_4_abcdef04"), timeout=60, what="recorded")
+        assert again.terminate() == 0
+    assert "resumed" not in again.log()
+    assert stored_md5(ws, "outputs/exec_4_abcdef04/forecast.nc") == md5
+    assert unfinished(ws) == []
