@@ -52,7 +52,7 @@ SYNCD_CLIENTS = {"syncd-obstore": True, "syncd-s3fs": False}  # name: use_rust_c
 PEERS = ["msc_server", "msc_best", "obstore_async64", "s5cmd", "rclone_tuned"]
 SKIPS_DOTFILES = {"msc_server"}  # StorageClient.sync_from does
 BACKLOG, WIDE = 2000, 100_000  # results marked before start; files in one result
-TIMEOUT = 600.0  # seconds any one upload may take here before it counts as hung
+TIMEOUT = 240.0  # seconds any one upload may take here before it counts as hung
 
 
 class Figures(NamedTuple):
@@ -251,12 +251,17 @@ class Syncd:
         marker.with_name(f".{marker.name}.tmp").write_text("")
         started = time.monotonic()
         marker.with_name(f".{marker.name}.tmp").rename(marker)
-        wait_until(
-            lambda: meta.exists() and '"s3"' in meta.read_text(),
-            timeout=TIMEOUT,
-            interval=0.005,
-            what="metadata rewritten",
-        )
+        try:
+            wait_until(
+                lambda: meta.exists() and '"s3"' in meta.read_text(),
+                timeout=TIMEOUT,
+                interval=0.005,
+                what="metadata rewritten",
+            )
+        except AssertionError:  # hung: the listing will not verify it; say where it hangs
+            stack = [str(BIN / "py-spy"), "dump", "--locals", "--pid", str(self.process.pid)]
+            with open(self.log.with_suffix(".stack"), "w") as out:
+                subprocess.run(stack, stdout=out, stderr=out, timeout=120)
         seconds = time.monotonic() - started
         cpu_end, rss = process_figures(self.process.pid)
         return Figures(seconds, cpu_end - cpu, rss)
@@ -375,7 +380,7 @@ def overhead(work: Path, server: S3Server, tree: Path, prefix: str) -> float:
     return seconds - upload
 
 
-def backlog(work: Path, server: S3Server, via: S3Server, prefix: str) -> str:
+def backlog(work: Path, server: S3Server, via: S3Server, prefix: str, label: str = "") -> str:
     """BACKLOG one-file results marked before the daemon starts (made anew), sent `via` a link
     or straight to `server`."""
     outputs = DATA / "backlog"
@@ -386,14 +391,14 @@ def backlog(work: Path, server: S3Server, via: S3Server, prefix: str) -> str:
     with Syncd(work, via, outputs, f"{prefix}backlog/", rust=True) as daemon:
         wait_until(
             lambda: len(daemon.said("; recorded in ")) >= BACKLOG,
-            timeout=TIMEOUT,
+            timeout=5 * TIMEOUT,
             what=f"{BACKLOG} results recorded",
         )
         cpu, rss = process_figures(daemon.process.pid)
         first = min(daemon.said(": uploading ")) - daemon.started
         last = max(daemon.said("; recorded in ")) - daemon.started
     ok = verified(server, f"{prefix}backlog/", {f"{n}/data.bin": 1024 for n in names})
-    where = server.name if via is server else f"{server.name} through the link"
+    where = server.name if via is server else f"{server.name} through the link ({label})"
     return (
         f"- {BACKLOG} one-file results marked before start -> {where}: first upload after "
         f"{first:.2f} s, all recorded after {last:.1f} s ({BACKLOG / last:.0f} results/s), cpu "
@@ -543,9 +548,8 @@ def main() -> int:
                     for n in on
                 ]
                 if args.scale and link is not None:
-                    scaled.append(
-                        backlog(work, servers[names[0]], link.server, f"{run_id}/{case}/")
-                    )
+                    prefix = f"{run_id}/{case}/"
+                    scaled.append(backlog(work, servers[names[0]], link.server, prefix, str(case)))
             finally:
                 if link is not None:
                     link.close()

@@ -8,11 +8,12 @@ import hashlib
 import os
 import re
 import signal
+from collections.abc import Callable
 
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.conftest import Workspace
+from tests.conftest import DaemonProcess, Workspace
 from tests.proxy import Proxy
 from tests.servers import wait_until
 
@@ -58,9 +59,25 @@ def kept_bytes(log: str) -> int:
     return int(found[0])
 
 
-def kill(daemon) -> None:
-    os.killpg(daemon.process.pid, signal.SIGKILL)
-    daemon.process.wait()
+def interrupted(
+    ws: Workspace, rel: str, rate: int, kill_at: int, meanwhile: Callable[[], object] = list
+) -> tuple[DaemonProcess, int, int]:
+    """Publish `rel` through a link of `rate` bytes/s; SIGKILL the daemon once `kill_at` bytes
+    went, do `meanwhile`, start it again and wait for the result recorded. Returns the second
+    daemon and the bytes sent before and after the kill."""
+    ws.mark(rel)
+    with Proxy(ws.server.port, rate=rate) as proxy:
+        ws.settings["object_storage"]["endpoint_url"] = proxy.endpoint
+        daemon = ws.daemon()
+        wait_until(lambda: proxy.sent >= kill_at, timeout=300, what=f"{kill_at} bytes sent")
+        os.killpg(daemon.process.pid, signal.SIGKILL)
+        daemon.process.wait()
+        before = proxy.sent
+        meanwhile()
+        again = ws.daemon()
+        wait_until(lambda: ws.recorded(rel), timeout=300, what=f"{rel} recorded")
+        assert again.terminate() == 0
+    return again, before, proxy.sent - before
 
 
 @pytest.mark.slow
@@ -70,18 +87,8 @@ def test_sigkill_at_60_percent_of_a_2_gib_file_sends_only_the_rest_on_restart(wo
     size = 2048 * MiB
     tree = ws.result("exec_1_abcdef01", {"forecast.json": b"{}"})
     md5 = write_random(tree / "forecast.nc", size)
-    ws.mark("exec_1_abcdef01")
-    with Proxy(ws.server.port, rate=150_000_000) as proxy:  # a slow link, shared
-        ws.settings["object_storage"]["endpoint_url"] = proxy.endpoint
-        daemon = ws.daemon()
-        wait_until(lambda: proxy.sent >= 0.6 * size, timeout=300, what="60 % sent")
-        kill(daemon)
-        sent_before = proxy.sent
-
-        again = ws.daemon()
-        wait_until(lambda: ws.recorded("exec_1_abcdef01"), timeout=300, what="recorded")
-        assert again.terminate() == 0
-    resent = proxy.sent - sent_before
+    # A slow link, shared.
+    again, sent_before, resent = interrupted(ws, "exec_1_abcdef01", 150_000_000, size * 6 // 10)
     # The rest of the file, and at most the parts that were in flight when it was killed.
     assert resent < size - sent_before + 4 * 8 * MiB, (resent, sent_before)
     assert kept_bytes(again.log()) >= sent_before - 4 * 8 * MiB
@@ -100,21 +107,17 @@ def test_a_file_whose_stored_parts_differ_from_it_is_uploaded_afresh(workspace):
     ws.settings["object_storage"]["use_rust_client"] = False
     tree = ws.result("exec_2_abcdef02", {})
     write_random(tree / "forecast.nc", size)
-    ws.mark("exec_2_abcdef02")
-    with Proxy(ws.server.port, rate=20_000_000) as proxy:
-        ws.settings["object_storage"]["endpoint_url"] = proxy.endpoint
-        daemon = ws.daemon()
-        wait_until(lambda: proxy.sent >= size // 2, timeout=60, what="half sent")
-        kill(daemon)
-        with open(tree / "forecast.nc", "r+b") as f:  # the first part, stored already
+
+    def flip_a_byte_of_the_first_part() -> None:  # stored already
+        with open(tree / "forecast.nc", "r+b") as f:
             f.seek(1000)
             byte = f.read(1)
             f.seek(1000)
             f.write(bytes([byte[0] ^ 0xFF]))
 
-        again = ws.daemon()
-        wait_until(lambda: ws.recorded("exec_2_abcdef02"), timeout=60, what="recorded")
-        assert again.terminate() == 0
+    again, _, _ = interrupted(
+        ws, "exec_2_abcdef02", 20_000_000, size // 2, flip_a_byte_of_the_first_part
+    )
     local = hashlib.md5((tree / "forecast.nc").read_bytes()).hexdigest()
     assert stored_md5(ws, "outputs/exec_2_abcdef02/forecast.nc") == local
     assert ws.metadata("exec_2_abcdef02")["output_files"][0]["md5"] == local
@@ -131,17 +134,10 @@ def test_an_upload_of_a_file_gone_from_the_tree_is_aborted_not_resumed(workspace
     ws.settings["object_storage"]["use_rust_client"] = False
     tree = ws.result("exec_3_abcdef03", {"small.bin": b"s"})
     write_random(tree / "forecast.nc", 64 * MiB)
-    ws.mark("exec_3_abcdef03")
-    with Proxy(ws.server.port, rate=10_000_000) as proxy:
-        ws.settings["object_storage"]["endpoint_url"] = proxy.endpoint
-        daemon = ws.daemon()
-        wait_until(lambda: proxy.sent >= 20 * MiB, timeout=60, what="parts sent")
-        kill(daemon)
-        (tree / "forecast.nc").unlink()  # the workflow rewrote its result without it
-
-        again = ws.daemon()
-        wait_until(lambda: ws.recorded("exec_3_abcdef03"), timeout=60, what="recorded")
-        assert again.terminate() == 0
+    # The workflow rewrote its result without the file meanwhile.
+    again, _, _ = interrupted(
+        ws, "exec_3_abcdef03", 10_000_000, 20 * MiB, (tree / "forecast.nc").unlink
+    )
     assert "exec_3_abcdef03: aborted 1 unfinished multipart uploads" in again.log()
     assert "resumed" not in again.log()
     assert unfinished(ws) == []
@@ -154,24 +150,18 @@ def test_an_upload_that_cannot_resume_is_sent_afresh(moto_workspace, change):
     ws.settings["object_storage"]["use_rust_client"] = False
     tree = ws.result("exec_4_abcdef04", {})
     md5 = write_random(tree / "forecast.nc", 64 * MiB)
-    ws.mark("exec_4_abcdef04")
-    with Proxy(ws.server.port, rate=10_000_000) as proxy:
-        ws.settings["object_storage"]["endpoint_url"] = proxy.endpoint
-        daemon = ws.daemon()
-        wait_until(lambda: proxy.sent >= 20 * MiB, timeout=60, what="parts sent")
-        kill(daemon)
+
+    def change_it() -> None:
         if change == "part size":
             ws.settings["object_storage"]["multipart_chunksize"] = 16 * MiB
-        else:
-            s3 = ws.server.client()
-            for upload in s3.list_multipart_uploads(Bucket=ws.bucket)["Uploads"]:
-                s3.abort_multipart_upload(
-                    Bucket=ws.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                )
+            return
+        s3 = ws.server.client()
+        for upload in s3.list_multipart_uploads(Bucket=ws.bucket)["Uploads"]:
+            s3.abort_multipart_upload(
+                Bucket=ws.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+            )
 
-        again = ws.daemon()
-        wait_until(lambda: ws.recorded("exec_4_abcdef04"), timeout=60, what="recorded")
-        assert again.terminate() == 0
+    again, _, _ = interrupted(ws, "exec_4_abcdef04", 10_000_000, 20 * MiB, change_it)
     assert "resumed" not in again.log()
     assert stored_md5(ws, "outputs/exec_4_abcdef04/forecast.nc") == md5
     assert unfinished(ws) == []

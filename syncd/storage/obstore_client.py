@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
 
 class ObstoreStore:
-    """obstore's S3Store: Rust, async; `multipart` for files above multipart_chunksize."""
+    """obstore's S3Store: Rust, async. `multipart` (the s3fs adapter) sends the files of more
+    than RESUMABLE_PARTS parts and aborts unfinished uploads, which obstore cannot list."""
 
     def __init__(self, storage: ObjectStorage, multipart: S3fsStore) -> None:
         from obstore.store import S3Store
