@@ -9,6 +9,7 @@ It runs its own event loop in a thread; `with Proxy(port) as proxy:` starts and 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import re
 import threading
@@ -121,7 +122,9 @@ class Proxy:
         corrupt = self.corrupt_at is not None and (
             self.corrupt_connections is None or number < self.corrupt_connections
         )
-        line = DelayLine(writer, self.rtt / 2) if self.rtt else None
+        # An answer's first byte reaching the client ends the request in flight.
+        arrived = None if upstream else functools.partial(self.requests.answered, number)
+        line = DelayLine(writer, self.rtt / 2, arrived) if self.rtt else None
         try:
             while True:
                 data = await reader.read(self._piece(upstream))
@@ -150,10 +153,10 @@ class Proxy:
                 if self.observer is not None:
                     self.observer(number, upstream, data)
                 if line is not None:
-                    await line.send(data, None if upstream else number, self.requests)
+                    await line.send(data)
                 else:
-                    if not upstream:
-                        self.requests.answered(number)
+                    if arrived is not None:
+                        arrived()
                     writer.write(data)
                     await writer.drain()
         finally:
@@ -216,19 +219,20 @@ class InFlight:
 
 class DelayLine:
     """One direction of a connection, `delay` seconds long: each piece is written `delay` after
-    it was read, while later pieces keep coming (up to 64 pieces on the line)."""
+    it was read, while later pieces keep coming (up to 64 pieces on the line); `arrived` is
+    called as each one is written."""
 
-    def __init__(self, writer: asyncio.StreamWriter, delay: float) -> None:
-        self.writer, self.delay = writer, delay
-        self.line: asyncio.Queue[tuple[float, bytes, int | None, InFlight] | None] = asyncio.Queue(
-            64
-        )
+    def __init__(
+        self, writer: asyncio.StreamWriter, delay: float, arrived: Callable[[], None] | None
+    ) -> None:
+        self.writer, self.delay, self.arrived = writer, delay, arrived
+        self.line: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue(64)
         self.task = asyncio.ensure_future(self._deliver())
 
-    async def send(self, data: bytes, answer_of: int | None, requests: InFlight) -> None:
+    async def send(self, data: bytes) -> None:
         if self.task.done():  # the far side went away
             raise ConnectionResetError
-        await self.line.put((time.monotonic() + self.delay, data, answer_of, requests))
+        await self.line.put((time.monotonic() + self.delay, data))
 
     async def drain(self) -> None:
         await self.line.put(None)
@@ -240,11 +244,11 @@ class DelayLine:
     async def _deliver(self) -> None:
         try:
             while (piece := await self.line.get()) is not None:
-                due, data, answer_of, requests = piece
+                due, data = piece
                 if (wait := due - time.monotonic()) > 0:
                     await asyncio.sleep(wait)
-                if answer_of is not None:
-                    requests.answered(answer_of)
+                if self.arrived is not None:
+                    self.arrived()
                 self.writer.write(data)
                 await self.writer.drain()
         finally:  # the far side went away: a sender waiting on a full line must not wait forever

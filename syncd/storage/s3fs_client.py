@@ -162,12 +162,16 @@ class S3fsStore:
             self.multiparts.ended(upload["Key"])
         return kept
 
-    async def _abort(self, fs: Any, upload: dict[str, Any]) -> None:
-        """Abort `upload` and forget it; one the store does not know any more is gone too."""
+    async def _abort(self, fs: Any, upload: dict[str, Any], forget: bool = True) -> bool:
+        """Abort `upload` and, if `forget`, its journal entry; one the store does not know any
+        more is gone too. Returns whether the store had it."""
+        aborted = False
         with contextlib.suppress(FileNotFoundError):  # NoSuchUpload
             await fs._call_s3("abort_multipart_upload", **upload)
-        if self.multiparts is not None:
+            aborted = True
+        if forget and self.multiparts is not None:
             self.multiparts.ended(upload["Key"])
+        return aborted
 
     async def _resumable(self, fs: Any, key: str) -> tuple[dict[str, Any] | None, Stored]:
         """The journaled upload of `key` and the parts the store holds of it, if it can be
@@ -288,15 +292,9 @@ class S3fsStore:
 
         async def abort(key: str, upload_id: str) -> None:
             nonlocal aborted
-            try:
-                await fs._call_s3(
-                    "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id
-                )
-                aborted += 1
-            except FileNotFoundError:
-                pass  # NoSuchUpload: gone already
-            if journaled.get(key) == upload_id and self.multiparts is not None:
-                self.multiparts.ended(key)
+            upload = {"Bucket": bucket, "Key": key, "UploadId": upload_id}
+            # Forget only this very upload: another of the same key may be the one resumed.
+            aborted += await self._abort(fs, upload, forget=journaled.get(key) == upload_id)
 
         with store_errors(f"aborting multipart uploads under {prefix}"):
             # Those this host journaled first: rclone cannot list them.
