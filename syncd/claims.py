@@ -156,8 +156,13 @@ def died_here(owner: dict[str, Any]) -> bool:
     except ProcessLookupError:
         return True
     except PermissionError:
-        pass  # alive, another user's
-    return _started(pid) != owner.get("started")  # alive, but a reused pid
+        # Alive, another user's (an admin's `sudo syncd sync`); under the unit's
+        # ProtectProc=invisible its /proc entry cannot even be read: it waits like any other.
+        return False
+    # Alive: gone only if the pid was reused, which its start time tells; a start time that
+    # cannot be read is no proof of that.
+    started = _started(pid)
+    return bool(started) and started != owner.get("started")
 
 
 def try_claim(result: Result, timeout: float) -> Claim | str:
@@ -206,11 +211,22 @@ def _try_claim(result: Result, timeout: float) -> Claim | str:
 
 
 def make_folder(folder: Path) -> None:
-    """The claims folder; a symlink or a file in its place is refused."""
+    """The claims folder; a symlink or a file in its place is refused. A new one is as
+    writable as the folder it is in, and has its owner and group where this user may set
+    them: a claims folder an admin's `sudo syncd sync` made must not lock the daemon out."""
     try:
-        os.mkdir(folder, 0o755)
-        return
+        os.mkdir(folder, 0o700)
     except FileExistsError:
-        pass
-    if not stat.S_ISDIR(os.lstat(folder).st_mode):
-        raise FileExistsError(folder)
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):
+            raise FileExistsError(folder) from None
+        return
+    parent = os.stat(folder.parent)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for owner in (parent.st_uid, -1):  # the owner only root may set; the group also members
+            with contextlib.suppress(PermissionError):
+                os.fchown(fd, owner, parent.st_gid)
+                break
+        os.fchmod(fd, stat.S_IMODE(parent.st_mode) & 0o2777)
+    finally:
+        os.close(fd)

@@ -16,7 +16,10 @@ SyncdError (a lock held too long is transient).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -116,6 +119,7 @@ class StateStore:
             ) from None
 
     def _open(self) -> sqlite3.Connection:
+        give_to_folder_owner(self.path)
         # `syncd sync` and `syncd status` may open it while the daemon runs.
         db = sqlite3.connect(self.path, isolation_level=None, timeout=LOCK_TIMEOUT)
         try:
@@ -274,6 +278,27 @@ class StateStore:
     def remember_upload(self, rel: str, acknowledgement: str) -> None:
         with self.errors():
             self.db.execute("UPDATE results SET uploaded = ? WHERE rel = ?", (acknowledgement, rel))
+
+
+def give_to_folder_owner(path: Path) -> None:
+    """Run by root (an admin's `sudo syncd sync`), the state files belong to the owner of
+    state_dir, so that the daemon, which runs as that user, can still write them. Done before
+    SQLite opens the file: root's SQLite gives the WAL files it makes the database's owner."""
+    if os.geteuid() != 0:
+        return
+    folder = os.stat(path.parent)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640))
+    for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+        try:
+            info = os.lstat(path.with_name(name))
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(info.st_mode) and (info.st_uid, info.st_gid) != (
+            folder.st_uid,
+            folder.st_gid,
+        ):
+            os.chown(path.with_name(name), folder.st_uid, folder.st_gid, follow_symlinks=False)
 
 
 class Multiparts:

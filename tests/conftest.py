@@ -6,10 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.cloudfront import CloudFrontStandIn
 from tests.servers import KEY, SECRET, S3Server, wait_until
+from tests.unit import NOBODY, as_unit_user
 
 SYNCD = [sys.executable, "-m", "syncd"]
 KEY_PAIR_ID = "KTESTKEYPAIR1"
@@ -198,9 +201,17 @@ class Workspace:
     def env(self, **extra: str) -> dict[str, str]:
         return clean_env(**extra)
 
-    def syncd(self, *args: str, env: dict[str, str] | None = None, timeout: float = 180):
+    def syncd(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        timeout: float = 180,
+        as_unit: bool = False,
+    ):
+        """`syncd ARGS`; with as_unit=True as the shipped unit runs it (tests/unit.py)."""
+        command = [*SYNCD, *args]
         return subprocess.run(
-            [*SYNCD, *args],
+            as_unit_user(command) if as_unit else command,
             env=env or self.env(),
             capture_output=True,
             text=True,
@@ -213,14 +224,18 @@ class Workspace:
             "sync", "--config", str(self.config), *(str(self.outputs / r) for r in rels), env=env
         )
 
-    def daemon(self, env: dict[str, str] | None = None, journal: bool = False) -> DaemonProcess:
-        """`syncd run`; with journal=True its stderr looks to it like systemd's journal stream."""
+    def daemon(
+        self, env: dict[str, str] | None = None, journal: bool = False, as_unit: bool = False
+    ) -> DaemonProcess:
+        """`syncd run`; with journal=True its stderr looks to it like systemd's journal stream,
+        with as_unit=True it runs as the shipped unit runs it (tests/unit.py)."""
         log = self.root / f"daemon-{len(self.daemons)}.log"
         env = env or self.env()
         if journal:
             log.touch()
             env["JOURNAL_STREAM"] = f"{log.stat().st_dev}:{log.stat().st_ino}"
-        process = DaemonProcess([*SYNCD, "run", "--config", str(self.config)], env, log)
+        command = [*SYNCD, "run", "--config", str(self.config)]
+        process = DaemonProcess(as_unit_user(command) if as_unit else command, env, log)
         self.daemons.append(process)
         return process
 
@@ -261,6 +276,24 @@ def moto_workspace(tmp_path: Path, moto: S3Server, signing_key) -> Iterator[Work
     ws = Workspace(tmp_path, moto, signing_key[0])
     yield ws
     ws.kill_daemons()
+
+
+@pytest.fixture
+def unit_workspace(moto: S3Server, signing_key) -> Iterator[Workspace]:
+    """A moto workspace that the shipped unit's user (nobody) can use as the install makes it:
+    it owns outputs_dir and state_dir, and reads the config and the key."""
+    root = Path(tempfile.mkdtemp(prefix="syncd-unit-"))
+    root.chmod(0o755)  # pytest's own folders are root's alone
+    key = root / "cloudfront-private-key.pem"
+    key.write_bytes(signing_key[0].read_bytes())
+    key.chmod(0o644)
+    ws = Workspace(root, moto, key)
+    (root / "state").mkdir()
+    for folder in (ws.outputs, root / "state"):
+        os.chown(folder, NOBODY, NOBODY)
+    yield ws
+    ws.kill_daemons()
+    shutil.rmtree(root)
 
 
 class Tmpfs:

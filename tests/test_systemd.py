@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -10,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import KEY_PAIR_ID
+from tests.conftest import KEY_PAIR_ID, SYNCD
+from tests.proxy import Proxy
 from tests.servers import SECRET, wait_until
+
+MiB = 1024 * 1024
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "syncd.service"
 needs_systemd_analyze = pytest.mark.skipif(
@@ -125,3 +129,34 @@ def test_secrets_come_from_systemd_credentials(moto_workspace, signing_key, tmp_
     url = ws.metadata("exec_1_abcdef01")["signed_url"]
     assert f"Key-Pair-Id={KEY_PAIR_ID}" in url
     assert SECRET not in done.stdout + done.stderr
+
+
+def test_a_claim_of_another_users_live_process_holds_in_the_units_sandbox(unit_workspace):
+    """ProtectProc=invisible hides other users' processes from the daemon: an admin's
+    `sudo syncd sync` in progress keeps its claim, and the daemon neither publishes the result
+    too nor cleans up under it."""
+    ws = unit_workspace
+    ws.settings["syncd"]["log_level"] = "DEBUG"
+    tree = ws.result("exec_1_abcdef01", {"big.bin": os.urandom(8 * MiB), "a": b"a"})
+    ws.mark("exec_1_abcdef01")
+    with Proxy(ws.server.port, rate=1_000_000) as slow:
+        ws.settings["object_storage"]["endpoint_url"] = slow.endpoint
+        admin = subprocess.Popen(
+            [*SYNCD, "sync", "--config", str(ws.config), str(tree)],
+            env=ws.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        wait_until(lambda: list(ws.outputs.glob(".syncd-claims/exec_1_abcdef01.*")))
+        ws.settings["object_storage"]["endpoint_url"] = ws.server.endpoint
+        daemon = ws.daemon(as_unit=True)
+
+        daemon.wait_log("exec_1_abcdef01: being published by")
+        output = admin.communicate(timeout=120)[0]
+
+    assert admin.returncode == 0, output
+    wait_until(lambda: ws.recorded("exec_1_abcdef01"))
+    assert daemon.terminate() == 0
+    assert "exec_1_abcdef01: uploading" not in daemon.log()
+    assert ws.objects()["outputs/exec_1_abcdef01/a"] == b"a"
