@@ -19,9 +19,12 @@ import socket
 import stat
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from syncd import folders
+from syncd.config import CLAIMS_FOLDER
 from syncd.errors import Kind, SyncdError, os_error
 from syncd.layout import Result
 
@@ -67,75 +70,111 @@ class Claim:
         self.result = result
         self.generation = generation
         self.took_over = took_over  # from a daemon that died holding it, mid-upload maybe
-        self.path = claim_path(result, generation)
+        self.name = claim_name(result, generation)
 
     def refresh(self) -> None:
         # Gone means taken over after all; still_ours() says so before anything is recorded.
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(self.path)
+        with claims_folder(self.result) as fd, contextlib.suppress(FileNotFoundError):
+            if fd is not None:
+                os.utime(self.name, dir_fd=fd, follow_symlinks=False)
 
     def still_ours(self) -> bool:
         try:
-            return self.path.exists() and newest_generation(self.result) == self.generation
-        except OSError:
+            with claims_folder(self.result) as fd:
+                found = generations(self.result, fd)
+        except (OSError, SyncdError):
             return False
+        return bool(found) and found[-1] == self.generation
 
     def release(self) -> None:
         try:
-            self.path.unlink(missing_ok=True)
-        except OSError:
+            with claims_folder(self.result) as fd:
+                if fd is not None:
+                    os.unlink(self.name, dir_fd=fd)
+            outputs, folder = self.result.outputs_dir, self.result.marker.parent
+            # Only when empty: others may hold claims in it.
+            with folders.opened(outputs, folder) as parent, contextlib.suppress(OSError):
+                os.rmdir(CLAIMS, dir_fd=parent)
+        except (OSError, SyncdError):
             return  # it expires after claim_timeout; nothing here is worth failing for
-        with contextlib.suppress(OSError):  # only when empty: others may hold claims in it
-            self.path.parent.rmdir()
 
 
-CLAIMS = ".syncd-claims"
+CLAIMS = CLAIMS_FOLDER
+# The most of a claim file that is read: a claim is a line of JSON.
+CLAIM_BYTES = 4096
 
 
-def claim_path(result: Result, generation: int) -> Path:
-    return result.marker.parent / CLAIMS / f"{result.name}.{generation}"
+def claim_name(result: Result, generation: int) -> str:
+    return f"{result.name}.{generation}"
 
 
-def generations(result: Result) -> list[int]:
+def folder_path(result: Result) -> Path:
+    return result.marker.parent / CLAIMS
+
+
+@contextlib.contextmanager
+def claims_folder(result: Result, make: bool = False) -> Iterator[int | None]:
+    """A descriptor of the result's claims folder (None when there is none, unless `make`),
+    opened from outputs_dir without following a symlink. Something else in its place is
+    FileExistsError."""
+    path = folder_path(result)
+    with folders.opened(result.outputs_dir, result.marker.parent) as parent:
+        if make:
+            make_folder(parent, path)
+        try:
+            fd = folders.open_at(parent, CLAIMS, path)
+        except FileNotFoundError:
+            fd = None
+        except (folders.SymlinkInTheWay, NotADirectoryError):
+            raise FileExistsError(path) from None
+        try:
+            yield fd
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+
+def generations(result: Result, fd: int | None) -> list[int]:
+    """The generations of the claims on `result` in the claims folder `fd`, oldest first."""
+    if fd is None:
+        return []
     prefix = f"{result.name}."
     found = []
-    try:
-        entries = list(os.scandir(result.marker.parent / CLAIMS))
-    except FileNotFoundError:
-        return []
-    except NotADirectoryError:
-        raise FileExistsError(result.marker.parent / CLAIMS) from None
-    for entry in entries:
-        # Anything else in the folder (other names, folders, links) is not a claim.
-        suffix = entry.name[len(prefix) :] if entry.name.startswith(prefix) else ""
-        if suffix.isdigit() and entry.is_file(follow_symlinks=False):
-            found.append(int(suffix))
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            # Anything else in the folder (other names, folders, links) is not a claim.
+            suffix = entry.name[len(prefix) :] if entry.name.startswith(prefix) else ""
+            if suffix.isdigit() and entry.is_file(follow_symlinks=False):
+                found.append(int(suffix))
     return sorted(found)
 
 
-def newest_generation(result: Result) -> int:
-    found = generations(result)
-    return found[-1] if found else 0
-
-
-def holder(result: Result, newest: int, timeout: float) -> str | None:
+def holder(result: Result, fd: int | None, newest: int, timeout: float) -> str | None:
     """Who holds a live claim of generation `newest` on `result`, or None if nobody does."""
-    if not newest:
+    if not newest or fd is None:
         return None
-    path = claim_path(result, newest)
+    name = claim_name(result, newest)
     try:
         # A claim whose mtime lies further in the future than the timeout is as stale as an
         # old one: no live owner sets its clock that far off.
-        if abs(time.time() - path.stat().st_mtime) >= timeout:
+        if abs(time.time() - os.stat(name, dir_fd=fd, follow_symlinks=False).st_mtime) >= timeout:
             return None
     except FileNotFoundError:
         return None  # released a moment ago
     try:
-        owner = json.loads(path.read_text())
-        name = str(owner["owner"])
-    except (OSError, ValueError, KeyError, TypeError):
+        owner = json.loads(read_claim(fd, name))
+        who = str(owner["owner"])
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return "another daemon"  # its owner is still writing it, or just released it
-    return None if died_here(owner) else name
+    return None if died_here(owner) else who
+
+
+def read_claim(fd: int, name: str) -> bytes:
+    claim = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
+    try:
+        return os.read(claim, CLAIM_BYTES)
+    finally:
+        os.close(claim)
 
 
 def died_here(owner: dict[str, Any]) -> bool:
@@ -167,10 +206,10 @@ def died_here(owner: dict[str, Any]) -> bool:
 
 def try_claim(result: Result, timeout: float) -> Claim | str:
     """A claim on `result`, or the owner of the live claim that stops us."""
-    folder = result.marker.parent / CLAIMS
+    folder = folder_path(result)
     try:
         return _try_claim(result, timeout)
-    except FileExistsError:  # from mkdir: something that is not a folder has its name
+    except FileExistsError:  # something that is not a folder has its name
         raise SyncdError(
             f"{folder} is not a folder, and syncd keeps its claims there: remove it",
             Kind.OPERATOR,
@@ -180,53 +219,56 @@ def try_claim(result: Result, timeout: float) -> Claim | str:
 
 
 def _try_claim(result: Result, timeout: float) -> Claim | str:
-    old = generations(result)  # one listing of the folder serves both checks
-    newest = old[-1] if old else 0
-    owner = holder(result, newest, timeout)
-    if owner is not None:
-        return owner
-    generation = newest + 1
-    path = claim_path(result, generation)
-    for tries_left in reversed(range(3)):
-        make_folder(path.parent)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            break
-        except FileExistsError:
-            return holder(result, newest_generation(result), timeout) or "another daemon"
-        except FileNotFoundError:
-            if not tries_left:
+    tries_left = 2
+    while True:
+        with claims_folder(result, make=True) as fd:
+            assert fd is not None
+            old = generations(result, fd)  # one listing of the folder serves both checks
+            newest = old[-1] if old else 0
+            owner = holder(result, fd, newest, timeout)
+            if owner is not None:
+                return owner
+            generation = newest + 1
+            name = claim_name(result, generation)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                claim = os.open(name, flags, 0o644, dir_fd=fd)
+            except FileExistsError:
+                newest = max(generations(result, fd), default=0)
+                return holder(result, fd, newest, timeout) or "another daemon"
+            except FileNotFoundError:
+                if not tries_left:
+                    raise
+                tries_left -= 1
+                continue  # another daemon released its claim and removed the empty folder
+            try:
+                with os.fdopen(claim, "w") as f:
+                    json.dump({"owner": OWNER, **IDENTITY, "since": time.time()}, f)
+            except BaseException:
+                # An empty claim would hold the result for claim_timeout.
+                Claim(result, generation, took_over=False).release()
                 raise
-            # Another daemon released its claim and removed the empty folder just now.
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"owner": OWNER, **IDENTITY, "since": time.time()}, f)
-    except BaseException:
-        # An empty claim would hold the result for claim_timeout.
-        Claim(result, generation, took_over=False).release()
-        raise
-    for stale in old:  # a dead daemon's claims
-        claim_path(result, stale).unlink(missing_ok=True)
-    return Claim(result, generation, took_over=bool(old))
+            for stale in old:  # a dead daemon's claims
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(claim_name(result, stale), dir_fd=fd)
+            return Claim(result, generation, took_over=bool(old))
 
 
-def make_folder(folder: Path) -> None:
-    """The claims folder; a symlink or a file in its place is refused. A new one is as
-    writable as the folder it is in, and has its owner and group where this user may set
-    them: a claims folder an admin's `sudo syncd sync` made must not lock the daemon out."""
+def make_folder(parent: int, path: Path) -> None:
+    """The claims folder `path`, in the folder `parent`. A new one is as writable as the folder
+    it is in, and has its owner and group where this user may set them: a claims folder an
+    admin's `sudo syncd sync` made must not lock the daemon out."""
     try:
-        os.mkdir(folder, 0o700)
+        os.mkdir(CLAIMS, 0o700, dir_fd=parent)
     except FileExistsError:
-        if not stat.S_ISDIR(os.lstat(folder).st_mode):
-            raise FileExistsError(folder) from None
-        return
-    parent = os.stat(folder.parent)
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return  # opened without following a symlink next: anything else is refused there
+    folder = os.fstat(parent)
+    fd = folders.open_at(parent, CLAIMS, path)
     try:
-        for owner in (parent.st_uid, -1):  # the owner only root may set; the group also members
+        for owner in (folder.st_uid, -1):  # the owner only root may set; the group also members
             with contextlib.suppress(PermissionError):
-                os.fchown(fd, owner, parent.st_gid)
+                os.fchown(fd, owner, folder.st_gid)
                 break
-        os.fchmod(fd, stat.S_IMODE(parent.st_mode) & 0o2777)
+        os.fchmod(fd, stat.S_IMODE(folder.st_mode) & 0o2777)
     finally:
         os.close(fd)

@@ -15,7 +15,7 @@ import difflib
 import os
 import re
 import string
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
@@ -160,6 +160,26 @@ class ObjectStorage(BaseModel):
 
 
 METADATA_FIELDS = {"exec", "exec_path", "workflow"}
+# Names on the disk the settings must leave alone: result folders, and the folder of claims.
+EXEC_PREFIX = "exec_"
+CLAIMS_FOLDER = ".syncd-claims"
+
+
+def metadata_samples(template: str) -> list[tuple[str, str]]:
+    """(result, metadata path) as `template` names them for a top-level result (its {workflow}
+    empty) and for a result of a workflow: together they show every shape it can take."""
+    samples = []
+    for workflow in ("", "wf"):
+        tree = f"{workflow}/exec_x".lstrip("/")
+        samples.append((tree, template.format(exec="exec_x", exec_path=tree, workflow=workflow)))
+    return samples
+
+
+def in_a_tree(folder: tuple[str, ...]) -> bool:
+    """Whether a folder (its names under outputs_dir) lies inside some result's tree."""
+    if folder and folder[0].startswith(EXEC_PREFIX):
+        return True
+    return len(folder) > 1 and not folder[0].startswith(".") and folder[1].startswith(EXEC_PREFIX)
 
 
 def placeholders(template: str) -> set[str]:
@@ -272,12 +292,20 @@ class DaemonSettings(BaseModel):
             )
         if not fields & {"exec", "exec_path"}:
             raise ValueError("must contain {exec} or {exec_path} so each result has its own file")
-        if value.startswith("/") or ".." in Path(value).parts:
-            raise ValueError("must be a relative path inside outputs_dir")
-        for workflow in ("", "wf"):
-            tree = f"{workflow}/exec_x".lstrip("/")
-            path = value.format(exec="exec_x", exec_path=tree, workflow=workflow)
-            if Path(path) == Path(tree) or Path(tree) in Path(path).parents:
+        for tree, path in metadata_samples(value):
+            if path.startswith("/") or ".." in path.split("/"):
+                where = tree if "/" in tree else f"{tree} (at the top level: {{workflow}} empty)"
+                raise ValueError(
+                    f"for a result {where} it names {path}, which is not inside outputs_dir (it "
+                    "starts with / or holds ..), and syncd writes nothing outside outputs_dir: "
+                    "use e.g. {exec_path}.json or metadata_{workflow}:{exec}.json"
+                )
+            folder = PurePosixPath(path).parent.parts
+            if CLAIMS_FOLDER in folder:
+                raise ValueError(
+                    f"puts the metadata into {CLAIMS_FOLDER}, where syncd keeps claims"
+                )
+            if PurePosixPath(path) == PurePosixPath(tree) or in_a_tree(folder):
                 raise ValueError(
                     "puts the metadata inside the result tree, where it would be uploaded as "
                     "part of the result: put it beside the tree, e.g. {exec_path}.json"
@@ -285,16 +313,29 @@ class DaemonSettings(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _findable(self) -> DaemonSettings:
-        if self.completion == "metadata":
-            fields = placeholders(self.metadata_file)
-            if "exec_path" not in fields and "workflow" not in fields:
+    def _one_file_per_result(self) -> DaemonSettings:
+        fields = placeholders(self.metadata_file)
+        if "exec_path" not in fields and "workflow" not in fields:
+            if self.completion == "metadata":
                 raise ValueError(
                     f"completion: metadata finds each result's folder from its metadata file "
                     f"name, but metadata_file {self.metadata_file!r} does not say the workflow: "
                     "use {exec_path}, or {workflow} and {exec}, e.g. "
                     "metadata_{workflow}:{exec}.json"
                 )
+            raise ValueError(
+                f"metadata_file {self.metadata_file!r} does not say the workflow, so results of "
+                "two workflows with the same exec folder (wfa/exec_1 and wfb/exec_1) would share "
+                "one metadata file: use {exec_path}, or {workflow} and {exec}, e.g. "
+                "{exec_path}.json"
+            )
+        if self.completion == "marker":
+            for tree, path in metadata_samples(self.metadata_file):
+                if PurePosixPath(path) == PurePosixPath(f"{tree}{self.marker_suffix}"):
+                    raise ValueError(
+                        f"metadata_file {self.metadata_file!r} names the marker itself "
+                        f"({path}): give the metadata another name, e.g. {{exec_path}}.json"
+                    )
         return self
 
 

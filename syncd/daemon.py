@@ -324,7 +324,7 @@ class Daemon:
             # One Result at a time: a year of results must not be held at once.
             found = []
             for rel, known in watched:
-                now = metadata.stamp(self.layout.result(PurePosixPath(rel)).metadata)
+                now = metadata.stamp(self.layout.result(PurePosixPath(rel)))
                 if now != known:
                     found.append((rel, known, now))
             return found
@@ -355,7 +355,7 @@ class Daemon:
             known = self.watching(rel)
             if known is not None:
                 if path == result.metadata:
-                    self.metadata_changed(result, known, metadata.stamp(result.metadata))
+                    self.metadata_changed(result, known, metadata.stamp(result))
             elif path == result.signal or self.next_try(rel) is not None or result.signal.exists():
                 self.offer(result, fresh=True)
         except OSError as exc:  # the next rescan looks again

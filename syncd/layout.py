@@ -9,23 +9,21 @@ writes no marker). Objects go to `<prefix>/<exec path under outputs_dir>/<path i
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import stat
 import string
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from loguru import logger
 
-from syncd.config import Settings
+from syncd import folders
+from syncd.config import EXEC_PREFIX, Settings
 from syncd.errors import Kind, SyncdError, os_error, printable
-
-EXEC_PREFIX = "exec_"
 
 
 class LayoutError(SyncdError):
@@ -315,30 +313,19 @@ def tree_files(result: Result) -> Iterator[LocalFile]:
 def open_folder(result: Result) -> Iterator[int]:
     """A descriptor of the result folder, opened one folder at a time from outputs_dir without
     following a symlink, so neither the workflow folder nor the tree can lead elsewhere."""
-    fd = os.open(result.outputs_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for depth, part in enumerate(result.rel.parts):
-            what = "result folder" if depth == len(result.rel.parts) - 1 else "workflow folder"
-            path = result.outputs_dir.joinpath(*result.rel.parts[: depth + 1])
-            try:
-                child = os.open(
-                    part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
-                )
-            except FileNotFoundError:
-                raise no_folder(result) from None
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(path):
-                    raise SyncdError(
-                        f"{what} {printable(str(path))} is a symlink; syncd never follows one: "
-                        "move the folder itself there",
-                        Kind.INPUT,
-                    ) from None
-                raise os_error(exc, f"opening {what}", path) from None
-            os.close(fd)
-            fd = child
+    with ExitStack() as stack:
+        try:
+            fd = stack.enter_context(folders.opened(result.outputs_dir, result.tree))
+        except FileNotFoundError as exc:
+            if exc.filename == str(result.outputs_dir):
+                raise
+            raise no_folder(result) from None
+        except OSError as exc:
+            what = "result folder" if exc.filename == str(result.tree) else "workflow folder"
+            if isinstance(exc, folders.SymlinkInTheWay):
+                raise exc.error(what) from None
+            raise os_error(exc, f"opening {what}", exc.filename) from None
         yield fd
-    finally:
-        os.close(fd)
 
 
 # A marker may come a moment before its folder; one older than this has lost its folder.

@@ -14,13 +14,14 @@ import contextlib
 import errno
 import json
 import os
+import secrets
 import stat
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from syncd import folders
 from syncd.errors import Kind, SyncdError, os_error
 from syncd.layout import LocalFile, Result
 
@@ -37,30 +38,35 @@ def stamp_of(info: os.stat_result) -> Stamp:
     return (info.st_ino, info.st_size, info.st_mtime_ns)
 
 
-def stamp(path: Path) -> Stamp | None:
-    """The file's stamp now, or None if there is no file."""
+def stamp(result: Result) -> Stamp | None:
+    """The metadata file's stamp now, or None if there is no file."""
     try:
-        return stamp_of(os.lstat(path))
+        with folders.opened(result.outputs_dir, result.metadata.parent) as fd:
+            return stamp_of(os.stat(result.metadata.name, dir_fd=fd, follow_symlinks=False))
     except FileNotFoundError:
         return None
 
 
-def read(path: Path) -> Metadata | None:
+def read(result: Result) -> Metadata | None:
     """The metadata object, or None when the file does not exist."""
-    return read_stamped(path)[0]
+    return read_stamped(result)[0]
 
 
-def read_stamped(path: Path) -> tuple[Metadata | None, Stamp | None]:
+def read_stamped(result: Result) -> tuple[Metadata | None, Stamp | None]:
     """The metadata object and the stamp of the file it was read from (None, None when there
-    is no file). A symlink is refused: the rewrite would have to write through it or replace
-    it, and neither is syncd's to do."""
+    is no file). It is read where it is written: from outputs_dir without following a symlink,
+    and a symlink in its place is refused (the rewrite would have to write through it or
+    replace it, and neither is syncd's to do)."""
+    path = result.metadata
     try:
-        # O_NONBLOCK: a FIFO in its place must not hang the reader (it is refused below).
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with folders.opened(result.outputs_dir, path.parent) as folder:
+            # O_NONBLOCK: a FIFO in its place must not hang the reader (it is refused below).
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            fd = os.open(path.name, flags, dir_fd=folder)
     except FileNotFoundError:
         return None, None
     except OSError as exc:
-        raise unusable(path, exc) from None
+        raise unusable(result, exc, "reading metadata") from None
     try:
         with os.fdopen(fd, "rb") as f:
             info = os.fstat(f.fileno())
@@ -72,7 +78,7 @@ def read_stamped(path: Path) -> tuple[Metadata | None, Stamp | None]:
                 )
             raw = f.read()
     except OSError as exc:
-        raise unusable(path, exc) from None
+        raise unusable(result, exc, "reading metadata") from None
     try:
         document = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -101,10 +107,15 @@ def completed(document: Metadata | None) -> bool:
     return document is not None and document.get("status") == "completed"
 
 
-def unusable(path: Path, exc: OSError) -> SyncdError:
+def unusable(result: Result, exc: OSError, action: str) -> SyncdError:
+    """What keeps syncd from reading or writing the result's metadata file."""
+    path = result.metadata
+    if isinstance(exc, folders.SymlinkInTheWay):
+        workflow = len(result.rel.parts) == 2 and exc.filename == str(result.tree.parent)
+        return exc.error("workflow folder" if workflow else f"metadata {path}: folder")
     if exc.errno == errno.ELOOP:
         return not_a_file(path, "a symlink")
-    return os_error(exc, "reading metadata", path)
+    return os_error(exc, action, path)
 
 
 def not_a_file(path: Path, what: str) -> SyncdError:
@@ -186,8 +197,9 @@ def recorded(
     return updated
 
 
-def write_atomic(path: Path, document: Metadata) -> Stamp:
-    """Replace `path` so readers see the old file or the new one, never a partial one. The new
+def write_atomic(result: Result, document: Metadata) -> Stamp:
+    """Replace the result's metadata file so readers see the old file or the new one, never a
+    partial one, in the folder reached from outputs_dir without following a symlink. The new
     file keeps the old one's mode, and its owner and group where this user may set them (so
     the server can still write it). Failures come as SyncdError; no temporary file stays.
     Returns the new file's stamp."""
@@ -196,20 +208,24 @@ def write_atomic(path: Path, document: Metadata) -> Stamp:
         data = text.encode()
     except UnicodeEncodeError:  # a lone surrogate in a value: keep it, as a JSON escape
         data = (json.dumps(document, indent=2) + "\n").encode()
+    path = result.metadata
     try:
-        return _write(path, data)
+        with folders.opened(result.outputs_dir, path.parent) as folder:
+            return _write(folder, path, data)
     except OSError as exc:
-        raise os_error(exc, "writing metadata", path) from None
+        raise unusable(result, exc, "writing metadata") from None
 
 
-def _write(path: Path, data: bytes) -> Stamp:
+def _write(folder: int, path: Path, data: bytes) -> Stamp:
     try:
-        old = path.lstat()
+        old = os.stat(path.name, dir_fd=folder, follow_symlinks=False)
     except FileNotFoundError:
         old = None
     if old is not None and not stat.S_ISREG(old.st_mode):
         raise not_a_file(path, "a symlink" if stat.S_ISLNK(old.st_mode) else "not a file")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    tmp = f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o600, dir_fd=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -220,13 +236,10 @@ def _write(path: Path, data: bytes) -> Stamp:
             os.fchmod(f.fileno(), old.st_mode & 0o7777 if old is not None else 0o644)
             os.fsync(f.fileno())
             written = stamp_of(os.fstat(f.fileno()))
-        os.replace(tmp, path)
+        os.replace(tmp, path.name, src_dir_fd=folder, dst_dir_fd=folder)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=folder)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    os.fsync(folder)  # make the rename itself durable
     return written

@@ -24,6 +24,7 @@ import itertools
 import json
 import os
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,11 +32,11 @@ from pathlib import Path, PurePosixPath
 
 from loguru import logger
 
-from syncd import metadata
+from syncd import folders, metadata
 from syncd.budget import TransferBudget, files_in_flight
-from syncd.config import Settings
+from syncd.config import EXEC_PREFIX, Settings
 from syncd.errors import Kind, SyncdError, os_error
-from syncd.layout import EXEC_PREFIX, Layout, LocalFile, Result, tree_files
+from syncd.layout import Layout, LocalFile, Result, tree_files
 from syncd.objects import headers_for, is_zarr_metadata
 from syncd.progress import Progress
 from syncd.signing import UrlSigner
@@ -120,7 +121,7 @@ class Publisher:
     async def read_metadata(
         self, result: Result
     ) -> tuple[metadata.Metadata | None, metadata.Stamp | None]:
-        return await asyncio.to_thread(metadata.read_stamped, result.metadata)
+        return await asyncio.to_thread(metadata.read_stamped, result)
 
     async def upload(
         self, result: Result, interrupted: bool, acknowledged: str | None = None
@@ -302,9 +303,9 @@ class Publisher:
             else None
         )
         # Re-read: the server may have added fields while the upload ran.
-        latest = metadata.read(result.metadata)
+        latest = metadata.read(result)
         return metadata.write_atomic(
-            result.metadata, metadata.recorded(latest, result, kept.output_files, signed_url)
+            result, metadata.recorded(latest, result, kept.output_files, signed_url)
         )
 
 
@@ -363,19 +364,35 @@ def aside_path(result: Result) -> Path:
     return result.tree.with_name(f".{result.name}{DELETING}")
 
 
+@contextlib.contextmanager
+def tree_parent(result: Result) -> Iterator[int]:
+    """The folder of the result's tree (outputs_dir or its workflow folder), opened from
+    outputs_dir without following a symlink: trees are moved and deleted in it by name."""
+    with folders.opened(result.outputs_dir, result.tree.parent) as fd:
+        yield fd
+
+
+def exists(name: str, folder: int) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=folder, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
 def move_aside(result: Result, files: list[LocalFile]) -> Path:
     """Move the tree aside (a crash never leaves a half tree under its name) and check it holds
     exactly the uploaded files; if not, move it back and retry: something was written after
     the upload, and it is not in the bucket."""
     aside = aside_path(result)
-    if aside.exists():  # never deleted unseen: it may be the only copy of something
-        raise SyncdError(
-            f"{aside} is in the way: a stopped syncd left it; restart syncd to clean it up, or "
-            "remove it",
-            Kind.OPERATOR,
-        )
     try:
-        os.rename(result.tree, aside)
+        with tree_parent(result) as parent:
+            if exists(aside.name, parent):  # never deleted unseen: it may be the only copy
+                raise SyncdError(
+                    f"{aside} is in the way: a stopped syncd left it; restart syncd to clean it "
+                    "up, or remove it",
+                    Kind.OPERATOR,
+                )
+            os.rename(result.name, aside.name, src_dir_fd=parent, dst_dir_fd=parent)
     except OSError as exc:
         raise os_error(exc, "moving aside", result.tree) from None
     moved = dataclasses.replace(result, rel=result.rel.with_name(aside.name))
@@ -394,13 +411,15 @@ def move_aside(result: Result, files: list[LocalFile]) -> Path:
 
 def move_back(result: Result, aside: Path) -> None:
     try:
-        os.rename(aside, result.tree)
+        with tree_parent(result) as parent:
+            os.rename(aside.name, result.name, src_dir_fd=parent, dst_dir_fd=parent)
     except OSError as exc:
         raise os_error(exc, f"moving {aside} back to", result.tree) from None
 
 
 def delete_aside(result: Result, aside: Path) -> None:
-    shutil.rmtree(aside)
+    with tree_parent(result) as parent:
+        shutil.rmtree(aside.name, dir_fd=parent)
     logger.info(
         "{}: removed the local tree {} (delete_local_after_upload)", result.name, result.tree
     )
@@ -409,48 +428,59 @@ def delete_aside(result: Result, aside: Path) -> None:
 def recover_leftovers(layout: Layout) -> None:
     """What a killed daemon left in the folders of outputs_dir: metadata temp files are
     removed, trees moved aside for deletion are deleted or put back (`recover_aside`)."""
-    folders = {layout.outputs_dir, *layout.workflow_dirs(), *layout.metadata_folders()}
-    for folder in sorted(folders):
+    places = {layout.outputs_dir, *layout.workflow_dirs(), *layout.metadata_folders()}
+    for place in sorted(places):
         try:
-            entries = list(os.scandir(folder))
-        except OSError:
-            continue
-        for entry in entries:
-            name = entry.name
-            try:
-                if name.startswith(".") and name.endswith(metadata.TEMP_SUFFIX):
-                    if entry.is_file(follow_symlinks=False):
-                        os.unlink(entry.path)
-                        logger.info("removed {} that a stopped daemon left", entry.path)
-                elif name.startswith(f".{EXEC_PREFIX}") and name.endswith(DELETING):
-                    rel = PurePosixPath(Path(folder).relative_to(layout.outputs_dir).as_posix())
-                    result = layout.result(rel / name[1 : -len(DELETING)])
-                    try:
-                        recorded = metadata.is_recorded(metadata.read(result.metadata), result)
-                    except SyncdError:
-                        recorded = False
+            with folders.opened(layout.outputs_dir, place) as folder:
+                with os.scandir(folder) as listing:
+                    entries = [(e.name, e.is_file(follow_symlinks=False)) for e in listing]
+                for name, is_file in entries:
+                    if name.startswith(".") and name.endswith(metadata.TEMP_SUFFIX) and is_file:
+                        try:
+                            os.unlink(name, dir_fd=folder)
+                        except OSError as exc:
+                            logger.warning(
+                                "cannot clean up {}: {}", place / name, os_error(exc, "removing")
+                            )
+                            continue
+                        logger.info("removed {} that a stopped daemon left", place / name)
+        except (OSError, SyncdError):
+            continue  # a folder not made yet, or not syncd's to clean
+        for name, _ in entries:
+            if name.startswith(f".{EXEC_PREFIX}") and name.endswith(DELETING):
+                rel = PurePosixPath(place.relative_to(layout.outputs_dir).as_posix())
+                result = layout.result(rel / name[1 : -len(DELETING)])
+                try:
+                    recorded = metadata.is_recorded(metadata.read(result), result)
+                except SyncdError:
+                    recorded = False
+                try:
                     recover_aside(result, recorded)
-            except OSError as exc:
-                logger.warning("cannot clean up {}: {}", entry.path, os_error(exc, "removing"))
+                except OSError as exc:
+                    logger.warning(
+                        "cannot clean up {}: {}", place / name, os_error(exc, "recovering")
+                    )
 
 
 def recover_aside(result: Result, recorded: bool) -> None:
     """A tree a killed daemon left moved aside: deleted if its result is recorded (the bucket
     was verified before), otherwise put back under its name."""
     aside = aside_path(result)
-    if not aside.is_dir() or aside.is_symlink():
-        return
-    if recorded:
-        shutil.rmtree(aside)
-        logger.info("{}: removed {} that a stopped daemon left", result.name, aside)
-    elif not result.tree.exists():
-        os.rename(aside, result.tree)
-        logger.warning("{}: put back {} that a stopped daemon left aside", result.name, aside)
-    else:
-        logger.warning(
-            "{}: {} was left aside by a stopped daemon and {} exists again: compare and remove "
-            "one of them",
-            result.name,
-            aside,
-            result.tree,
-        )
+    with tree_parent(result) as parent:
+        found = exists(aside.name, parent)
+        if found is None or not stat.S_ISDIR(found.st_mode):
+            return
+        if recorded:
+            shutil.rmtree(aside.name, dir_fd=parent)
+            logger.info("{}: removed {} that a stopped daemon left", result.name, aside)
+        elif exists(result.name, parent) is None:
+            os.rename(aside.name, result.name, src_dir_fd=parent, dst_dir_fd=parent)
+            logger.warning("{}: put back {} that a stopped daemon left aside", result.name, aside)
+        else:
+            logger.warning(
+                "{}: {} was left aside by a stopped daemon and {} exists again: compare and "
+                "remove one of them",
+                result.name,
+                aside,
+                result.tree,
+            )

@@ -44,7 +44,7 @@ class Resigner:
         """Re-sign `result` if its URL is close to expiry; remember when to look again.
         Returns the metadata's new stamp when it was rewritten."""
         rel = result.rel.as_posix()
-        document = metadata.read(result.metadata)
+        document = metadata.read(result)
         if document is None or not metadata.is_recorded(document, result):
             # Gone, or written again without the record: the daemon restores that one.
             self.next_look.pop(rel, None)
@@ -54,7 +54,7 @@ class Resigner:
             self.next_look[rel] = expires - self.margin
             return None
         document["signed_url"] = self.signer.sign(result.remote_path, self.lifetime, now=now)
-        written = metadata.write_atomic(result.metadata, document)
+        written = metadata.write_atomic(result, document)
         self.next_look[rel] = now + self.lifetime - self.margin
         logger.info(
             "{}: signed URL renewed until {}",

@@ -38,7 +38,7 @@ def records(settings: Settings) -> list[Record]:
         if rel in known and known[rel].state != State.FORGOTTEN:
             continue
         try:
-            document = metadata.read(result.metadata)
+            document = metadata.read(result)
         except SyncdError:
             document = None
         if result.by_metadata and not metadata.completed(document):

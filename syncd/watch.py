@@ -31,8 +31,8 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
-from syncd.config import DaemonSettings
-from syncd.layout import EXEC_PREFIX, Layout
+from syncd.config import EXEC_PREFIX, DaemonSettings
+from syncd.layout import Layout
 
 Identity = tuple[int, int]  # (st_dev, st_ino) of a watched folder
 

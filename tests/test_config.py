@@ -239,6 +239,43 @@ BAD = [
         "Input should be a valid boolean, unable to interpret input",
     ),
     (
+        {"syncd": {"metadata_file": "{workflow}/meta_{exec}.json"}},
+        {},
+        "invalid setting syncd.metadata_file (in {path}) = '{{workflow}}/meta_{{exec}}.json': for "
+        "a result exec_x (at the top level: {{workflow}} empty) it names /meta_exec_x.json, which "
+        "is not inside outputs_dir (it starts with / or holds ..), and syncd writes nothing "
+        "outside outputs_dir: use e.g. {{exec_path}}.json or metadata_{{workflow}}:{{exec}}.json",
+    ),
+    (
+        {"syncd": {"metadata_file": ".{workflow}./meta_{exec}.json"}},
+        {},
+        "invalid setting syncd.metadata_file (in {path}) = '.{{workflow}}./meta_{{exec}}.json': "
+        "for a result exec_x (at the top level: {{workflow}} empty) it names ../meta_exec_x.json, "
+        "which is not inside outputs_dir (it starts with / or holds ..), and syncd writes nothing "
+        "outside outputs_dir: use e.g. {{exec_path}}.json or metadata_{{workflow}}:{{exec}}.json",
+    ),
+    (
+        {"syncd": {"metadata_file": "meta_{exec}.json"}},
+        {},
+        "invalid syncd settings (config file {path}): metadata_file 'meta_{{exec}}.json' does not "
+        "say the workflow, so results of two workflows with the same exec folder (wfa/exec_1 and "
+        "wfb/exec_1) would share one metadata file: use {{exec_path}}, or {{workflow}} and "
+        "{{exec}}, e.g. {{exec_path}}.json",
+    ),
+    (
+        {"syncd": {"metadata_file": "{exec_path}.done"}},
+        {},
+        "invalid syncd settings (config file {path}): metadata_file '{{exec_path}}.done' names "
+        "the marker itself (exec_x.done): give the metadata another name, e.g. {{exec_path}}.json",
+    ),
+    (
+        {"syncd": {"metadata_file": "exec_meta/{exec_path}.json"}},
+        {},
+        "invalid setting syncd.metadata_file (in {path}) = 'exec_meta/{{exec_path}}.json': "
+        "puts the metadata inside the result tree, where it would be uploaded as part of the "
+        "result: put it beside the tree, e.g. {{exec_path}}.json",
+    ),
+    (
         {"syncd": {"metadata_file": "{exec}.{nope}.json"}},
         {},
         "invalid setting syncd.metadata_file (in {path}) = '{{exec}}.{{nope}}.json': unknown "

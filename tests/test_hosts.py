@@ -141,7 +141,7 @@ def test_a_full_outputs_filesystem_resumes_by_itself_and_leaves_nothing_behind(
 def test_a_full_disk_while_recording_does_not_upload_again(moto_workspace, tmpfs):
     ws = moto_workspace
     ws.settings["syncd"]["retry_max_delay"] = 1
-    ws.settings["syncd"]["metadata_file"] = "meta/{exec}.json"
+    ws.settings["syncd"]["metadata_file"] = "meta/{exec_path}.json"
     meta = tmpfs.mount(ws.outputs / "meta", size="1m")
     ws.result("exec_8_abcdef08", {"h.bin": os.urandom(MiB)}, metadata=None)
     filler = tmpfs.fill(meta)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import PurePosixPath
 
 from syncd import metadata
+from syncd.config import load_settings
+from syncd.layout import Layout
 from tests.conftest import md5
 
 RECORDED = ("storage_type", "signed_url", "remote_path", "output_files")
@@ -87,13 +90,19 @@ def test_malformed_metadata_is_left_byte_for_byte_and_named(moto_workspace):
     assert sorted(p.name for p in ws.outputs.iterdir() if p.name.startswith(".")) == []
 
 
+def result_in(outputs):
+    """The result exec_1 of an outputs dir, as the daemon's layout names it."""
+    settings = load_settings(environ={"SYNCD_OUTPUTS_DIR": str(outputs)})[0]
+    return Layout(settings).result(PurePosixPath("exec_1"))
+
+
 def test_write_is_atomic_and_keeps_the_file_mode(tmp_path):
     path = tmp_path / "exec_1.json"
     path.write_text(json.dumps({"a": 1}))
     path.chmod(0o640)
     inode_before = path.stat().st_ino
 
-    metadata.write_atomic(path, {"a": 1, "storage_type": "s3"})
+    metadata.write_atomic(result_in(tmp_path), {"a": 1, "storage_type": "s3"})
 
     assert json.loads(path.read_text()) == {"a": 1, "storage_type": "s3"}
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
@@ -109,7 +118,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path):
         pass
 
     try:
-        metadata.write_atomic(path, {"a": Unserialisable()})
+        metadata.write_atomic(result_in(tmp_path), {"a": Unserialisable()})
     except TypeError:
         pass
     else:

@@ -54,6 +54,7 @@ def test_a_workflow_folder_that_is_a_symlink_is_never_followed(moto_workspace, t
     (elsewhere / "exec_3_abcdef03" / "credentials").write_bytes(SECRET)
     (elsewhere / "exec_3_abcdef03.done").write_text("")
     (ws.outputs / "wf").symlink_to(elsewhere)
+    before = sorted(elsewhere.rglob("*"))
 
     daemon = ws.daemon()
     log = daemon.wait_log("is a symlink; syncd never follows one, so its results")
@@ -65,6 +66,27 @@ def test_a_workflow_folder_that_is_a_symlink_is_never_followed(moto_workspace, t
     assert f"workflow folder {ws.outputs / 'wf'} is a symlink; syncd never follows one" in (
         done.stderr
     )
+    assert ws.objects() == {}
+    assert sorted(elsewhere.rglob("*")) == before  # no claim, no metadata written there
+
+
+def test_nothing_is_written_through_a_metadata_folder_that_is_a_symlink(moto_workspace, tmp_path):
+    ws = moto_workspace
+    ws.settings["syncd"]["metadata_file"] = "meta/{exec_path}.json"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (ws.outputs / "meta").symlink_to(elsewhere)
+    ws.result("exec_1_abcdef01", {"a": b"a"}, metadata=None)
+
+    done = ws.sync("exec_1_abcdef01")
+
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1].endswith(
+        f"exec_1_abcdef01: metadata {ws.outputs / 'meta' / 'exec_1_abcdef01.json'}: folder "
+        f"{ws.outputs / 'meta'} is a symlink; syncd never follows one: move the folder itself "
+        "there"
+    )
+    assert list(elsewhere.iterdir()) == []
     assert ws.objects() == {}
 
 
