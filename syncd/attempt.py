@@ -61,6 +61,13 @@ class Held:
 
 
 @dataclass(frozen=True)
+class Elsewhere:
+    """Its metadata records another place (`remote_path`): left alone."""
+
+    remote_path: str
+
+
+@dataclass(frozen=True)
 class Failed:
     error: SyncdError
     attempts: int  # failed attempts so far, this one included
@@ -72,7 +79,7 @@ class Failed:
         return self.error.code == metadata.BEING_WRITTEN_CODE
 
 
-Outcome = Recorded | Unfinished | Held | Failed
+Outcome = Recorded | Unfinished | Held | Elsewhere | Failed
 
 
 class Attempts:
@@ -106,14 +113,23 @@ class Attempts:
             return self.unfinished(result, "its marker was removed")
         document, stamp = await self.publisher.read_metadata(result)
         recorded = metadata.is_recorded(document, result)
+        own = self.own_record(result)
         if not force:
             if result.by_metadata and not metadata.completed(document):
                 return self.unfinished(result, not_completed(document))
             if recorded:
                 return self.already(result, document, stamp)
-            kept = self.kept(result)
-            if kept is not None:
-                return self.restored(result, await self.publisher.restore(result, kept), kept)
+            elsewhere = foreign(document, result, own)
+            if elsewhere is not None:
+                return self.left_alone(result, elsewhere, stamp)
+            if self.record_dropped_lately(result, stamp):
+                # Its owner restores it within seconds, if it is still there to do it.
+                return Held("the daemon whose record its metadata held")
+            if own is not None and own.remote_path == result.remote_path:
+                restored = await self.publisher.restore(result, own)
+                if restored is None:
+                    return await self.overtaken(result, own)
+                return self.restored(result, restored, own)
         claim = await asyncio.to_thread(claims.try_claim, result, self.config.claim_timeout)
         if isinstance(claim, str):
             logger.debug("{}: being published by {}", result.name, claim)
@@ -122,26 +138,30 @@ class Attempts:
         try:
             # Under the claim, look again: another daemon may have recorded it meanwhile.
             document, stamp = await self.publisher.read_metadata(result)
-            if metadata.is_recorded(document, result) and not force:
-                return self.already(result, document, stamp)
+            if not force:
+                if metadata.is_recorded(document, result):
+                    return self.already(result, document, stamp)
+                elsewhere = foreign(document, result, own)
+                if elsewhere is not None:
+                    return self.left_alone(result, elsewhere, stamp)
             uploaded = await self.upload(result, published_before=recorded, claim=claim)
             if not await asyncio.to_thread(claim.still_ours):
                 raise SyncdError("another daemon took over this result; leaving it")
             files = metadata.output_files(result, uploaded.files, uploaded.md5)
             kept = Kept(result.remote_path, files)
-            stamp = await self.publisher.record(result, uploaded, kept)
+            replaces = own.remote_path if own is not None else None
+            written = await self.publisher.record(result, uploaded, kept, replaces, force)
         finally:
             heartbeat.cancel()
             await asyncio.to_thread(claim.release)
-        return self.done(result, uploaded, kept, stamp)
+        if written is None:
+            return await self.overtaken(result, own)
+        return self.done(result, uploaded, kept, written)
 
-    def kept(self, result: Result) -> Kept | None:
-        """The record this daemon made for the result, if it made one for this remote_path."""
+    def own_record(self, result: Result) -> Kept | None:
+        """The record this daemon made for the result, for whatever remote_path it had then."""
         text = self.state.kept(result.rel.as_posix())
-        if text is None:
-            return None
-        kept = Kept.loads(text)
-        return kept if kept.remote_path == result.remote_path else None
+        return Kept.loads(text) if text is not None else None
 
     async def upload(self, result: Result, published_before: bool, claim: claims.Claim) -> Uploaded:
         rel = result.rel.as_posix()
@@ -178,6 +198,45 @@ class Attempts:
                 self.state.keep_record(rel, kept.dumps())
         self.reported.pop(rel, None)
         return Recorded(stamp)
+
+    def record_dropped_lately(self, result: Result, stamp: Stamp | None) -> bool:
+        """Whether the metadata held another place's record until someone wrote it again
+        less than claim_timeout ago (the server writing its own view, say)."""
+        previous = self.previous(result.rel.as_posix())
+        if previous is None or previous.state != State.ELSEWHERE or stamp is None:
+            return False
+        return time.time() - stamp[2] / 1e9 < self.config.claim_timeout
+
+    async def overtaken(self, result: Result, own: Kept | None) -> Outcome:
+        """Another place's record came into the metadata while this attempt worked."""
+        document, stamp = await self.publisher.read_metadata(result)
+        elsewhere = foreign(document, result, own)
+        if elsewhere is None:  # gone again meanwhile: the change is looked at anew
+            raise SyncdError("its metadata changed while it was recorded; trying again")
+        return self.left_alone(result, elsewhere, stamp)
+
+    def left_alone(self, result: Result, elsewhere: str, stamp: Stamp | None) -> Outcome:
+        """Its metadata records another place: another syncd's prefix (two daemons on one
+        outputs dir), the server's own upload, or another result sharing the file. Never
+        overwritten, so two daemons never take turns at one file; said once."""
+        rel = result.rel.as_posix()
+        message = (
+            f"its metadata {result.metadata} records {elsewhere}, not {result.remote_path} "
+            "(another syncd's prefix, the server's own upload, or another result's "
+            f"file); left as it is: `syncd sync {result.tree}` publishes it to "
+            f"{result.remote_path}"
+        )
+        previous = self.state.get(rel)
+        said = previous is not None and (previous.state, previous.last_error) == (
+            State.ELSEWHERE,
+            message,
+        )
+        if not said and self.reported.get(rel) != message:
+            logger.warning("{}: {}", result.name, message)
+        self.reported[rel] = message
+        self.state.set(Record(rel, State.ELSEWHERE, last_error=message))
+        self.state.watch(rel, stamp)
+        return Elsewhere(elsewhere)
 
     def restored(self, result: Result, stamp: Stamp, kept: Kept) -> Outcome:
         rel = result.rel.as_posix()
@@ -299,6 +358,16 @@ class Attempts:
             self.state.set(Record(rel, State.FORGOTTEN, last_error=short or why))
         except SyncdError as exc:
             logger.warning("{}: {}", result.name, exc)
+
+
+def foreign(document: Metadata | None, result: Result, own: Kept | None) -> str | None:
+    """The remote_path of another place's record in the metadata, which is left alone; a record
+    this daemon made itself before its prefix changed (`own`) is not one: it is published anew
+    under the prefix of now."""
+    elsewhere = metadata.recorded_elsewhere(document, result)
+    if elsewhere is None or (own is not None and own.remote_path == elsewhere):
+        return None
+    return elsewhere
 
 
 def not_completed(document: Metadata | None) -> str:

@@ -73,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
     status_parser = commands.add_parser(
         "status",
         parents=[common],
-        help="each result's state: pending, uploading, retrying, done, forgotten",
+        help="each result's state: pending, uploading, retrying, done, elsewhere, forgotten",
     )
     status_parser.add_argument("--json", action="store_true", help="one JSON list instead")
     commands.add_parser(

@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 from loguru import logger
 
 from syncd import metadata
-from syncd.attempt import Attempts, Failed, Held, Outcome, Recorded, Unfinished
+from syncd.attempt import Attempts, Elsewhere, Failed, Held, Outcome, Recorded, Unfinished
 from syncd.config import Settings
 from syncd.errors import SyncdError, classify
 from syncd.layout import Layout, Result
@@ -440,7 +440,7 @@ class Daemon:
                     self.resigner.track(rel)
                 self.since.pop(rel, None)
                 self.count(result, outcome)
-            case Unfinished():
+            case Unfinished() | Elsewhere():
                 self.since.pop(rel, None)
             case Held():
                 pass  # a rescan looks again; a dead owner's claim expires

@@ -135,6 +135,17 @@ def is_recorded(document: Metadata | None, result: Result) -> bool:
     )
 
 
+def recorded_elsewhere(document: Metadata | None, result: Result) -> str | None:
+    """The remote_path of a record the metadata holds for another place than this result's
+    (another prefix, another result sharing the file, the server's own upload), or None."""
+    if document is None or document.get("storage_type") != "s3":
+        return None
+    remote_path = document.get("remote_path")
+    if not isinstance(remote_path, str) or not remote_path or remote_path == result.remote_path:
+        return None
+    return remote_path
+
+
 @dataclass(frozen=True)
 class Kept:
     """The record syncd made for a result, kept in its state to restore it if the metadata is

@@ -55,6 +55,18 @@ def changed() -> SyncdError:
 
 
 @dataclass(frozen=True)
+class Replaceable:
+    """Which record of another place the metadata may hold and still be recorded into: this
+    daemon's own earlier one (`own`), or with `force` any."""
+
+    own: str | None = None
+    force: bool = False
+
+    def holds(self, remote_path: str) -> bool:
+        return self.force or remote_path == self.own
+
+
+@dataclass(frozen=True)
 class Uploaded:
     """A tree the store has acknowledged, file by file."""
 
@@ -157,28 +169,40 @@ class Publisher:
         return Uploaded(files, md5, total, seconds, done, sent=True)
 
     async def record(
-        self, result: Result, uploaded: Uploaded, kept: metadata.Kept
-    ) -> metadata.Stamp:
+        self,
+        result: Result,
+        uploaded: Uploaded,
+        kept: metadata.Kept,
+        replaces: str | None = None,
+        force: bool = False,
+    ) -> metadata.Stamp | None:
         """Sign and write `kept` (the record of `uploaded`) into the metadata; with
         delete_local_after_upload, delete the tree only once the bucket verifiably holds every
-        file of it. Returns the metadata's stamp."""
+        file of it. Returns the metadata's stamp, or None (nothing written, nothing deleted)
+        when the metadata meanwhile records another place, unless it is `replaces` (this
+        daemon's own earlier record) or `force`."""
+        replaceable = Replaceable(replaces, force)
         if not self.delete_local:
-            return await asyncio.to_thread(self._record, result, kept)
+            return await asyncio.to_thread(self._record, result, kept, replaceable)
         # A listing costs little on S3, but some servers hash every object to answer it
         # (rclone: ~0.7 s per 500 MB), so it is paid only where it guards the last copy.
         await self._verify(result, uploaded.files)
         aside = await asyncio.to_thread(move_aside, result, uploaded.files)
         try:
-            stamp = await asyncio.to_thread(self._record, result, kept)
+            stamp = await asyncio.to_thread(self._record, result, kept, replaceable)
         except BaseException:
             await asyncio.to_thread(move_back, result, aside)
             raise
+        if stamp is None:
+            await asyncio.to_thread(move_back, result, aside)
+            return None
         await asyncio.to_thread(delete_aside, result, aside)
         return stamp
 
-    async def restore(self, result: Result, kept: metadata.Kept) -> metadata.Stamp:
-        """Write a record made before into the metadata again, with a fresh signed URL."""
-        return await asyncio.to_thread(self._record, result, kept)
+    async def restore(self, result: Result, kept: metadata.Kept) -> metadata.Stamp | None:
+        """Write a record made before into the metadata again, with a fresh signed URL; None
+        when the metadata records another place by now."""
+        return await asyncio.to_thread(self._record, result, kept, Replaceable())
 
     def _list_tree(self, result: Result) -> list[LocalFile]:
         with tree_errors(result):
@@ -296,14 +320,21 @@ class Publisher:
                 "the local tree is kept"
             )
 
-    def _record(self, result: Result, kept: metadata.Kept) -> metadata.Stamp:
+    def _record(
+        self, result: Result, kept: metadata.Kept, replaceable: Replaceable
+    ) -> metadata.Stamp | None:
         signed_url = (
             self.signer.sign(result.remote_path, self.storage.signed_url_expires_in)
             if self.signer
             else None
         )
-        # Re-read: the server may have added fields while the upload ran.
+        # Re-read: the server may have added fields while the upload ran, and another daemon
+        # may have recorded the result for its own prefix (never overwritten, or two daemons
+        # would take turns at the file).
         latest = metadata.read(result)
+        elsewhere = metadata.recorded_elsewhere(latest, result)
+        if elsewhere is not None and not replaceable.holds(elsewhere):
+            return None
         return metadata.write_atomic(
             result, metadata.recorded(latest, result, kept.output_files, signed_url)
         )

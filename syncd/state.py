@@ -2,11 +2,13 @@
 
 A result is `pending` (marked, not started), `uploading`, `retrying` (with attempts, last
 error and next try: the one place a retry time is kept; the daemon offers a result again when
-it falls due), `done`, or `forgotten` (its marker was removed while it waited). A
+it falls due), `done`, `forgotten` (its marker was removed while it waited), or `elsewhere`
+(its metadata records another place: another prefix's or another result's record, left alone). A
 result whose tree was uploaded whole but not recorded keeps that upload's acknowledgement (the
 tree's fingerprint and each file's MD5), so the next attempt records it without sending the
-tree again. A recorded result keeps the stamp of its metadata as syncd last wrote or saw it, so
-a write by someone else is noticed with a stat while nothing of it is held in memory.
+tree again. A recorded result (done or elsewhere) keeps the stamp of its metadata as syncd
+last wrote or saw it, so a write by someone else is noticed with a stat while nothing of it is
+held in memory.
 `syncd status` reads the same file while the daemon runs.
 
 The metadata files are the record of what is published; this database is only a journal. A
@@ -79,6 +81,11 @@ class State(StrEnum):
     RETRYING = "retrying"
     DONE = "done"
     FORGOTTEN = "forgotten"
+    ELSEWHERE = "elsewhere"  # its metadata records another place: left alone
+
+
+# The states whose metadata is watched: a change by someone else is looked at.
+WATCHED = (State.DONE.value, State.ELSEWHERE.value)
 
 
 @dataclass(frozen=True)
@@ -254,7 +261,7 @@ class StateStore:
         """The stamp of a recorded result's metadata, or None if it is not a watched one."""
         with self.errors():
             row = self.db.execute(
-                "SELECT stamp FROM results WHERE rel = ? AND state = ?", (rel, State.DONE.value)
+                "SELECT stamp FROM results WHERE rel = ? AND state IN (?, ?)", (rel, *WATCHED)
             ).fetchone()
         return _stamp(row[0]) if row else None
 
@@ -262,8 +269,8 @@ class StateStore:
         """Every recorded result whose metadata is watched, with its stamp."""
         with self.errors():
             rows = self.db.execute(
-                "SELECT rel, stamp FROM results WHERE state = ? AND stamp IS NOT NULL",
-                (State.DONE.value,),
+                "SELECT rel, stamp FROM results WHERE state IN (?, ?) AND stamp IS NOT NULL",
+                WATCHED,
             ).fetchall()
         return [(rel, stamp) for rel, text in rows if (stamp := _stamp(text)) is not None]
 

@@ -1,8 +1,9 @@
 """`syncd status`: every finished result with its state, from the state file and the
 completion signals (markers, or metadata that says completed).
 
-A finished result the state file does not know yet is `pending`, or `done` when its metadata
-already records it (another daemon published it).
+A finished result the state file does not know yet is `pending`, `done` when its metadata
+already records it (another daemon published it), or `elsewhere` when its metadata records
+another place.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ ORDER = {
     State.RETRYING: 0,
     State.UPLOADING: 1,
     State.PENDING: 2,
-    State.DONE: 3,
-    State.FORGOTTEN: 4,
+    State.ELSEWHERE: 3,
+    State.DONE: 4,
+    State.FORGOTTEN: 5,
 }
+# The states whose last error says why they are as they are.
+EXPLAINED = (State.RETRYING, State.FORGOTTEN, State.ELSEWHERE)
 
 
 def records(settings: Settings) -> list[Record]:
@@ -43,8 +47,14 @@ def records(settings: Settings) -> list[Record]:
             document = None
         if result.by_metadata and not metadata.completed(document):
             continue
-        recorded = metadata.is_recorded(document, result)
-        known[rel] = Record(rel, State.DONE if recorded else State.PENDING)
+        if metadata.is_recorded(document, result):
+            known[rel] = Record(rel, State.DONE)
+        elif (elsewhere := metadata.recorded_elsewhere(document, result)) is not None:
+            known[rel] = Record(
+                rel, State.ELSEWHERE, last_error=f"its metadata records {elsewhere}"
+            )
+        else:
+            known[rel] = Record(rel, State.PENDING)
     return sorted(known.values(), key=lambda r: (ORDER[r.state], r.rel))
 
 
@@ -63,7 +73,7 @@ def table(rows: list[Record], now: float | None = None) -> str:
             f"in {max(r.next_try - now, 0):.0f} s"
             if r.next_try and r.state == State.RETRYING
             else "-",
-            (r.last_error or "-") if r.state in (State.RETRYING, State.FORGOTTEN) else "-",
+            (r.last_error or "-") if r.state in EXPLAINED else "-",
         )
         for r in rows
     ]

@@ -209,6 +209,52 @@ def test_two_daemons_on_one_outputs_dir_publish_each_result_once(moto_workspace)
     assert leftovers == []
 
 
+def test_two_daemons_with_other_prefixes_never_take_turns_at_one_metadata_file(moto_workspace):
+    """A bucket migration: two daemons with different prefixes on one outputs dir. Whichever
+    records a result first owns its metadata; the other says so once and leaves it alone, also
+    when the server writes its own view again."""
+    ws = moto_workspace
+    ws.settings["syncd"]["rescan_interval"] = 0.5
+    rel = "wf/exec_1_abcdef01"
+    ws.result(rel, {"a": b"a"})
+    daemons = {}
+    for prefix in ("old", "new"):
+        ws.settings["object_storage"]["prefix"] = prefix
+        ws.settings["syncd"]["state_dir"] = str(ws.root / f"state-{prefix}")
+        daemons[prefix] = ws.daemon()
+        daemons[prefix].wait_log("syncd watching")
+    path = ws.metadata_path(rel)
+
+    def settled() -> tuple[int, int]:
+        """The record's file once it holds one, then a few rescans of both daemons later."""
+        wait_until(lambda: ws.recorded(rel), what="recorded")
+        before = (path.stat().st_ino, path.stat().st_mtime_ns)
+        time.sleep(2)  # four rescans each: nothing may be written meanwhile
+        assert (path.stat().st_ino, path.stat().st_mtime_ns) == before
+        return before
+
+    ws.mark(rel)
+    settled()
+    winner = ws.metadata(rel)["remote_path"].split("/")[0]
+    loser = "new" if winner == "old" else "old"
+    path.write_text(json.dumps({"request_id": rel, "status": "completed", "storage_type": "x"}))
+    settled()
+
+    assert all(daemon.terminate() == 0 for daemon in daemons.values())
+    assert ws.metadata(rel)["remote_path"] == f"{winner}/{rel}"
+    assert set(ws.objects()) == {f"{winner}/{rel}/a"}
+    said = [line for line in daemons[loser].log().splitlines() if "left as it is" in line]
+    assert len(said) == 1, said
+    assert said[0].endswith(
+        f"exec_1_abcdef01: its metadata {path} records {winner}/{rel}, not {loser}/{rel} "
+        "(another syncd's prefix, the server's own upload, or another result's file); "
+        f"left as it is: `syncd sync {ws.outputs / rel}` publishes it to {loser}/{rel}"
+    )
+    ws.settings["object_storage"]["prefix"] = loser
+    ws.settings["syncd"]["state_dir"] = str(ws.root / f"state-{loser}")
+    assert status(ws)[rel]["state"] == "elsewhere"
+
+
 def test_a_dead_daemons_claim_is_taken_over(moto_workspace):
     ws = moto_workspace
     ws.settings["syncd"]["claim_timeout"] = 10
