@@ -31,7 +31,7 @@ from syncd.errors import SyncdError, classify
 from syncd.layout import Result
 from syncd.metadata import Kept, Metadata, Stamp
 from syncd.publish import Publisher, Uploaded
-from syncd.state import Record, State, StateStore
+from syncd.state import Record, State, StateStore, clock
 
 # Seconds before a metadata file that is being written is read again.
 BEING_WRITTEN_RETRY = 1.0
@@ -299,7 +299,7 @@ class Attempts:
             attempts,
             str(error),
             error.permanent,
-            time.time() + delay,
+            clock() + delay,
             uploaded=previous.uploaded if previous else None,
         )
         try:

@@ -11,7 +11,9 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ from syncd.storage import open_store
 
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT; another signal: 128 + its number
 
 
 def parser() -> argparse.ArgumentParser:
@@ -121,7 +123,10 @@ def signer_for(settings: Settings) -> UrlSigner | None:
     return signer
 
 
-async def run_daemon(settings: Settings, signer: UrlSigner | None) -> int:
+async def run_daemon(
+    settings: Settings, signer: UrlSigner | None, load: Callable[[], Settings]
+) -> int:
+    """The daemon; `load` reads the settings again for a reload."""
     layout = Layout(settings)
     if not layout.outputs_dir.is_dir():
         raise ConfigError(
@@ -136,7 +141,8 @@ async def run_daemon(settings: Settings, signer: UrlSigner | None) -> int:
         await store.connect()
         publisher = Publisher(settings, store, signer)
         resigner = Resigner(settings, signer) if signer else None
-        await Daemon(settings, layout, publisher, state, Notifier(), resigner, metrics).run()
+        daemon = Daemon(settings, layout, publisher, state, Notifier(), resigner, metrics, load)
+        await daemon.run()
     finally:
         metrics.stop()
         await store.close()
@@ -240,20 +246,39 @@ def run_command(argv: list[str] | None = None) -> int:
         require_enabled(settings)
         signer = signer_for(settings)
         if args.command == "sync":
+            for sig in (signal.SIGTERM, signal.SIGHUP):  # said and ended like Ctrl-C
+                signal.signal(sig, interrupt)
             return asyncio.run(run_sync(settings, signer, args.exec_dirs))
-        return asyncio.run(run_daemon(settings, signer))
+        flags = flags_from(args)
+        return asyncio.run(
+            run_daemon(settings, signer, lambda: load_settings(args.config, flags)[0])
+        )
     except (ConfigError, LayoutError) as exc:
         print(f"syncd: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except SyncdError as exc:
         print(f"syncd: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        sig = exc.signal if isinstance(exc, Interrupted) else signal.SIGINT
         print(
-            "syncd: interrupted; results not yet recorded are published by the next run",
+            f"syncd: interrupted by {sig.name}; results not yet recorded are published by the "
+            "next run",
             file=sys.stderr,
         )
-        return EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED + sig - signal.SIGINT
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal that ends `syncd sync` as Ctrl-C does."""
+
+    def __init__(self, sig: signal.Signals) -> None:
+        super().__init__(sig.name)
+        self.signal = sig
+
+
+def interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(signal.Signals(signum))
 
 
 def main() -> None:

@@ -585,6 +585,55 @@ class Origin:
         return "default"
 
 
+# What a reload (SIGHUP, `systemctl reload syncd`) changes in the running daemon; every other
+# setting keeps its value until a restart. CloudFront's settings change live while URLs are
+# signed before and after (a key rotated); turning signing on or off takes a restart.
+LIVE = {
+    "syncd": {
+        "log_level",
+        "log_format",
+        "rescan_interval",
+        "stop_grace",
+        "retry_min_delay",
+        "retry_max_delay",
+        "retry_permanent_delay",
+        "claim_timeout",
+        "resign_fraction",
+        "delete_local_after_upload",
+    },
+    "object_storage": {
+        "signed_url_expires_in",
+        "cloudfront_domain",
+        "cloudfront_key_pair_id",
+        "cloudfront_private_key_path",
+        "cloudfront_private_key",
+    },
+}
+
+
+def changes(old: Settings, new: Settings) -> tuple[list[str], list[str]]:
+    """The settings that differ, as `section.key`: those a reload changes live, and those that
+    take a restart."""
+    live: list[str] = []
+    fixed: list[str] = []
+    signing = old.object_storage.signs_urls == new.object_storage.signs_urls
+    for section in SECTIONS:
+        before, after = getattr(old, section), getattr(new, section)
+        for key in type(before).model_fields:
+            if getattr(before, key) == getattr(after, key):
+                continue
+            applies = key in LIVE[section] and (signing or not key.startswith("cloudfront"))
+            (live if applies else fixed).append(f"{section}.{key}")
+    return live, fixed
+
+
+def apply(running: Settings, new: Settings, names: list[str]) -> None:
+    """Give the running settings (which every part of the daemon reads) these new values."""
+    for name in names:
+        section, key = name.split(".")
+        setattr(getattr(running, section), key, getattr(getattr(new, section), key))
+
+
 def redacted(settings: Settings) -> dict[str, Any]:
     """The effective settings as plain data, secrets replaced, for `syncd check`."""
     data = settings.model_dump(mode="json")

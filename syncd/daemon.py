@@ -41,9 +41,9 @@ from typing import Any, TypeVar
 
 from loguru import logger
 
-from syncd import metadata
+from syncd import logs, metadata
 from syncd.attempt import Attempts, Elsewhere, Failed, Held, Outcome, Recorded, Unfinished
-from syncd.config import Settings
+from syncd.config import ConfigError, Settings, apply, changes
 from syncd.errors import SyncdError, classify
 from syncd.layout import Layout, Result
 from syncd.metadata import Stamp
@@ -51,7 +51,8 @@ from syncd.metrics import Metrics, Standing, status_line
 from syncd.notify import Notifier
 from syncd.publish import Publisher, recover_leftovers
 from syncd.resign import Resigner
-from syncd.state import State, StateStore
+from syncd.signing import UrlSigner
+from syncd.state import State, StateStore, clock
 from syncd.watch import ResultWatcher
 
 T = TypeVar("T")
@@ -75,7 +76,10 @@ class Daemon:
         notifier: Notifier,
         resigner: Resigner | None,
         metrics: Metrics,
+        load: Callable[[], Settings],
     ) -> None:
+        self.settings = settings
+        self.load = load  # the settings as the files say now, for a reload
         self.config = settings.syncd
         self.layout = layout
         self.publisher = publisher
@@ -101,11 +105,15 @@ class Daemon:
         self.unhealthy: str | None = None
         self.stopping = asyncio.Event()
         self.aborting = asyncio.Event()
+        self.reloading = asyncio.Event()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, self.request_stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.reloading.set)
+        for sig in IGNORED_SIGNALS:
+            loop.add_signal_handler(sig, ignored, sig)
         self.state.start()
         await asyncio.to_thread(recover_leftovers, self.layout)
         self.progress_at = loop.time()
@@ -120,15 +128,13 @@ class Daemon:
         watcher.start()
         workers = [asyncio.create_task(self.work()) for _ in range(self.config.parallel_results)]
         helpers = [
-            asyncio.create_task(self.rescan_every(self.config.rescan_interval)),
+            asyncio.create_task(self.rescan_every()),
             asyncio.create_task(self.retry_when_due()),
             asyncio.create_task(self.tend(watcher)),
             asyncio.create_task(self.report_every(REPORT_EVERY)),
         ]
         if self.resigner is not None:
-            # Look often enough to renew a URL inside its margin, at most once a rescan.
-            every = min(self.config.rescan_interval, max(self.resigner.margin / 2, 0.5))
-            helpers.append(asyncio.create_task(self.renew_every(every)))
+            helpers.append(asyncio.create_task(self.renew_every(self.resigner)))
         self.tasks = workers + helpers
         logger.info(
             "syncd watching {} ({}) for {}; uploading to {}; {} results in parallel",
@@ -142,7 +148,11 @@ class Daemon:
         )
         self.notifier.ready(f"watching {self.layout.outputs_dir}")
         try:
-            await self.stopping.wait()
+            while not self.stopping.is_set():
+                await first_of(self.stopping, self.reloading)
+                if self.reloading.is_set() and not self.stopping.is_set():
+                    self.reloading.clear()
+                    self.reload()
         finally:
             self.notifier.stopping()
             watcher.stop()
@@ -151,11 +161,47 @@ class Daemon:
             await self.drain(workers)
             await asyncio.gather(*helpers, return_exceptions=True)
 
-    def request_stop(self) -> None:
+    def request_stop(self, sig: signal.Signals) -> None:
         if self.stopping.is_set():
-            logger.warning("second stop signal: stopping now; unfinished results resume later")
+            logger.warning(
+                "{}: a second stop signal: stopping now; unfinished results resume later", sig.name
+            )
             self.aborting.set()
+        else:
+            logger.info("{} received: stopping", sig.name)
         self.stopping.set()
+
+    def reload(self) -> None:
+        """SIGHUP (`systemctl reload syncd`): read the settings again and change live what can
+        change without a restart; work in flight goes on. Bad settings change nothing."""
+        self.notifier.reloading()
+        try:
+            new = self.load()
+            signer = UrlSigner.from_settings(new.object_storage)  # a key rotated in place too
+        except ConfigError as exc:
+            logger.error("reload failed, the settings stay as they were: {}", exc)
+            self.notifier.ready(self.status or "running")
+            return
+        for notice in new.notices:
+            logger.warning(notice)
+        live, fixed = changes(self.settings, new)
+        apply(self.settings, new, live)
+        if any(name.startswith("syncd.log_") for name in live):
+            logs.configure(self.config)
+        if signer is not None and self.settings.object_storage.signs_urls:
+            self.publisher.signer = signer
+            if self.resigner is not None:
+                self.resigner.signer = signer
+        logger.info("settings reloaded: {}", ", ".join(live) or "nothing changed")
+        if fixed:
+            logger.warning(
+                "{} changed, which takes a restart (systemctl restart syncd); running on with "
+                "the value{} it had",
+                ", ".join(fixed),
+                "s" if len(fixed) > 1 else "",
+            )
+        self.retries_changed.set()  # the retry delays may have changed
+        self.notifier.ready(self.status or "running")
 
     async def drain(self, workers: list[asyncio.Task[None]]) -> None:
         """Let uploads in flight finish within stop_grace, then cancel what is left."""
@@ -180,19 +226,19 @@ class Daemon:
         for task in unfinished:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
-        left = len(self.queued) + len(self.rereading) + self.retries_after(time.time())[0]
+        left = len(self.queued) + len(self.rereading) + self.retries_after(clock())[0]
         logger.info("syncd stopped; {} results left for the next start", left)
 
-    async def rescan_every(self, interval: float) -> None:
+    async def rescan_every(self) -> None:
         while True:  # the first pass is the start-up scan
             await self.scan()
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.config.rescan_interval)
 
     async def retry_when_due(self) -> None:
         """Offer each failed result again when the journal says its next try is due."""
         while True:
             self.retries_changed.clear()
-            now = time.time()
+            now = clock()
             try:
                 due = self.state.due(self.retried_until, now)
             except SyncdError as exc:  # the rescan finds the results meanwhile
@@ -223,20 +269,20 @@ class Daemon:
         result is not a recorded, watched one (or the journal cannot say)."""
         return self.ask(lambda: self.state.watching(rel), None)
 
-    async def renew_every(self, interval: float) -> None:
-        assert self.resigner is not None
+    async def renew_every(self, resigner: Resigner) -> None:
         while True:
-            await asyncio.sleep(interval)
+            # Often enough to renew a URL inside its margin, at most once a rescan.
+            await asyncio.sleep(min(self.config.rescan_interval, max(resigner.margin / 2, 0.5)))
             now = time.time()
-            for rel in self.resigner.due(now):
+            for rel in resigner.due(now):
                 result = self.layout.result(PurePosixPath(rel))
                 try:
-                    stamp = await asyncio.to_thread(self.resigner.refresh, result, now)
+                    stamp = await asyncio.to_thread(resigner.refresh, result, now)
                 except Exception as exc:  # one bad metadata file never stops the others
                     logger.warning(
                         "{}: cannot renew its signed URL: {}", result.name, classify(exc)
                     )
-                    self.resigner.later(rel, now)
+                    resigner.later(rel, now)
                     continue
                 if stamp is not None:
                     self.metrics.renewed.inc()
@@ -407,7 +453,7 @@ class Daemon:
         rel = result.rel.as_posix()
         if rel in self.queued or self.stopping.is_set() or self.watching(rel) is not None:
             return
-        if not fresh and (self.next_try(rel) or 0.0) > time.time():
+        if not fresh and (self.next_try(rel) or 0.0) > clock():
             return
         self.rereading.discard(rel)
         if rel not in self.since:
@@ -473,6 +519,39 @@ class Daemon:
 
         self.rereading.add(rel)
         asyncio.get_running_loop().call_later(delay, again)
+
+
+# Signals that stop the daemon (the first lets uploads in flight finish, a second stops now).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+# Signals whose default would end the daemon without a word; syncd has no use for them.
+IGNORED_SIGNALS = (
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGALRM,
+    signal.SIGVTALRM,
+    signal.SIGPROF,
+    signal.SIGIO,
+    signal.SIGPWR,
+    *range(signal.SIGRTMIN, signal.SIGRTMAX + 1),
+)
+
+
+def ignored(sig: int) -> None:
+    logger.warning(
+        "{} received: syncd has no use for it and goes on (SIGTERM stops it, SIGHUP reloads its "
+        "settings)",
+        signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else f"signal {sig}",
+    )
+
+
+async def first_of(*events: asyncio.Event) -> None:
+    """Wait until one of `events` is set."""
+    waits = [asyncio.create_task(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 def finished_at(result: Result) -> float:

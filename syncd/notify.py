@@ -1,4 +1,5 @@
-"""systemd notifications without a library: READY=1, STOPPING=1, WATCHDOG=1, STATUS=.
+"""systemd notifications without a library: READY=1, RELOADING=1, STOPPING=1, WATCHDOG=1,
+STATUS=.
 
 A datagram to $NOTIFY_SOCKET (a leading `@` names an abstract socket). Outside systemd the
 variable is unset and every call does nothing.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 
 
 class Notifier:
@@ -33,6 +35,12 @@ class Notifier:
 
     def ready(self, status: str) -> None:
         self.send("READY=1", f"STATUS={status}")
+
+    def reloading(self) -> None:
+        # systemd takes the service for reloading until the next READY=1.
+        self.send(
+            "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+        )
 
     def stopping(self) -> None:
         self.send("STOPPING=1", "STATUS=stopping")

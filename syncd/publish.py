@@ -118,10 +118,10 @@ class Publisher:
         show_progress: bool = False,
     ) -> None:
         self.show_progress = show_progress  # for a person running syncd sync
+        self.settings = settings
         self.storage = settings.object_storage
-        self.delete_local = settings.syncd.delete_local_after_upload
         self.store = store
-        self.signer = signer
+        self.signer = signer  # replaced on a reload
         self.cleanup_warned = False
         self.acknowledged_at = time.monotonic()  # the last file the store acknowledged
         self.deadlines: dict[str, float] = {}  # key -> when its transfer must have ended
@@ -182,7 +182,7 @@ class Publisher:
         when the metadata meanwhile records another place, unless it is `replaces` (this
         daemon's own earlier record) or `force`."""
         replaceable = Replaceable(replaces, force)
-        if not self.delete_local:
+        if not self.settings.syncd.delete_local_after_upload:
             return await asyncio.to_thread(self._record, result, kept, replaceable)
         # A listing costs little on S3, but some servers hash every object to answer it
         # (rclone: ~0.7 s per 500 MB), so it is paid only where it guards the last copy.

@@ -20,10 +20,18 @@ from syncd.signing import UrlSigner
 
 class Resigner:
     def __init__(self, settings: Settings, signer: UrlSigner) -> None:
-        self.signer = signer
-        self.lifetime = settings.object_storage.signed_url_expires_in
-        self.margin = settings.syncd.resign_fraction * self.lifetime
+        self.settings = settings
+        self.signer = signer  # replaced on a reload
         self.next_look: dict[str, float] = {}  # rel -> when its URL needs a look again
+
+    @property
+    def lifetime(self) -> int:
+        return self.settings.object_storage.signed_url_expires_in
+
+    @property
+    def margin(self) -> float:
+        """Seconds before expiry that a URL is renewed."""
+        return self.settings.syncd.resign_fraction * self.lifetime
 
     def track(self, rel: str) -> None:
         """A recorded result: its URL is looked at on the next pass, then when it needs to."""

@@ -65,6 +65,18 @@ CREATE TABLE IF NOT EXISTS multipart (
 LOCK_TIMEOUT = 10.0
 
 
+def clock() -> float:
+    """The journal's clock for next tries: seconds since boot (CLOCK_BOOTTIME), which no step of
+    the wall clock moves, so a clock set back an hour never holds a retry back an hour. A start
+    makes every waiting result due anyway, so a reboot, which starts it again, costs nothing."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def wall_time(when: float) -> float:
+    """A time of the journal's clock as Unix time, as of now, for people to read."""
+    return time.time() + (when - clock())
+
+
 class Corrupt(sqlite3.DatabaseError):
     """What PRAGMA quick_check found wrong."""
 
@@ -95,7 +107,7 @@ class Record:
     attempts: int = 0
     last_error: str | None = None
     permanent: bool = False
-    next_try: float | None = None
+    next_try: float | None = None  # on the journal's clock (`clock`)
     files: int | None = None
     bytes: int | None = None
     updated: float = 0.0
@@ -173,8 +185,9 @@ class StateStore:
         """At a daemon's start: results a killed daemon was uploading are pending again, every
         result waiting to be retried is due now (a start, after a fix, tries them all), and no
         recorded result is watched until an attempt has looked at it under the settings of
-        this run (its remote_path may have changed)."""
-        now = time.time()
+        this run (its remote_path may have changed). Next tries of an earlier version, in Unix
+        time, lie far ahead of the journal's clock: due now as well."""
+        now = clock()
         with self.errors():
             self.db.execute(
                 "UPDATE results SET state = ? WHERE state = ?",

@@ -8,16 +8,15 @@ another place.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
 from syncd import metadata
 from syncd.config import Settings
-from syncd.errors import SyncdError
+from syncd.errors import SyncdError, printable
 from syncd.layout import Layout
-from syncd.state import Record, State, StateStore
+from syncd.state import Record, State, StateStore, clock, wall_time
 
 ORDER = {
     State.RETRYING: 0,
@@ -59,21 +58,25 @@ def records(settings: Settings) -> list[Record]:
 
 
 def as_dict(record: Record) -> dict[str, Any]:
-    return asdict(record) | {"state": record.state.value}
+    """A result's state as JSON: its next try in Unix time."""
+    next_try = wall_time(record.next_try) if record.next_try is not None else None
+    return asdict(record) | {"state": record.state.value, "next_try": next_try}
 
 
-def table(rows: list[Record], now: float | None = None) -> str:
-    now = time.time() if now is None else now
+def table(rows: list[Record]) -> str:
+    """The table a person reads: names from the disk and errors escaped, so that a folder's
+    name can never drive the terminal (a title, colours, lines hidden)."""
+    now = clock()
     header = ("RESULT", "STATE", "ATTEMPTS", "NEXT TRY", "LAST ERROR")
     lines = [header] + [
         (
-            r.rel,
+            printable(r.rel),
             r.state.value,
             str(r.attempts),
             f"in {max(r.next_try - now, 0):.0f} s"
             if r.next_try and r.state == State.RETRYING
             else "-",
-            (r.last_error or "-") if r.state in EXPLAINED else "-",
+            printable(r.last_error or "-") if r.state in EXPLAINED else "-",
         )
         for r in rows
     ]

@@ -72,10 +72,11 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 class DaemonProcess:
-    """`syncd run` in the background, its stderr in a file."""
+    """`syncd run` in the background, its stderr in a file; `config` is its config file."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, config: Path) -> None:
         self.log_path = log
+        self.config = config
         with open(log, "wb") as out:
             self.process = subprocess.Popen(
                 args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -234,8 +235,9 @@ class Workspace:
         if journal:
             log.touch()
             env["JOURNAL_STREAM"] = f"{log.stat().st_dev}:{log.stat().st_ino}"
-        command = [*SYNCD, "run", "--config", str(self.config)]
-        process = DaemonProcess(as_unit_user(command) if as_unit else command, env, log)
+        config = self.config
+        command = [*SYNCD, "run", "--config", str(config)]
+        process = DaemonProcess(as_unit_user(command) if as_unit else command, env, log, config)
         self.daemons.append(process)
         return process
 

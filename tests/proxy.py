@@ -32,6 +32,7 @@ class Proxy:
         lie_etags: bool = False,  # answer every MD5 ETag as another one (an encrypting store)
         # Sees every piece forwarded: (connection number, towards the server?, bytes).
         observer: Callable[[int, bool, bytes], None] | None = None,
+        port: int = 0,  # where it listens: a free port unless given
     ) -> None:
         self.target_port = target_port
         self.rate = rate
@@ -44,7 +45,7 @@ class Proxy:
         self.observer = observer
         self.lie_etags = lie_etags
         self.connections = itertools.count()
-        self.port = 0
+        self.port = port
         self.sent = 0  # bytes forwarded to the server, all connections
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -73,7 +74,7 @@ class Proxy:
 
     async def _start(self) -> None:
         self.lock = asyncio.Lock()
-        self.server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._connection, "127.0.0.1", self.port)
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def _stop(self) -> None:

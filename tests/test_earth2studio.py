@@ -318,7 +318,7 @@ def test_the_servers_own_config_file_and_names_alone(rclone_workspace, signing_k
             SYNCD_METADATA_FILE=SERVER_LAYOUT,
         )
         daemon = DaemonProcess(
-            [*SYNCD, "run", "--config", str(config)], env, tmp_path / "daemon.log"
+            [*SYNCD, "run", "--config", str(config)], env, tmp_path / "daemon.log", config
         )
         ws.daemons.append(daemon)
         tree = server.finish(REL)

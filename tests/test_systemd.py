@@ -63,6 +63,7 @@ def test_unit_file_has_what_an_operator_relies_on():
         "Type=notify",
         "WatchdogSec=",
         "Restart=on-failure",
+        "ExecReload=/bin/kill -HUP $MAINPID",
         "User=syncd",
         "EnvironmentFile=-/etc/syncd/env",
         "LoadCredential=cloudfront_private_key:",
