@@ -27,7 +27,7 @@ from loguru import logger
 
 from syncd import claims, metadata
 from syncd.config import Settings
-from syncd.errors import SyncdError, classify
+from syncd.errors import Kind, SyncdError, classify
 from syncd.layout import Result
 from syncd.metadata import Kept, Metadata, Stamp
 from syncd.publish import Publisher, Uploaded
@@ -94,27 +94,31 @@ class Attempts:
         # The permanent error last logged per failing result: logged once, not every retry.
         self.reported: dict[str, str] = {}
 
-    async def attempt(self, result: Result, force: bool = False) -> Outcome:
+    async def attempt(self, result: Result, by_hand: bool = False, again: bool = False) -> Outcome:
         """Publish `result` if it is finished, unless its metadata records it already.
-        `force` (syncd sync): publish it whatever its signal and metadata say."""
+        `by_hand` (syncd sync): publish it whatever its signal says, and over another place's
+        record; one recorded here already only if its tree changed since, or `again`
+        (--force). Never when files published as immutable were rewritten since."""
         try:
-            return await self._attempt(result, force)
+            return await self._attempt(result, by_hand, again)
         except Exception as exc:  # never CancelledError: a stop must stop the attempt
             error = classify(exc)
             if error is not exc:
                 logger.opt(exception=exc).debug("{}: where this error came from", result.name)
             return self.failed(result, error)
 
-    async def _attempt(self, result: Result, force: bool) -> Outcome:
+    async def _attempt(self, result: Result, by_hand: bool, again: bool) -> Outcome:
         # Cheap checks first, so results recorded long ago cost no claim; a metadata file that
         # cannot be recorded into stops the attempt before anything is uploaded.
-        marked = force or result.by_metadata or await asyncio.to_thread(result.marker.exists)
+        marked = by_hand or result.by_metadata or await asyncio.to_thread(result.marker.exists)
         if not marked:
             return self.unfinished(result, "its marker was removed")
         document, stamp = await self.publisher.read_metadata(result)
         recorded = metadata.is_recorded(document, result)
         own = self.own_record(result)
-        if not force:
+        if by_hand and recorded and not await self.changed_since(result, document, again):
+            return self.already(result, document, stamp)
+        if not by_hand:
             if result.by_metadata and not metadata.completed(document):
                 return self.unfinished(result, not_completed(document))
             if recorded:
@@ -138,7 +142,7 @@ class Attempts:
         try:
             # Under the claim, look again: another daemon may have recorded it meanwhile.
             document, stamp = await self.publisher.read_metadata(result)
-            if not force:
+            if not by_hand:
                 if metadata.is_recorded(document, result):
                     return self.already(result, document, stamp)
                 elsewhere = foreign(document, result, own)
@@ -150,13 +154,68 @@ class Attempts:
             files = metadata.output_files(result, uploaded.files, uploaded.md5)
             kept = Kept(result.remote_path, files)
             replaces = own.remote_path if own is not None else None
-            written = await self.publisher.record(result, uploaded, kept, replaces, force)
+            written = await self.publisher.record(result, uploaded, kept, replaces, by_hand)
         finally:
             heartbeat.cancel()
             await asyncio.to_thread(claim.release)
         if written is None:
             return await self.overtaken(result, own)
         return self.done(result, uploaded, kept, written)
+
+    async def changed_since(self, result: Result, document: Metadata | None, again: bool) -> bool:
+        """Whether a result recorded here is to be published again by hand: when its tree
+        changed since, or `again`. Files published as immutable that were rewritten since
+        refuse it: a reader must never get old cached chunks under new Zarr metadata."""
+        kept = Kept.of(result, document)
+        if kept is None:
+            return True
+        changes = await self.publisher.changes(result, kept.output_files)
+        if changes.rewritten:
+            raise SyncdError(changes.rewritten_refusal(result), Kind.INPUT)
+        if not changes and not again:
+            logger.info(
+                "{}: already published to {} and unchanged since; nothing sent (`syncd sync "
+                "--force` sends it again)",
+                result.name,
+                result.remote_path,
+            )
+            return False
+        return True
+
+    async def recheck(self, result: Result) -> None:
+        """A new marker on a recorded result: say whether its tree changed since it was
+        published; it is never published again by itself (the bucket keeps what readers got)."""
+        try:
+            document, _ = await self.publisher.read_metadata(result)
+            kept = Kept.of(result, document)
+            if kept is None:
+                return
+            changes = await self.publisher.changes(result, kept.output_files)
+        except Exception as exc:
+            logger.warning(
+                "{}: cannot compare its tree with what was published: {}",
+                result.name,
+                classify(exc),
+            )
+            return
+        if changes.rewritten:
+            logger.warning(
+                "{}: marked again, but {}; it stays as published",
+                result.name,
+                changes.rewritten_refusal(result),
+            )
+        elif changes:
+            logger.warning(
+                "{}: marked again, and {} files were added, removed or rewritten (Zarr metadata) "
+                "since it was published to {}; it stays as published: `syncd sync {}` publishes "
+                "the change",
+                result.name,
+                len(changes.other),
+                result.remote_path,
+                result.tree,
+            )
+        else:
+            logger.debug("{}: marked again; already published and unchanged", result.name)
 
     def own_record(self, result: Result) -> Kept | None:
         """The record this daemon made for the result, for whatever remote_path it had then."""

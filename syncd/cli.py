@@ -65,6 +65,11 @@ def parser() -> argparse.ArgumentParser:
         "sync", parents=[common], help="publish the given results now, then exit"
     )
     sync.add_argument("exec_dirs", nargs="+", type=Path, metavar="EXEC_DIR")
+    sync.add_argument(
+        "--force",
+        action="store_true",
+        help="send a result published here already again, even if its tree has not changed",
+    )
     sign = commands.add_parser(
         "sign", parents=[common], help="print a fresh signed URL for a result"
     )
@@ -150,7 +155,9 @@ async def run_daemon(
     return 0
 
 
-async def run_sync(settings: Settings, signer: UrlSigner | None, exec_dirs: list[Path]) -> int:
+async def run_sync(
+    settings: Settings, signer: UrlSigner | None, exec_dirs: list[Path], again: bool
+) -> int:
     layout = Layout(settings)
     results = [layout.for_tree(path) for path in exec_dirs]  # all usage errors before any upload
     state = StateStore(settings.syncd.state_dir)
@@ -163,7 +170,7 @@ async def run_sync(settings: Settings, signer: UrlSigner | None, exec_dirs: list
     failed = 0
     try:
         for result in results:
-            match await attempts.attempt(result, force=True):
+            match await attempts.attempt(result, by_hand=True, again=again):
                 case Recorded():
                     remote = f"s3://{settings.object_storage.bucket}/{result.remote_path}"
                     print(f"{result.tree} -> {remote}")
@@ -248,7 +255,7 @@ def run_command(argv: list[str] | None = None) -> int:
         if args.command == "sync":
             for sig in (signal.SIGTERM, signal.SIGHUP):  # said and ended like Ctrl-C
                 signal.signal(sig, interrupt)
-            return asyncio.run(run_sync(settings, signer, args.exec_dirs))
+            return asyncio.run(run_sync(settings, signer, args.exec_dirs, args.force))
         flags = flags_from(args)
         return asyncio.run(
             run_daemon(settings, signer, lambda: load_settings(args.config, flags)[0])

@@ -35,7 +35,7 @@ import contextlib
 import math
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
@@ -100,7 +100,9 @@ class Daemon:
         self.status = ""  # as last sent to systemd
         self.busy: set[asyncio.Task[None]] = set()
         self.tasks: list[asyncio.Task[None]] = []  # workers and helpers; none may end
-        self.scans: set[asyncio.Task[None]] = set()  # rescans after lost events
+        # Rescans after lost events, and looks at results marked again after they were recorded.
+        self.chores: set[asyncio.Task[None]] = set()
+        self.rechecking: set[str] = set()
         self.progress_at = 0.0  # loop time of the last finished attempt
         self.unhealthy: str | None = None
         self.stopping = asyncio.Event()
@@ -353,9 +355,22 @@ class Daemon:
 
     def start_scan(self) -> None:
         if not self.stopping.is_set():
-            task = asyncio.get_running_loop().create_task(self.scan())
-            self.scans.add(task)  # the loop keeps only a weak reference to a task
-            task.add_done_callback(self.scans.discard)
+            self.chore(self.scan())
+
+    def chore(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run `work` beside the workers (it logs its own failures)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self.chores.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self.chores.discard)
+        return task
+
+    def recheck(self, result: Result) -> None:
+        """A recorded result marked again: say whether its tree changed since (once at a time)."""
+        rel = result.rel.as_posix()
+        if rel not in self.rechecking and not self.stopping.is_set():
+            self.rechecking.add(rel)
+            task = self.chore(self.attempts.recheck(result))
+            task.add_done_callback(lambda _: self.rechecking.discard(rel))
 
     async def scan(self) -> None:
         """Look at every recorded result's metadata, then offer every signalled result that
@@ -402,6 +417,8 @@ class Daemon:
             if known is not None:
                 if path == result.metadata:
                     self.metadata_changed(result, known, metadata.stamp(result))
+                elif path == result.marker and not result.by_metadata:
+                    self.recheck(result)
             elif path == result.signal or self.next_try(rel) is not None or result.signal.exists():
                 self.offer(result, fresh=True)
         except OSError as exc:  # the next rescan looks again

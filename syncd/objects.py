@@ -15,9 +15,10 @@ ZARR_METADATA = frozenset({"zarr.json", ".zmetadata", ".zgroup", ".zarray", ".za
 JSON = "application/json"
 BINARY = "application/octet-stream"
 OWN_TYPES = {".json": JSON, ".nc": "application/x-netcdf", ".nc4": "application/x-netcdf"}
-# Exec ids never repeat, so a chunk never changes under its key. The metadata documents are
-# revalidated (a cheap 304 against their ETag): a result published again with `syncd sync
-# --force` after a repair may change what they say.
+# Exec ids never repeat, and syncd never publishes a file again under its key with other bytes,
+# so a chunk never changes under its key. The metadata documents are revalidated (a cheap 304
+# against their ETag): a result published again with `syncd sync` (files added) may change
+# what they say.
 IMMUTABLE = "public, max-age=31536000, immutable"
 REVALIDATE = "no-cache"
 

@@ -29,13 +29,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from loguru import logger
 
 from syncd import folders, metadata
 from syncd.budget import TransferBudget, files_in_flight
 from syncd.config import EXEC_PREFIX, Settings
-from syncd.errors import Kind, SyncdError, os_error
+from syncd.errors import Kind, SyncdError, os_error, printable
 from syncd.layout import Layout, LocalFile, Result, tree_files
 from syncd.objects import headers_for, is_zarr_metadata
 from syncd.progress import Progress
@@ -45,6 +46,7 @@ from syncd.storage import Body, ObjectStore
 # Answers that mean this store or these credentials cannot clean up, while uploads may work.
 CLEANUP_REFUSED = {"AccessDenied", "NotImplemented", "MethodNotAllowed"}
 DELETING = ".deleting"  # suffix of a tree moved aside to be deleted
+HASH_READ = 8 * 1024 * 1024  # bytes read at a time to compare a file with what was published
 
 
 def changed() -> SyncdError:
@@ -85,6 +87,27 @@ class Uploaded:
         """What the state keeps of a tree uploaded whole, to record it without sending it
         again."""
         return json.dumps({"fingerprint": self.fingerprint, "md5": self.md5}, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class Changes:
+    """How a tree differs from what was published of it (paths in the tree)."""
+
+    rewritten: list[str]  # published as immutable, and holding other bytes now
+    other: list[str]  # added, removed, or a Zarr metadata document (revalidated) rewritten
+
+    def __bool__(self) -> bool:
+        return bool(self.rewritten or self.other)
+
+    def rewritten_refusal(self, result: Result) -> str:
+        """Why a tree whose published files were rewritten is never published again."""
+        more = f" and {len(self.rewritten) - 1} more files" if len(self.rewritten) > 1 else ""
+        return (
+            f"{printable(self.rewritten[0])}{more} changed since the result was published to "
+            f"{result.remote_path}, and readers and CDNs may keep the published bytes for a year "
+            "(Cache-Control: immutable), so they are never replaced under the same name: "
+            "publish the new tree as a new result (copy the folder to a new exec_* name)"
+        )
 
 
 def acknowledged_md5(acknowledgement: str | None, fingerprint: str) -> dict[str, str] | None:
@@ -203,6 +226,34 @@ class Publisher:
         """Write a record made before into the metadata again, with a fresh signed URL; None
         when the metadata records another place by now."""
         return await asyncio.to_thread(self._record, result, kept, Replaceable())
+
+    async def changes(self, result: Result, published: list[dict[str, Any]]) -> Changes:
+        """How the tree differs from `published` (a record's output_files): every file of the
+        same size is read to compare its MD5."""
+        return await asyncio.to_thread(self._changes, result, published)
+
+    def _changes(self, result: Result, published: list[dict[str, Any]]) -> Changes:
+        before: dict[str, tuple[Any, Any]] = {}
+        for entry in published:
+            if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+                rel = entry["path"].partition("/")[2]
+                before[rel] = (entry.get("size"), entry.get("md5"))
+        rewritten: list[str] = []
+        other: list[str] = []
+        for file in self._list_tree(result):
+            size, md5 = before.pop(file.rel, (None, None))
+            if size is None:
+                other.append(file.rel)
+            elif size != file.size or (isinstance(md5, str) and md5 != self._md5(result, file)):
+                (other if is_zarr_metadata(file.rel) else rewritten).append(file.rel)
+        return Changes(rewritten, other + sorted(before))
+
+    def _md5(self, result: Result, file: LocalFile) -> str:
+        digest = hashlib.md5()
+        with tree_errors(result), open_listed(result, file) as path, open(path, "rb") as f:
+            while piece := f.read(HASH_READ):
+                digest.update(piece)
+        return digest.hexdigest()
 
     def _list_tree(self, result: Result) -> list[LocalFile]:
         with tree_errors(result):

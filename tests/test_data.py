@@ -117,3 +117,78 @@ def test_status_and_sync_never_print_a_traceback(moto_workspace):
     ws.result("exec_5_abcdef05", {"a": b"a"})
     done = ws.sync("exec_5_abcdef05")
     assert "Traceback" not in done.stderr
+
+
+def test_a_recorded_result_marked_again_after_a_change_is_said_never_republished(moto_workspace):
+    ws = moto_workspace
+    chunk = os.urandom(5000)
+    tree = ws.result("exec_6_abcdef06", {"t2m/0.0": chunk, "t2m/.zarray": b"{}"})
+    ws.mark("exec_6_abcdef06")
+    daemon = ws.daemon()
+    wait_until(lambda: ws.recorded("exec_6_abcdef06"))
+    published = ws.metadata_path("exec_6_abcdef06").read_bytes()
+
+    (tree / "t2m/0.0").write_bytes(os.urandom(5000))  # the same size, other bytes
+    ws.mark("exec_6_abcdef06")
+    daemon.wait_log("marked again")
+    (tree / "t2m/0.0").write_bytes(chunk)
+    (tree / "t2m/1.0").write_bytes(b"appended")
+    ws.mark("exec_6_abcdef06")
+    daemon.wait_log("files were added")
+
+    assert daemon.terminate() == 0
+    said = [line for line in daemon.log().splitlines() if "marked again" in line]
+    assert [line.split(" ", 3)[2] for line in said] == ["WARNING", "WARNING"]
+    assert said[0].endswith(
+        "exec_6_abcdef06: marked again, but t2m/0.0 changed since the result was published to "
+        "outputs/exec_6_abcdef06, and readers and CDNs may keep the published bytes for a year "
+        "(Cache-Control: immutable), so they are never replaced under the same name: publish "
+        "the new tree as a new result (copy the folder to a new exec_* name); it stays as "
+        "published"
+    )
+    assert said[1].endswith(
+        "exec_6_abcdef06: marked again, and 1 files were added, removed or rewritten (Zarr "
+        "metadata) since it was published to outputs/exec_6_abcdef06; it stays as published: "
+        f"`syncd sync {tree}` publishes the change"
+    )
+    assert ws.objects()["outputs/exec_6_abcdef06/t2m/0.0"] == chunk
+    assert "outputs/exec_6_abcdef06/t2m/1.0" not in ws.objects()
+    assert ws.metadata_path("exec_6_abcdef06").read_bytes() == published
+
+
+def test_sync_publishes_a_change_sends_nothing_for_none_and_never_replaces_a_chunk(moto_workspace):
+    ws = moto_workspace
+    chunk = os.urandom(5000)
+    tree = ws.result("exec_7_abcdef07", {"t2m/0.0": chunk, "t2m/.zarray": b"{}"})
+    assert ws.sync("exec_7_abcdef07").returncode == 0
+    s3 = ws.server.client()
+    s3.delete_object(Bucket=ws.bucket, Key="outputs/exec_7_abcdef07/t2m/.zarray")
+
+    unchanged = ws.sync("exec_7_abcdef07")  # nothing to send: the bucket is not looked at
+    assert unchanged.returncode == 0
+    assert (
+        "exec_7_abcdef07: already published to outputs/exec_7_abcdef07 and unchanged since; "
+        "nothing sent (`syncd sync --force` sends it again)" in unchanged.stderr
+    )
+    assert "outputs/exec_7_abcdef07/t2m/.zarray" not in ws.objects()
+    assert ws.syncd("sync", "--force", "--config", str(ws.config), str(tree)).returncode == 0
+    assert ws.objects()["outputs/exec_7_abcdef07/t2m/.zarray"] == b"{}"
+
+    (tree / "t2m/1.0").write_bytes(b"appended")
+    (tree / "t2m/.zarray").write_bytes(b'{"shape": [2]}')
+    assert ws.sync("exec_7_abcdef07").returncode == 0
+    assert ws.objects()["outputs/exec_7_abcdef07/t2m/1.0"] == b"appended"
+    paths = [f["path"] for f in ws.metadata("exec_7_abcdef07")["output_files"]]
+    assert "exec_7_abcdef07/t2m/1.0" in paths
+
+    (tree / "t2m/0.0").write_bytes(os.urandom(4000))
+    for args in ((), ("--force",)):
+        refused = ws.syncd("sync", *args, "--config", str(ws.config), str(tree))
+        assert refused.returncode == 1
+        assert refused.stderr.splitlines()[-1].endswith(
+            "exec_7_abcdef07: t2m/0.0 changed since the result was published to "
+            "outputs/exec_7_abcdef07, and readers and CDNs may keep the published bytes for a "
+            "year (Cache-Control: immutable), so they are never replaced under the same name: "
+            "publish the new tree as a new result (copy the folder to a new exec_* name)"
+        )
+    assert ws.objects()["outputs/exec_7_abcdef07/t2m/0.0"] == chunk
