@@ -480,6 +480,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not UTF-8 text") from None
     try:
         document = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"config file {path} nests deeper than a YAML reader follows") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

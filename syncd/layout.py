@@ -9,6 +9,7 @@ writes no marker). Objects go to `<prefix>/<exec path under outputs_dir>/<path i
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -259,6 +260,11 @@ MAX_KEY_BYTES = 1024
 CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
+# Folders deeper than this under a result folder are not walked: no Zarr store comes near it,
+# and each level holds a descriptor while the tree is walked.
+MAX_DEPTH = 128
+
+
 def tree_files(result: Result) -> Iterator[LocalFile]:
     """Every regular file of the tree, in a stable order; symlinks only when they stay inside.
 
@@ -266,22 +272,18 @@ def tree_files(result: Result) -> Iterator[LocalFile]:
     be symlinks, folders are walked by descriptor (a folder swapped for a symlink while it is
     walked is not entered), and a symlink to a file is uploaded as that file only when the file
     lies inside the tree. Each file's device and inode are kept, so that the upload reads the
-    file that was listed and nothing else. A name no store can take is this result's input
-    error.
+    file that was listed and nothing else. A file with a hard link outside the tree is
+    uploaded only when it belongs to the result folder's owner, who could have copied it in. A
+    name no store can take, and a tree deeper than MAX_DEPTH, are this result's input errors.
     """
     with open_folder(result) as tree_fd:
         root = Path(os.path.realpath(f"/proc/self/fd/{tree_fd}"))
-        for folder, dirnames, filenames, dir_fd in os.fwalk(".", onerror=_raise, dir_fd=tree_fd):
-            base = PurePosixPath(folder)
-            for name in list(dirnames):
-                if stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode):
-                    logger.warning(
-                        "{}: skipping symlinked folder {}", result.name, printable(f"{base / name}")
-                    )
-                    dirnames.remove(name)
-            dirnames.sort()
-            for name in sorted(filenames):
-                rel = (base / name).as_posix().removeprefix("./")
+        owner = os.fstat(tree_fd).st_uid
+        # Files of several names and another owner: how many names each has, which are here.
+        linked: dict[tuple[int, int], tuple[int, list[str]]] = {}
+        for folder, filenames, dir_fd in walk(result, tree_fd):
+            for name in filenames:
+                rel = (folder / name).as_posix().removeprefix("./")
                 check_name(result, rel)
                 info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
                 follow = stat.S_ISLNK(info.st_mode)
@@ -304,9 +306,88 @@ def tree_files(result: Result) -> Iterator[LocalFile]:
                         "{}: skipping {}: not a regular file", result.name, printable(rel)
                     )
                     continue
+                if info.st_nlink > 1 and info.st_uid != owner:
+                    key = (info.st_dev, info.st_ino)
+                    linked.setdefault(key, (info.st_nlink, []))[1].append(rel)
                 yield LocalFile(
                     rel, info.st_size, info.st_mtime_ns, info.st_ino, info.st_dev, follow
                 )
+        for links, here in linked.values():
+            if len(here) < links:
+                raise SyncdError(
+                    f"file {printable(str(result.tree / here[0]))} has a hard link "
+                    "outside the result folder and another owner than the folder: syncd "
+                    "uploads only the result's own files: replace it with a copy (the result is "
+                    "published once it is fixed)",
+                    Kind.INPUT,
+                )
+
+
+def walk(result: Result, tree_fd: int) -> Iterator[tuple[PurePosixPath, list[str], int]]:
+    """Each folder of the tree, depth first in name order, as (its path in the tree, the names
+    of its files, a descriptor of it), without recursion: a tree thousands of folders deep is
+    an input error, not a crash. Only the folders on the way down hold a descriptor."""
+    top = os.dup(tree_fd)
+    try:
+        folders, files = entries(result, PurePosixPath("."), top)
+    except BaseException:
+        os.close(top)
+        raise
+    stack = [(PurePosixPath("."), top, iter(folders))]
+    try:
+        yield PurePosixPath("."), files, top
+        while stack:
+            path, fd, below = stack[-1]
+            name = next(below, None)
+            if name is None:
+                stack.pop()
+                os.close(fd)
+                continue
+            if len(stack) >= MAX_DEPTH:
+                raise SyncdError(
+                    f"folder {printable(str(result.tree / path / name))} lies more than "
+                    f"{MAX_DEPTH} folders deep in the result, deeper than syncd walks: flatten "
+                    "the tree (the result is published once it is fixed)",
+                    Kind.INPUT,
+                )
+            try:
+                child = os.open(name, FOLDER, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    continue  # swapped for a link or a file since it was listed: not entered
+                raise
+            try:
+                folders, files = entries(result, path / name, child)
+            except BaseException:
+                os.close(child)
+                raise
+            stack.append((path / name, child, iter(folders)))
+            yield path / name, files, child
+    finally:
+        for _, fd, _ in stack:
+            os.close(fd)
+
+
+FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def entries(result: Result, path: PurePosixPath, fd: int) -> tuple[list[str], list[str]]:
+    """The names of the folders and of the other entries of the folder `fd`, each sorted; a
+    symlink to a folder is neither (never entered, said once per walk)."""
+    folders, files = [], []
+    with os.scandir(fd) as listing:
+        for entry in listing:
+            if entry.is_dir(follow_symlinks=False):
+                folders.append(entry.name)
+            elif entry.is_symlink() and entry.is_dir():
+                logger.warning(
+                    "{}: skipping symlinked folder {}",
+                    result.name,
+                    printable(str(path / entry.name).removeprefix("./")),
+                )
+            else:
+                files.append(entry.name)
+    return sorted(folders), sorted(files)
 
 
 @contextmanager
@@ -373,8 +454,3 @@ def check_name(result: Result, rel: str) -> None:
             "(the result is published once it is fixed)",
             Kind.INPUT,
         )
-
-
-def _raise(error: OSError) -> None:
-    # os.fwalk skips folders it cannot list unless told otherwise; a skipped folder is lost data.
-    raise error

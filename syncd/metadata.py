@@ -81,6 +81,12 @@ def read_stamped(result: Result) -> tuple[Metadata | None, Stamp | None]:
         raise unusable(result, exc, "reading metadata") from None
     try:
         document = json.loads(raw)
+    except RecursionError:
+        raise SyncdError(
+            f"metadata {path} nests its values deeper than a JSON reader follows; left as it "
+            "is: fix or remove it and the result is uploaded on the next scan",
+            Kind.INPUT,
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         if time.time() - info.st_mtime < BEING_WRITTEN:
             raise SyncdError(
@@ -214,12 +220,18 @@ def write_atomic(result: Result, document: Metadata) -> Stamp:
     file keeps the old one's mode, and its owner and group where this user may set them (so
     the server can still write it). Failures come as SyncdError; no temporary file stays.
     Returns the new file's stamp."""
+    path = result.metadata
     try:
         text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
         data = text.encode()
     except UnicodeEncodeError:  # a lone surrogate in a value: keep it, as a JSON escape
         data = (json.dumps(document, indent=2) + "\n").encode()
-    path = result.metadata
+    except RecursionError:
+        raise SyncdError(
+            f"metadata {path} nests its values deeper than syncd can write back; left as it is: "
+            "fix or remove it and the result is uploaded on the next scan",
+            Kind.INPUT,
+        ) from None
     try:
         with folders.opened(result.outputs_dir, path.parent) as folder:
             return _write(folder, path, data)

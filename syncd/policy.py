@@ -28,5 +28,5 @@ def expiry(signed_url: str) -> int | None:
         decoded = base64.b64decode(text.replace("-", "+").replace("_", "=").replace("~", "/"))
         statement = json.loads(decoded)["Statement"][0]
         return int(statement["Condition"]["DateLessThan"]["AWS:EpochTime"])
-    except (KeyError, IndexError, ValueError, TypeError):
+    except (KeyError, IndexError, ValueError, TypeError, RecursionError):
         return None

@@ -368,3 +368,70 @@ def test_an_old_marker_without_its_folder_is_an_error_logged_once(moto_workspace
         ": restore the folder or remove the marker (retrying every 0 s)"
     )
     assert "WARNING" not in daemon.log()
+
+
+def test_a_tree_too_deep_and_metadata_nested_too_deep_are_named_once(moto_workspace):
+    ws = moto_workspace
+    ws.settings["syncd"]["retry_min_delay"] = 0.1
+    deep = ws.result("exec_1_abcdef01", {"a": b"a"})
+    chain = [deep / "d"]  # made and removed one by one: pathlib and shutil would recurse
+    for _ in range(1499):
+        chain.append(chain[-1] / "d")
+    for folder in chain:
+        folder.mkdir()
+    (chain[-1] / "bottom").write_bytes(b"b")
+    ws.result("exec_2_abcdef02", {"b": b"b"}, metadata="[" * 200_000)
+    ws.result("exec_3_abcdef03", {"c": b"c"})
+    for rel in ("exec_1_abcdef01", "exec_2_abcdef02", "exec_3_abcdef03"):
+        ws.mark(rel)
+
+    daemon = ws.daemon()
+    wait_until(lambda: ws.recorded("exec_3_abcdef03"), what="the others served")
+    daemon.wait_log("exec_1_abcdef01: folder")
+    daemon.wait_log("exec_2_abcdef02: metadata")
+    assert daemon.terminate() == 0
+
+    log = daemon.log()
+    problems = [line for line in log.splitlines() if " ERROR " in line or " WARNING " in line]
+    assert len(problems) == 2, problems
+    assert (
+        f"exec_1_abcdef01: folder {deep / '/'.join(['d'] * 128)} lies more than 128 folders deep "
+        "in the result, deeper than syncd walks: flatten the tree (the result is published once "
+        "it is fixed) (retrying every 900 s)" in log
+    )
+    assert (
+        f"exec_2_abcdef02: metadata {ws.metadata_path('exec_2_abcdef02')} nests its values "
+        "deeper than a JSON reader follows; left as it is" in log
+    )
+    assert set(ws.objects()) == {"outputs/exec_3_abcdef03/c"}
+    (chain[-1] / "bottom").unlink()
+    for folder in reversed(chain):
+        folder.rmdir()
+
+
+def test_a_hard_link_to_another_users_file_outside_the_tree_is_never_uploaded(moto_workspace):
+    ws = moto_workspace
+    secret = ws.root / "someone-elses.key"
+    secret.write_bytes(b"a key of another user")
+    os.chown(secret, 4321, 4321)
+    tree = ws.result("exec_4_abcdef04", {"a": b"a"})
+    os.link(secret, tree / "copied-by-link")
+    mine = ws.root / "shared-mask.bin"
+    mine.write_bytes(b"a mask every result shares")
+    ws.result("exec_5_abcdef05", {"b": b"b"})
+    os.link(mine, ws.outputs / "exec_5_abcdef05" / "mask.bin")  # its owner's own file
+
+    refused = ws.sync("exec_4_abcdef04")
+    shared = ws.sync("exec_5_abcdef05")
+
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines()[-1].endswith(
+        f"exec_4_abcdef04: file {tree / 'copied-by-link'} has a hard link outside the result "
+        "folder and another owner than the folder: syncd uploads only the result's own files: "
+        "replace it with a copy (the result is published once it is fixed)"
+    )
+    assert shared.returncode == 0, shared.stderr
+    assert ws.objects() == {
+        "outputs/exec_5_abcdef05/b": b"b",
+        "outputs/exec_5_abcdef05/mask.bin": b"a mask every result shares",
+    }
