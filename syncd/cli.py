@@ -34,6 +34,8 @@ from syncd.signing import UrlSigner
 from syncd.state import Multiparts, StateStore
 from syncd.storage import open_store
 
+# Seconds `syncd check` waits for the bucket to answer one listing.
+CHECK_TIMEOUT = 20.0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT; another signal: 128 + its number
@@ -197,10 +199,11 @@ def run_sign(settings: Settings, target: str, expires_in: int | None) -> int:
             "CloudFront is not configured, so there is nothing to sign with: set "
             "cloudfront_domain, cloudfront_key_pair_id and cloudfront_private_key_path"
         )
+    layout = Layout(settings)
     path = Path(target)
-    remote_path = Layout(settings).for_tree(path).remote_path if path.is_dir() else target
+    remote_path = layout.for_tree(path).remote_path if path.is_dir() else layout.remote(target)
     lifetime = expires_in or settings.object_storage.signed_url_expires_in
-    print(signer.sign(remote_path.strip("/"), lifetime))
+    print(signer.sign(remote_path, lifetime))
     return 0
 
 
@@ -228,8 +231,16 @@ async def run_check(settings: Settings, config_file: Path | None) -> int:
             f"key pair {signer.key_pair_id}"
         )
     store = open_store(settings.object_storage, None)
+    print(f"# bucket: reaching {store.description} (for {CHECK_TIMEOUT:.0f} s at most)...")
+    sys.stdout.flush()
     try:
-        await store.probe()
+        async with asyncio.timeout(CHECK_TIMEOUT):
+            await store.probe()
+    except TimeoutError:
+        raise SyncdError(
+            f"{store.description} did not answer within {CHECK_TIMEOUT:.0f} s: check "
+            "endpoint_url and that the store is up and reachable from here"
+        ) from None
     finally:
         await store.close()
     print(f"# bucket: {store.description} reachable")

@@ -36,7 +36,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from syncd.errors import Kind, SyncdError
+from syncd.errors import Kind, SyncdError, redact
 
 MiB = 1024 * 1024
 DEFAULT_CONFIG_FILE = Path("/etc/syncd/config.yaml")
@@ -642,4 +642,7 @@ def redacted(settings: Settings) -> dict[str, Any]:
     for key in SECRETS:
         if data["object_storage"][key] is not None:
             data["object_storage"][key] = "<redacted>"
+    for key in ("endpoint_url", "cloudfront_domain"):
+        if data["object_storage"][key] is not None:
+            data["object_storage"][key] = redact(data["object_storage"][key])
     return data

@@ -32,10 +32,11 @@ class Kind(StrEnum):
 
 
 class SyncdError(Exception):
-    """A failure worded for the person who reads it: one line, what failed and what to do."""
+    """A failure worded for the person who reads it: one line, what failed and what to do.
+    Credentials in a URL never reach it (they would be logged, kept in the state, shown)."""
 
     def __init__(self, message: str, kind: Kind = Kind.TRANSIENT, code: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(redact(message))
         self.kind = kind
         self.code = code  # its short name: the S3 error code, or syncd's own (BeingWritten)
 
@@ -43,6 +44,15 @@ class SyncdError(Exception):
     def permanent(self) -> bool:
         """True when retrying alone cannot fix it."""
         return self.kind is not Kind.TRANSIENT
+
+
+# The user and password of a URL (`http://user:pass@host`), as endpoint_url may hold them.
+USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of any URL in it replaced by <redacted>."""
+    return USERINFO.sub(r"\1<redacted>@", text)
 
 
 def printable(text: str) -> str:

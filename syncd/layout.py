@@ -168,6 +168,26 @@ class Layout:
             raise LayoutError(f"{tree} is not a folder")
         return self.result(rel)
 
+    def remote(self, remote_path: str) -> str:
+        """A result's remote_path as given on the command line (`syncd sign`), checked to name
+        one: `<prefix>/exec_*` or `<prefix>/<workflow>/exec_*`, nothing more, nothing less."""
+        parts = remote_path.strip("/").split("/")
+        prefix = self.prefix.split("/") if self.prefix else []
+        rel = PurePosixPath(*parts[len(prefix) :]) if len(parts) > len(prefix) else None
+        if (
+            parts[: len(prefix)] != prefix
+            or rel is None
+            or not result_path(rel)
+            or any(part in ("", ".", "..") for part in parts)
+            or CONTROL.search(remote_path)
+        ):
+            raise LayoutError(
+                f"{printable(remote_path)} is neither a result folder nor a result's remote_path: "
+                f"give {self.outputs_dir}/[<workflow>/]exec_* or "
+                f"{self.prefix + '/' if self.prefix else ''}[<workflow>/]exec_*"
+            )
+        return "/".join(parts)
+
     def signalled(self) -> Iterator[Result]:
         """Every result whose completion signal exists: its marker, or with completion by
         metadata its metadata file (whatever it says yet), at the top level and one workflow

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from syncd.config import DaemonSettings
-from syncd.errors import printable
+from syncd.errors import printable, redact
 
 if TYPE_CHECKING:
     from loguru import Record
@@ -50,11 +50,11 @@ def configure(daemon: DaemonSettings) -> None:
     logger.remove()
     logger.configure(patcher=one_line)
     if daemon.log_format == "json":
-        logger.add(sys.stderr, level=daemon.log_level, serialize=True)
+        logger.add(to_stderr, level=daemon.log_level, serialize=True)
     elif stderr_is_journal():
         logger.add(to_journal, level=daemon.log_level, format="{message}")
     else:
-        logger.add(sys.stderr, level=daemon.log_level, format=TEXT_FORMAT, colorize=False)
+        logger.add(to_stderr, level=daemon.log_level, format=TEXT_FORMAT, colorize=False)
     # botocore's DEBUG records dump every request with its signed headers: never wanted.
     threshold = logging.INFO if daemon.log_level == "DEBUG" else logging.WARNING
     logging.basicConfig(handlers=[ToLoguru()], level=threshold, force=True)
@@ -77,9 +77,16 @@ class ToLoguru(logging.Handler):
         logger.opt(exception=record.exc_info).log(level, "{}: {}", record.name, message)
 
 
+def to_stderr(message: Any) -> None:
+    # Every line as written, tracebacks and library records included: no URL credentials.
+    sys.stderr.write(redact(str(message)))
+    sys.stderr.flush()
+
+
 def to_journal(message: Any) -> None:
     priority = SYSLOG_PRIORITY.get(message.record["level"].name, 6)
-    sys.stderr.write("".join(f"<{priority}>{line}\n" for line in str(message).splitlines()))
+    lines = redact(str(message)).splitlines()
+    sys.stderr.write("".join(f"<{priority}>{line}\n" for line in lines))
     sys.stderr.flush()
 
 

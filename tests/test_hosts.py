@@ -12,6 +12,8 @@ import socket
 import sqlite3
 import time
 
+import pytest
+
 from tests.conftest import only_error, status_of
 from tests.servers import wait_until
 
@@ -370,16 +372,33 @@ def test_an_old_marker_without_its_folder_is_an_error_logged_once(moto_workspace
     assert "WARNING" not in daemon.log()
 
 
-def test_a_tree_too_deep_and_metadata_nested_too_deep_are_named_once(moto_workspace):
+@pytest.fixture
+def deep_chain():
+    """Makes a chain of folders under a path, and always removes it: pathlib's and shutil's
+    (and pytest's own clean-up) would recurse past Python's limit."""
+    made: list = []
+
+    def make(top, depth: int):
+        made.append(top / "d")
+        for _ in range(depth - 1):
+            made.append(made[-1] / "d")
+        for folder in made:
+            folder.mkdir()
+        return made[-1]
+
+    yield make
+    for folder in reversed(made):
+        for entry in folder.iterdir():
+            if not entry.is_dir():
+                entry.unlink()
+        folder.rmdir()
+
+
+def test_a_tree_too_deep_and_metadata_nested_too_deep_are_named_once(moto_workspace, deep_chain):
     ws = moto_workspace
     ws.settings["syncd"]["retry_min_delay"] = 0.1
     deep = ws.result("exec_1_abcdef01", {"a": b"a"})
-    chain = [deep / "d"]  # made and removed one by one: pathlib and shutil would recurse
-    for _ in range(1499):
-        chain.append(chain[-1] / "d")
-    for folder in chain:
-        folder.mkdir()
-    (chain[-1] / "bottom").write_bytes(b"b")
+    (deep_chain(deep, 1500) / "bottom").write_bytes(b"b")
     ws.result("exec_2_abcdef02", {"b": b"b"}, metadata="[" * 200_000)
     ws.result("exec_3_abcdef03", {"c": b"c"})
     for rel in ("exec_1_abcdef01", "exec_2_abcdef02", "exec_3_abcdef03"):
@@ -404,9 +423,6 @@ def test_a_tree_too_deep_and_metadata_nested_too_deep_are_named_once(moto_worksp
         "deeper than a JSON reader follows; left as it is" in log
     )
     assert set(ws.objects()) == {"outputs/exec_3_abcdef03/c"}
-    (chain[-1] / "bottom").unlink()
-    for folder in reversed(chain):
-        folder.rmdir()
 
 
 def test_a_hard_link_to_another_users_file_outside_the_tree_is_never_uploaded(moto_workspace):

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 
 import pytest
 
 from tests.proxy import Proxy
-from tests.servers import wait_until
+from tests.servers import free_port, wait_until
 
 MiB = 1024 * 1024
 SECRET = b"AWS_SECRET_ACCESS_KEY=the-service-credentials"
@@ -152,3 +154,84 @@ def test_the_rewrite_keeps_the_metadata_files_owner_and_group(moto_workspace):
     info = path.stat()
     assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (4321, 4322, 0o660)
     assert json.loads(path.read_text())["storage_type"] == "s3"
+
+
+def test_status_never_prints_a_folder_names_terminal_escapes(moto_workspace):
+    ws = moto_workspace
+    name = "exec_1_\x1b]0;owned\x07\x1b[2J"  # a window title, then clear the screen
+    ws.result(name, {"a": b"a"}, metadata=None)
+    ws.mark(name)
+
+    done = ws.syncd("status", "--config", str(ws.config))
+
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stdout and "\x07" not in done.stdout
+    assert "exec_1_\\x1b]0;owned\\x07\\x1b[2J  pending" in done.stdout
+
+
+def test_credentials_in_endpoint_url_are_never_shown(moto_workspace):
+    ws = moto_workspace
+    ws.settings["syncd"]["retry_min_delay"] = 0.2
+    closed = free_port()  # refused: every request fails with the URL in its error
+    ws.settings["object_storage"]["endpoint_url"] = f"http://operator:hunter2@127.0.0.1:{closed}"
+    ws.result("exec_2_abcdef02", {"a": b"a"})
+    ws.mark("exec_2_abcdef02")
+
+    checked = ws.syncd("check", "--config", str(ws.config))
+    synced = ws.sync("exec_2_abcdef02")
+    daemon = ws.daemon()
+    daemon.wait_log("(attempt 2;")
+    assert daemon.terminate() == 0
+    status = ws.syncd("status", "--config", str(ws.config), "--json")
+
+    assert checked.returncode == 1 and synced.returncode == 1
+    assert f"http://<redacted>@127.0.0.1:{closed}" in checked.stdout
+    assert f"(http://<redacted>@127.0.0.1:{closed}, us-east-1)" in daemon.log()
+    assert "exec_2_abcdef02" in status.stdout
+    shown = checked.stdout + checked.stderr + synced.stderr + daemon.log() + status.stdout
+    assert "hunter2" not in shown
+
+
+def test_sign_signs_only_a_results_remote_path(moto_workspace):
+    ws = moto_workspace
+    ws.result("wf/exec_3_abcdef03", {"a": b"a"})
+
+    for target in ("../exec_3_abcdef03", "/etc/passwd", "outputs/x/exec_3/y", "outputs/../exec_3"):
+        refused = ws.syncd("sign", "--config", str(ws.config), target)
+        assert refused.returncode == 2, target
+        assert refused.stderr.splitlines() == [
+            f"syncd: error: {target} is neither a result folder nor a result's remote_path: "
+            f"give {ws.outputs}/[<workflow>/]exec_* or outputs/[<workflow>/]exec_*"
+        ]
+    outside = ws.syncd("sign", "--config", str(ws.config), str(ws.root))
+    assert outside.returncode == 2
+    assert "is not under outputs_dir" in outside.stderr
+    for target in ("outputs/wf/exec_3_abcdef03", str(ws.outputs / "wf/exec_3_abcdef03")):
+        signed = ws.syncd("sign", "--config", str(ws.config), target)
+        assert signed.returncode == 0, signed.stderr
+        assert signed.stdout.startswith(
+            "https://d111111abcdef8.cloudfront.net/outputs/wf/exec_3_abcdef03/*?Policy="
+        )
+
+
+def test_check_against_a_store_that_never_answers_says_what_it_waits_for(moto_workspace):
+    ws = moto_workspace
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        ws.settings["object_storage"]["endpoint_url"] = f"http://127.0.0.1:{port}"
+        started = time.monotonic()
+        done = ws.syncd("check", "--config", str(ws.config), timeout=60)
+        took = time.monotonic() - started
+
+    assert done.returncode == 1
+    assert f"# bucket: reaching s3://{ws.bucket} (http://127.0.0.1:{port}, us-east-1) via " in (
+        done.stdout
+    )
+    assert "(for 20 s at most)..." in done.stdout
+    assert done.stderr.splitlines()[-1].endswith(
+        "did not answer within 20 s: check endpoint_url and that the store is up and reachable "
+        "from here"
+    )
+    assert took < 40
