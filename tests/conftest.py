@@ -225,6 +225,17 @@ class Workspace:
             "sync", "--config", str(self.config), *(str(self.outputs / r) for r in rels), env=env
         )
 
+    def sync_in_background(self, *rels: str) -> subprocess.Popen:
+        """`syncd sync` of these results, left running; its output in .communicate()."""
+        return subprocess.Popen(
+            [*SYNCD, "sync", "--config", str(self.config), *(str(self.outputs / r) for r in rels)],
+            env=self.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=self.root,
+        )
+
     def daemon(
         self, env: dict[str, str] | None = None, journal: bool = False, as_unit: bool = False
     ) -> DaemonProcess:

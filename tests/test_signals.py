@@ -7,12 +7,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
-import subprocess
 from pathlib import Path
 
 import yaml
 
-from tests.conftest import SYNCD
 from tests.proxy import Proxy
 from tests.servers import free_port, wait_until
 
@@ -86,15 +84,10 @@ def test_a_reload_with_bad_settings_changes_nothing_and_stray_signals_are_said(m
 
 def test_sync_says_which_signal_ended_it(moto_workspace):
     ws = moto_workspace
-    tree = ws.result("exec_3_abcdef03", {"big.bin": os.urandom(4 * MiB)})
+    ws.result("exec_3_abcdef03", {"big.bin": os.urandom(4 * MiB)})
     with Proxy(ws.server.port, rate=500_000) as slow:
         ws.settings["object_storage"]["endpoint_url"] = slow.endpoint
-        sync = subprocess.Popen(
-            [*SYNCD, "sync", "--config", str(ws.config), str(tree)],
-            env=ws.env(),
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        sync = ws.sync_in_background("exec_3_abcdef03")
         wait_until(lambda: slow.sent > MiB, what="the upload on its way")
         sync.send_signal(signal.SIGTERM)
         stderr = sync.communicate(timeout=60)[1]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import KEY_PAIR_ID, SYNCD
+from tests.conftest import KEY_PAIR_ID
 from tests.proxy import Proxy
 from tests.servers import SECRET, wait_until
 
@@ -138,23 +138,17 @@ def test_a_claim_of_another_users_live_process_holds_in_the_units_sandbox(unit_w
     too nor cleans up under it."""
     ws = unit_workspace
     ws.settings["syncd"]["log_level"] = "DEBUG"
-    tree = ws.result("exec_1_abcdef01", {"big.bin": os.urandom(8 * MiB), "a": b"a"})
+    ws.result("exec_1_abcdef01", {"big.bin": os.urandom(8 * MiB), "a": b"a"})
     ws.mark("exec_1_abcdef01")
     with Proxy(ws.server.port, rate=1_000_000) as slow:
         ws.settings["object_storage"]["endpoint_url"] = slow.endpoint
-        admin = subprocess.Popen(
-            [*SYNCD, "sync", "--config", str(ws.config), str(tree)],
-            env=ws.env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        admin = ws.sync_in_background("exec_1_abcdef01")
         wait_until(lambda: list(ws.outputs.glob(".syncd-claims/exec_1_abcdef01.*")))
         ws.settings["object_storage"]["endpoint_url"] = ws.server.endpoint
         daemon = ws.daemon(as_unit=True)
 
         daemon.wait_log("exec_1_abcdef01: being published by")
-        output = admin.communicate(timeout=120)[0]
+        output = admin.communicate(timeout=120)
 
     assert admin.returncode == 0, output
     wait_until(lambda: ws.recorded("exec_1_abcdef01"))
