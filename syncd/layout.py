@@ -363,7 +363,7 @@ def walk(result: Result, tree_fd: int) -> Iterator[tuple[PurePosixPath, list[str
                 stack.pop()
                 os.close(fd)
                 continue
-            if len(stack) >= MAX_DEPTH:
+            if len(stack) > MAX_DEPTH:  # entering a folder MAX_DEPTH + 1 deep
                 raise SyncdError(
                     f"folder {printable(str(result.tree / path / name))} lies more than "
                     f"{MAX_DEPTH} folders deep in the result, deeper than syncd walks: flatten "

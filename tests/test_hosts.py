@@ -414,7 +414,7 @@ def test_a_tree_too_deep_and_metadata_nested_too_deep_are_named_once(moto_worksp
     problems = [line for line in log.splitlines() if " ERROR " in line or " WARNING " in line]
     assert len(problems) == 2, problems
     assert (
-        f"exec_1_abcdef01: folder {deep / '/'.join(['d'] * 128)} lies more than 128 folders deep "
+        f"exec_1_abcdef01: folder {deep / '/'.join(['d'] * 129)} lies more than 128 folders deep "
         "in the result, deeper than syncd walks: flatten the tree (the result is published once "
         "it is fixed) (retrying every 900 s)" in log
     )
