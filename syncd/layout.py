@@ -285,7 +285,7 @@ CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 MAX_DEPTH = 128
 
 
-def tree_files(result: Result) -> Iterator[LocalFile]:
+def tree_files(result: Result, say: bool = True) -> Iterator[LocalFile]:
     """Every regular file of the tree, in a stable order; symlinks only when they stay inside.
 
     Never follows a symlink out of the tree: the result folder and its workflow folder must not
@@ -295,13 +295,15 @@ def tree_files(result: Result) -> Iterator[LocalFile]:
     file that was listed and nothing else. A file with a hard link outside the tree is
     uploaded only when it belongs to the result folder's owner, who could have copied it in. A
     name no store can take, and a tree deeper than MAX_DEPTH, are this result's input errors.
+    What is skipped is logged when `say` (the first listing of an attempt, not its re-reads).
     """
+    log = logger.warning if say else logger.debug
     with open_folder(result) as tree_fd:
         root = Path(os.path.realpath(f"/proc/self/fd/{tree_fd}"))
         owner = os.fstat(tree_fd).st_uid
         # Files of several names and another owner: how many names each has, which are here.
         linked: dict[tuple[int, int], tuple[int, list[str]]] = {}
-        for folder, filenames, dir_fd in walk(result, tree_fd):
+        for folder, filenames, dir_fd in walk(result, tree_fd, log):
             for name in filenames:
                 rel = (folder / name).as_posix().removeprefix("./")
                 check_name(result, rel)
@@ -311,22 +313,25 @@ def tree_files(result: Result) -> Iterator[LocalFile]:
                     target = Path(os.path.realpath(root / rel))
                     try:
                         info = target.stat()
-                        inside = target.is_relative_to(root) and target != root
                     except FileNotFoundError:
-                        inside = False
-                    if not inside:
-                        logger.warning(
+                        log(
+                            "{}: skipping symlink {} that leads nowhere",
+                            result.name,
+                            printable(rel),
+                        )
+                        continue
+                    if not target.is_relative_to(root) or target == root:
+                        log(
                             "{}: skipping symlink {} that leads outside the tree",
                             result.name,
                             printable(rel),
                         )
                         continue
                 if not stat.S_ISREG(info.st_mode):
-                    logger.warning(
-                        "{}: skipping {}: not a regular file", result.name, printable(rel)
-                    )
+                    log("{}: skipping {}: not a regular file", result.name, printable(rel))
                     continue
-                if info.st_nlink > 1 and info.st_uid != owner:
+                # A symlink is no name of its file: the file's own name in the tree is counted.
+                if info.st_nlink > 1 and info.st_uid != owner and not follow:
                     key = (info.st_dev, info.st_ino)
                     linked.setdefault(key, (info.st_nlink, []))[1].append(rel)
                 yield LocalFile(
@@ -343,13 +348,15 @@ def tree_files(result: Result) -> Iterator[LocalFile]:
                 )
 
 
-def walk(result: Result, tree_fd: int) -> Iterator[tuple[PurePosixPath, list[str], int]]:
+def walk(
+    result: Result, tree_fd: int, log: Callable[..., None]
+) -> Iterator[tuple[PurePosixPath, list[str], int]]:
     """Each folder of the tree, depth first in name order, as (its path in the tree, the names
     of its files, a descriptor of it), without recursion: a tree thousands of folders deep is
     an input error, not a crash. Only the folders on the way down hold a descriptor."""
     top = os.dup(tree_fd)
     try:
-        folders, files = entries(result, PurePosixPath("."), top)
+        folders, files = entries(result, PurePosixPath("."), top, log)
     except BaseException:
         os.close(top)
         raise
@@ -377,7 +384,7 @@ def walk(result: Result, tree_fd: int) -> Iterator[tuple[PurePosixPath, list[str
                     continue  # swapped for a link or a file since it was listed: not entered
                 raise
             try:
-                folders, files = entries(result, path / name, child)
+                folders, files = entries(result, path / name, child, log)
             except BaseException:
                 os.close(child)
                 raise
@@ -391,7 +398,9 @@ def walk(result: Result, tree_fd: int) -> Iterator[tuple[PurePosixPath, list[str
 FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def entries(result: Result, path: PurePosixPath, fd: int) -> tuple[list[str], list[str]]:
+def entries(
+    result: Result, path: PurePosixPath, fd: int, log: Callable[..., None]
+) -> tuple[list[str], list[str]]:
     """The names of the folders and of the other entries of the folder `fd`, each sorted; a
     symlink to a folder is neither (never entered, said once per walk)."""
     folders, files = [], []
@@ -400,7 +409,7 @@ def entries(result: Result, path: PurePosixPath, fd: int) -> tuple[list[str], li
             if entry.is_dir(follow_symlinks=False):
                 folders.append(entry.name)
             elif entry.is_symlink() and entry.is_dir():
-                logger.warning(
+                log(
                     "{}: skipping symlinked folder {}",
                     result.name,
                     printable(str(path / entry.name).removeprefix("./")),

@@ -430,7 +430,7 @@ def open_listed(result: Result, file: LocalFile) -> Iterator[Path]:
 
 def holds_exactly(result: Result, files: list[LocalFile]) -> bool:
     """True when the tree still holds exactly `files`, compared as it is walked."""
-    return all(a == b for a, b in itertools.zip_longest(files, tree_files(result)))
+    return all(a == b for a, b in itertools.zip_longest(files, tree_files(result, say=False)))
 
 
 @contextlib.contextmanager

@@ -432,6 +432,7 @@ def test_a_hard_link_to_another_users_file_outside_the_tree_is_never_uploaded(mo
     os.chown(secret, 4321, 4321)
     tree = ws.result("exec_4_abcdef04", {"a": b"a"})
     os.link(secret, tree / "copied-by-link")
+    os.symlink("copied-by-link", tree / "alias")  # a symlink is no second name of the file
     mine = ws.root / "shared-mask.bin"
     mine.write_bytes(b"a mask every result shares")
     ws.result("exec_5_abcdef05", {"b": b"b"})
