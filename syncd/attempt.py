@@ -27,14 +27,11 @@ from loguru import logger
 
 from syncd import claims, metadata
 from syncd.config import Settings
-from syncd.errors import Kind, SyncdError, classify
+from syncd.errors import BeingWritten, Kind, SyncdError, classify
 from syncd.layout import Result
 from syncd.metadata import Kept, Metadata, Stamp
 from syncd.publish import Publisher, Uploaded
 from syncd.state import Record, State, StateStore, clock
-
-# Seconds before a metadata file that is being written is read again.
-BEING_WRITTEN_RETRY = 1.0
 
 
 @dataclass(frozen=True)
@@ -76,7 +73,7 @@ class Failed:
     @property
     def being_written(self) -> bool:
         """Its metadata was being written: its writer is at it, which is not a failure."""
-        return self.error.code == metadata.BEING_WRITTEN_CODE
+        return isinstance(self.error, BeingWritten)
 
 
 Outcome = Recorded | Unfinished | Held | Elsewhere | Failed
@@ -346,10 +343,10 @@ class Attempts:
         rel = result.rel.as_posix()
         previous = self.previous(rel)
         attempts = (previous.attempts if previous else 0) + 1
-        if error.code == metadata.BEING_WRITTEN_CODE and self.retries:
+        if isinstance(error, BeingWritten) and self.retries:
             # Its writer is at it: no backoff, no journal, nothing for the operator to see.
             logger.debug("{}: {} (attempt {})", result.name, error, attempts)
-            return Failed(error, attempts, BEING_WRITTEN_RETRY)
+            return Failed(error, attempts, error.retry_in)
         delay = self.backoff(error, attempts)
         self.say(result, error, attempts, delay)
         record = Record(

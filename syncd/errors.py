@@ -55,6 +55,15 @@ def redact(text: str) -> str:
     return USERINFO.sub(r"\1<redacted>@", text)
 
 
+class BeingWritten(SyncdError):
+    """Its writer is still at it (metadata that does not parse yet, files written after the
+    result's signal): not a failure; looked at again in `retry_in` seconds, quietly."""
+
+    def __init__(self, message: str, retry_in: float) -> None:
+        super().__init__(message, Kind.TRANSIENT, "BeingWritten")
+        self.retry_in = retry_in
+
+
 def printable(text: str) -> str:
     """`text` with control characters and undecodable bytes escaped, so that a name from the
     disk can never split a log line or hide what it is."""

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from syncd import folders
-from syncd.errors import Kind, SyncdError, os_error
+from syncd.errors import BeingWritten, Kind, SyncdError, os_error
 from syncd.layout import LocalFile, Result
 
 Metadata = dict[str, Any]
@@ -31,7 +31,8 @@ Stamp = tuple[int, int, int]  # (inode, size, mtime in ns): the file as syncd la
 TEMP_SUFFIX = ".syncd.tmp"
 # A file that does not parse and changed more recently than this is still being written.
 BEING_WRITTEN = 30.0
-BEING_WRITTEN_CODE = "BeingWritten"
+# Seconds before a metadata file that is being written is read again.
+READ_AGAIN = 1.0
 
 
 def stamp_of(info: os.stat_result) -> Stamp:
@@ -89,10 +90,9 @@ def read_stamped(result: Result) -> tuple[Metadata | None, Stamp | None]:
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         if time.time() - info.st_mtime < BEING_WRITTEN:
-            raise SyncdError(
+            raise BeingWritten(
                 f"metadata {path} is not complete JSON yet ({exc}); reading it again shortly",
-                Kind.TRANSIENT,
-                BEING_WRITTEN_CODE,
+                READ_AGAIN,
             ) from None
         raise SyncdError(
             f"metadata {path} is not valid JSON ({exc}); left as it is: fix or remove it "

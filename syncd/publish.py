@@ -36,7 +36,7 @@ from loguru import logger
 from syncd import folders, metadata
 from syncd.budget import TransferBudget, files_in_flight
 from syncd.config import EXEC_PREFIX, Settings
-from syncd.errors import Kind, SyncdError, os_error, printable
+from syncd.errors import BeingWritten, Kind, SyncdError, os_error, printable
 from syncd.layout import Layout, LocalFile, Result, tree_files
 from syncd.objects import headers_for, is_zarr_metadata
 from syncd.progress import Progress
@@ -47,6 +47,8 @@ from syncd.storage import Body, ObjectStore
 CLEANUP_REFUSED = {"AccessDenied", "NotImplemented", "MethodNotAllowed"}
 DELETING = ".deleting"  # suffix of a tree moved aside to be deleted
 HASH_READ = 8 * 1024 * 1024  # bytes read at a time to compare a file with what was published
+# Seconds a tree written after its signal must be left alone before it is published.
+QUIET = 30.0
 
 
 def changed() -> SyncdError:
@@ -164,6 +166,7 @@ class Publisher:
         """Upload the tree. `interrupted`: an earlier attempt may have left parts and objects.
         `acknowledged`: what the state kept of a tree an earlier attempt uploaded whole."""
         files = await asyncio.to_thread(self._list_tree, result)
+        await asyncio.to_thread(settled, result, files)
         started = time.monotonic()
         total = sum(f.size for f in files)
         done = fingerprint(result, files)
@@ -426,6 +429,27 @@ def open_listed(result: Result, file: LocalFile) -> Iterator[Path]:
             raise
     finally:
         os.close(fd)
+
+
+def settled(result: Result, files: list[LocalFile]) -> None:
+    """Files written after the result's signal (a marker dropped before its tree was done, a
+    folder filled after its marker) mean its writer may still be at it: BeingWritten until
+    the tree has been left alone for QUIET seconds, so that a half tree is never published."""
+    try:
+        signalled = os.stat(result.signal).st_mtime_ns
+    except OSError:
+        return  # published by hand without a signal: as it is
+    newest = max(files, key=lambda f: f.mtime_ns, default=None)
+    if newest is None or newest.mtime_ns <= signalled:
+        return
+    age = time.time() - newest.mtime_ns / 1e9
+    if 0 <= age < QUIET:  # dated ahead of this clock: nothing to wait for that would end
+        raise BeingWritten(
+            f"{printable(newest.rel)} was written {age:.0f} s ago, after its "
+            f"{result.signal_name}: published once the tree has been left alone for "
+            f"{QUIET:.0f} s",
+            QUIET - age,
+        )
 
 
 def holds_exactly(result: Result, files: list[LocalFile]) -> bool:

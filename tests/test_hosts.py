@@ -312,9 +312,33 @@ def test_a_marker_that_comes_before_its_folder_is_published_when_the_folder_appe
 
     staging.rename(ws.outputs / "wf" / "exec_15_abcdef15")  # the folder's final rename
 
-    wait_until(lambda: ws.recorded("wf/exec_15_abcdef15"), timeout=10, what="published")
+    # Its file was written after the marker: published once the tree was left alone for 30 s.
+    wait_until(lambda: ws.recorded("wf/exec_15_abcdef15"), timeout=45, what="published")
     assert daemon.terminate() == 0
     assert ws.objects() == {"outputs/wf/exec_15_abcdef15/m": b"m"}
+
+
+def test_a_folder_filled_after_its_marker_is_never_published_half(moto_workspace):
+    ws = moto_workspace
+    ws.settings["syncd"]["retry_min_delay"] = 3600  # only the quiet tree can help
+    ws.settings["syncd"]["retry_max_delay"] = 3600
+    (ws.outputs / "wf").mkdir()
+    daemon = ws.daemon()
+    daemon.wait_log("syncd watching")
+    ws.mark("wf/exec_16_abcdef16")
+    daemon.wait_log("has no result folder")
+
+    tree = ws.result("wf/exec_16_abcdef16", {"results.zarr/.zgroup": b"{}"}, metadata=None)
+    for chunk in ("0.0", "1.0", "2.0"):  # a writer that dropped its marker first
+        time.sleep(2)
+        (tree / "results.zarr" / chunk).write_bytes(chunk.encode())
+
+    wait_until(lambda: ws.recorded("wf/exec_16_abcdef16"), timeout=60, what="published")
+    assert daemon.terminate() == 0
+    paths = [f["path"] for f in ws.metadata("wf/exec_16_abcdef16")["output_files"]]
+    assert len(paths) == 4, paths
+    assert len(ws.objects()) == 4
+    assert "uploading 1 files" not in daemon.log()
 
 
 def test_a_marker_removed_while_its_result_waits_forgets_the_result(moto_workspace):
