@@ -317,6 +317,16 @@ class Attempts:
         self.state.watch(rel, stamp)
         self.state.keep_record(rel, kept.dumps())
         self.reported.pop(rel, None)
+        if not uploaded.sent:
+            logger.info(
+                "{}: {} files, {} bytes uploaded to {} by an earlier attempt; recorded in {}",
+                result.name,
+                len(uploaded.files),
+                uploaded.bytes,
+                result.remote_path,
+                result.metadata,
+            )
+            return Recorded(stamp, uploaded=uploaded)
         logger.info(
             "{}: uploaded {} files, {} bytes in {:.2f} s ({:.1f} MB/s) to {}; recorded in {}",
             result.name,

@@ -172,8 +172,20 @@ class Publisher:
         done = fingerprint(result, files)
         earlier = acknowledged_md5(acknowledged, done)
         if earlier is not None:
-            logger.info("{}: already uploaded by an earlier attempt; recording it", result.name)
-            return Uploaded(files, earlier, total, 0.0, done, sent=False)
+            # The bucket may have lost them since (deleted by hand, a store that drops writes).
+            lacking, _ = await self._lacking(result, files)
+            if not lacking:
+                logger.info("{}: already uploaded by an earlier attempt; recording it", result.name)
+                return Uploaded(files, earlier, total, 0.0, done, sent=False)
+            logger.warning(
+                "{}: the bucket lacks {} of the {} files an earlier attempt uploaded (first: "
+                "{}); sending the tree again",
+                result.name,
+                len(lacking),
+                len(files),
+                result.key(lacking[0].rel),
+            )
+            interrupted = True
         if not files:
             logger.warning(
                 "{}: the result folder is empty; recording it with no files", result.name
@@ -362,9 +374,15 @@ class Publisher:
         """When the slowest transfer in flight must have ended (0 if none is)."""
         return max(self.deadlines.values(), default=0.0)
 
-    async def _verify(self, result: Result, files: list[LocalFile]) -> None:
+    async def _lacking(
+        self, result: Result, files: list[LocalFile]
+    ) -> tuple[list[LocalFile], dict[str, int]]:
+        """The files the bucket lacks or holds with another size, and its listing."""
         listed = await self.store.sizes(f"{result.remote_path}/")
-        wrong = [f for f in files if listed.get(result.key(f.rel)) != f.size]
+        return [f for f in files if listed.get(result.key(f.rel)) != f.size], listed
+
+    async def _verify(self, result: Result, files: list[LocalFile]) -> None:
+        wrong, listed = await self._lacking(result, files)
         if wrong:
             first = wrong[0]
             raise SyncdError(

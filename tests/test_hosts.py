@@ -140,7 +140,10 @@ def test_a_full_outputs_filesystem_resumes_by_itself_and_leaves_nothing_behind(
     assert [p.name for p in ws.outputs.rglob(".*")] == []  # no claim, no temp file
 
 
-def test_a_full_disk_while_recording_does_not_upload_again(moto_workspace, tmpfs):
+@pytest.mark.parametrize("lost", [False, True], ids=["kept", "lost-since"])
+def test_a_full_disk_while_recording_does_not_upload_again(moto_workspace, tmpfs, lost):
+    """The upload is remembered, and recorded once the disk has room; if the bucket lost an
+    object meanwhile, the tree is sent again rather than recorded without it."""
     ws = moto_workspace
     ws.settings["syncd"]["retry_max_delay"] = 1
     ws.settings["syncd"]["metadata_file"] = "meta/{exec_path}.json"
@@ -151,14 +154,28 @@ def test_a_full_disk_while_recording_does_not_upload_again(moto_workspace, tmpfs
     daemon = ws.daemon()
     daemon.wait_log("writing metadata")
     daemon.wait_log("(attempt 3;")
+    if lost:
+        ws.server.client().delete_object(Bucket=ws.bucket, Key="outputs/exec_8_abcdef08/h.bin")
 
     filler.unlink()
 
     wait_until(lambda: (meta / "exec_8_abcdef08.json").exists(), what="recorded after all")
     assert daemon.terminate() == 0
     log = daemon.log()
-    assert log.count("exec_8_abcdef08: uploading 1 files") == 1
-    assert "exec_8_abcdef08: already uploaded by an earlier attempt; recording it" in log
+    if lost:
+        assert log.count("exec_8_abcdef08: uploading 1 files") == 2
+        assert (
+            "exec_8_abcdef08: the bucket lacks 1 of the 1 files an earlier attempt uploaded "
+            "(first: outputs/exec_8_abcdef08/h.bin); sending the tree again" in log
+        )
+        assert len(ws.objects()["outputs/exec_8_abcdef08/h.bin"]) == MiB
+    else:
+        assert log.count("exec_8_abcdef08: uploading 1 files") == 1
+        assert "exec_8_abcdef08: already uploaded by an earlier attempt; recording it" in log
+        assert (
+            "exec_8_abcdef08: 1 files, 1048576 bytes uploaded to outputs/exec_8_abcdef08 by an "
+            "earlier attempt; recorded in" in log
+        )
     assert json.loads((meta / "exec_8_abcdef08.json").read_text())["storage_type"] == "s3"
     assert [p.name for p in meta.iterdir()] == ["exec_8_abcdef08.json"]
 
