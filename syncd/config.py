@@ -17,6 +17,7 @@ import re
 import string
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 from pydantic import (
@@ -36,9 +37,12 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from syncd.errors import Kind, SyncdError, redact
+from syncd.errors import Kind, SyncdError
 
 MiB = 1024 * 1024
+CONTROL = re.compile("[\x00-\x1f\x7f]")
+# The longest prefix: S3 keys are at most 1,024 bytes, and the result's path and files follow.
+MAX_PREFIX_BYTES = 512
 DEFAULT_CONFIG_FILE = Path("/etc/syncd/config.yaml")
 
 
@@ -95,8 +99,15 @@ class ObjectStorage(BaseModel):
                 "must be names separated by single slashes, without '.' or '..' parts, "
                 "e.g. outputs or team/results: keys made from it would not name one path"
             )
-        if re.search("[\x00-\x1f\x7f]", value):
+        if CONTROL.search(value):
             raise ValueError("must not hold control characters")
+        if value != value.strip():
+            raise ValueError("must not start or end with a blank: keys would too")
+        if len(value.encode()) > MAX_PREFIX_BYTES:
+            raise ValueError(
+                f"must be at most {MAX_PREFIX_BYTES} bytes, to leave room under S3's 1,024 for "
+                "the result's path and its files"
+            )
         return value
 
     @field_validator("multipart_chunksize")
@@ -109,14 +120,34 @@ class ObjectStorage(BaseModel):
             )
         return value
 
-    @field_validator("endpoint_url", "cloudfront_domain")
+    @field_validator("endpoint_url")
     @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
+    def _endpoint(cls, value: str | None) -> str | None:
         if value is None:
             return None
         value = value.rstrip("/")
-        if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        parts = http_url(value, "http://minio.internal:9000")
+        if "@" in parts.path:
+            raise ValueError("must be an http:// or https:// URL with no @ after its host")
+        return value
+
+    @field_validator("cloudfront_domain")
+    @classmethod
+    def _domain(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.rstrip("/")
+        parts = http_url(value, "https://d111111abcdef8.cloudfront.net")
+        if (
+            parts.path
+            or parts.username is not None
+            or not re.fullmatch(r"[\w.-]+", parts.hostname or "")
+        ):
+            raise ValueError(
+                "must be the distribution's domain alone, e.g. "
+                "https://d111111abcdef8.cloudfront.net (no path, user or wildcard: the signed "
+                "Resource is <domain>/<remote_path>/*)"
+            )
         return value
 
     @field_validator("cloudfront_domain", mode="before")
@@ -159,6 +190,29 @@ class ObjectStorage(BaseModel):
         return self.use_transfer_acceleration and self.endpoint_url is None
 
 
+def http_url(value: str, example: str) -> SplitResult:
+    """`value` split, if it is an http:// or https:// URL of a host (and a port) with no query,
+    fragment, blank or control character; ValueError with `example` otherwise."""
+    problem = f"must be an http:// or https:// URL of a host, e.g. {example}"
+    if re.search(r"[\s\x00-\x1f\x7f]", value):
+        raise ValueError(f"{problem}, without blanks or control characters")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  (a port that is no number raises ValueError here)
+    except ValueError:
+        raise ValueError(problem) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError(problem)
+    return parts
+
+
+def redact_url(value: object) -> object:
+    """A URL setting as an error may show it: its user and password cut out."""
+    if isinstance(value, str) and "@" in value:
+        return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://).*@", r"\1<redacted>@", value, flags=re.S)
+    return value
+
+
 METADATA_FIELDS = {"exec", "exec_path", "workflow"}
 # Names on the disk the settings must leave alone: result folders, and the folder of claims.
 EXEC_PREFIX = "exec_"
@@ -183,8 +237,16 @@ def in_a_tree(folder: tuple[str, ...]) -> bool:
 
 
 def placeholders(template: str) -> set[str]:
-    """The `{names}` in a template; ValueError if it is not one."""
-    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    """The `{names}` in a template; ValueError if it is not one, or formats or converts one
+    (`{exec:>10}`, `{exec!r}`): a name is put in as it is."""
+    names = set()
+    for _, name, spec, conversion in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if spec or conversion:
+            raise ValueError(f"{{{name}}} takes no format or conversion")
+        names.add(name)
+    return names
 
 
 def listen_address(text: str) -> tuple[str, int]:
@@ -248,6 +310,13 @@ class DaemonSettings(BaseModel):
     metrics_address: str | None = None
     metrics_file: Path | None = None
 
+    @field_validator("outputs_dir", "state_dir", "metrics_file")
+    @classmethod
+    def _plain_path(cls, value: Path | None) -> Path | None:
+        if value is not None and CONTROL.search(str(value)):
+            raise ValueError("must not hold control characters")
+        return value
+
     @field_validator("metrics_address")
     @classmethod
     def _host_port(cls, value: str | None) -> str | None:
@@ -273,8 +342,10 @@ class DaemonSettings(BaseModel):
     @field_validator("marker_suffix")
     @classmethod
     def _plain_suffix(cls, value: str) -> str:
-        if "/" in value:
-            raise ValueError("must be a file name suffix such as .done, without '/'")
+        if "/" in value or CONTROL.search(value):
+            raise ValueError(
+                "must be a file name suffix such as .done, without '/' or control characters"
+            )
         return value
 
     @field_validator("metadata_file")
@@ -292,6 +363,8 @@ class DaemonSettings(BaseModel):
             )
         if not fields & {"exec", "exec_path"}:
             raise ValueError("must contain {exec} or {exec_path} so each result has its own file")
+        if CONTROL.search(value):
+            raise ValueError("must not hold control characters")
         for tree, path in metadata_samples(value):
             if path.startswith("/") or ".." in path.split("/"):
                 where = tree if "/" in tree else f"{tree} (at the top level: {{workflow}} empty)"
@@ -333,9 +406,16 @@ class DaemonSettings(BaseModel):
             for tree, path in metadata_samples(self.metadata_file):
                 if PurePosixPath(path) == PurePosixPath(f"{tree}{self.marker_suffix}"):
                     raise ValueError(
-                        f"metadata_file {self.metadata_file!r} names the marker itself "
-                        f"({path}): give the metadata another name, e.g. {{exec_path}}.json"
+                        f"metadata_file {self.metadata_file!r} and marker_suffix "
+                        f"{self.marker_suffix!r} name one file ({path}): the marker and the "
+                        "metadata need names of their own; change one of them"
                     )
+        if self.retry_min_delay > self.retry_max_delay:
+            raise ValueError(
+                f"retry_min_delay ({self.retry_min_delay:g} s) is above retry_max_delay "
+                f"({self.retry_max_delay:g} s): the first retry cannot come after the longest "
+                "wait; raise retry_max_delay or lower retry_min_delay"
+            )
         return self
 
 
@@ -379,6 +459,7 @@ ENVIRONMENT: dict[str, tuple[str, ...]] = {
 }
 SECTIONS: dict[str, type[BaseModel]] = {"object_storage": ObjectStorage, "syncd": DaemonSettings}
 SECRETS = ("secret_access_key", "session_token", "cloudfront_private_key")
+URLS = ("endpoint_url", "cloudfront_domain")  # may hold a user and password
 
 
 def env_name(section: str, key: str) -> str:
@@ -417,7 +498,27 @@ class Environment(PydanticBaseSettingsSource):
             for key in DaemonSettings.model_fields
             if self.environ.get(env_name("syncd", key))
         }
+        self.notices.extend(unknown_variables(self.environ))
         return {"object_storage": storage, "syncd": daemon}
+
+
+# Variables in syncd's own namespaces that are no setting: the config file's.
+OTHER_VARIABLES = ("SYNCD_CONFIG",)
+
+
+def unknown_variables(environ: dict[str, str]) -> list[str]:
+    """Notices for variables in syncd's namespaces that no setting reads: a misspelt one would
+    otherwise be ignored without a word (in the YAML file the same typo is an error)."""
+    known = {name for names in ENVIRONMENT.values() for name in names}
+    known |= {env_name("syncd", key) for key in DaemonSettings.model_fields}
+    known |= set(OTHER_VARIABLES)
+    notices = []
+    for name in sorted(environ):
+        if name.startswith(("OBJECT_STORAGE_", "CLOUDFRONT_", "SYNCD_")) and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+            hint = f"; did you mean ${close[0]}?" if close else ""
+            notices.append(f"${name} is not a setting syncd reads and is ignored{hint}")
+    return notices
 
 
 class Credentials(PydanticBaseSettingsSource):
@@ -472,6 +573,22 @@ def read_file(path: Path, what: str, remedy: str) -> bytes:
         raise ConfigError(f"{what} {path} cannot be read: {exc.strerror}") from None
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, but a key given twice in one mapping is an error: the first
+    value would be dropped without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     raw = read_file(path, "config file", "fix --config or SYNCD_CONFIG")
     try:
@@ -479,7 +596,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text") from None
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader
     except RecursionError:
         raise ConfigError(f"config file {path} nests deeper than a YAML reader follows") from None
     except yaml.YAMLError as exc:
@@ -566,6 +683,8 @@ class Origin:
         value = error.get("input")
         if key in SECRETS:
             value = "<redacted>"
+        elif key in URLS:
+            value = redact_url(value)
         return (
             f"invalid setting {section}.{key} ({self.source(section, key)}) = {value!r}: {message}"
         )
@@ -642,7 +761,6 @@ def redacted(settings: Settings) -> dict[str, Any]:
     for key in SECRETS:
         if data["object_storage"][key] is not None:
             data["object_storage"][key] = "<redacted>"
-    for key in ("endpoint_url", "cloudfront_domain"):
-        if data["object_storage"][key] is not None:
-            data["object_storage"][key] = redact(data["object_storage"][key])
+    for key in URLS:
+        data["object_storage"][key] = redact_url(data["object_storage"][key])
     return data

@@ -265,8 +265,62 @@ BAD = [
     (
         {"syncd": {"metadata_file": "{exec_path}.done"}},
         {},
-        "invalid syncd settings (config file {path}): metadata_file '{{exec_path}}.done' names "
-        "the marker itself (exec_x.done): give the metadata another name, e.g. {{exec_path}}.json",
+        "invalid syncd settings (config file {path}): metadata_file '{{exec_path}}.done' and "
+        "marker_suffix '.done' name one file (exec_x.done): the marker and the metadata need "
+        "names of their own; change one of them",
+    ),
+    (
+        {"object_storage": {"endpoint_url": "http://user:hunter2/x@127.0.0.1:15009"}},
+        {},
+        "invalid setting object_storage.endpoint_url (in {path}) = "
+        "'http://<redacted>@127.0.0.1:15009': must be an http:// or https:// URL of a host, e.g. "
+        "http://minio.internal:9000",
+    ),
+    (
+        {"object_storage": {"endpoint_url": "http://127.0.0.1:notaport"}},
+        {},
+        "invalid setting object_storage.endpoint_url (in {path}) = 'http://127.0.0.1:notaport': "
+        "must be an http:// or https:// URL of a host, e.g. http://minio.internal:9000",
+    ),
+    (
+        {"object_storage": {"cloudfront_domain": "https://*.cloudfront.net"}},
+        {},
+        "invalid setting object_storage.cloudfront_domain (in {path}) = "
+        "'https://*.cloudfront.net': must be the distribution's domain alone, e.g. "
+        "https://d111111abcdef8.cloudfront.net (no path, user or wildcard: the signed Resource "
+        "is <domain>/<remote_path>/*)",
+    ),
+    (
+        {"object_storage": {"cloudfront_domain": "https://d111111abcdef8.cloudfront.net?x=1"}},
+        {},
+        "invalid setting object_storage.cloudfront_domain (in {path}) = "
+        "'https://d111111abcdef8.cloudfront.net?x=1': must be an http:// or https:// URL of a "
+        "host, e.g. https://d111111abcdef8.cloudfront.net",
+    ),
+    (
+        {"object_storage": {"prefix": " outputs"}},
+        {},
+        "invalid setting object_storage.prefix (in {path}) = ' outputs': must not start or end "
+        "with a blank: keys would too",
+    ),
+    (
+        {"syncd": {"metadata_file": "{exec_path!r}.json"}},
+        {},
+        "invalid setting syncd.metadata_file (in {path}) = '{{exec_path!r}}.json': is not a valid "
+        "template ({{exec_path}} takes no format or conversion)",
+    ),
+    (
+        {"syncd": {"outputs_dir": "/out\x00puts"}},
+        {},
+        "invalid setting syncd.outputs_dir (in {path}) = '/out\\x00puts': must not hold control "
+        "characters",
+    ),
+    (
+        {"syncd": {"retry_min_delay": 100, "retry_max_delay": 1}},
+        {},
+        "invalid syncd settings (config file {path}): retry_min_delay (100 s) is above "
+        "retry_max_delay (1 s): the first retry cannot come after the longest wait; raise "
+        "retry_max_delay or lower retry_min_delay",
     ),
     (
         {"syncd": {"metadata_file": "exec_meta/{exec_path}.json"}},
@@ -290,6 +344,27 @@ def test_bad_configuration_is_one_clear_line(tmp_path, document, env, message):
     with pytest.raises(ConfigError) as caught:
         load_settings(config, environ=env)
     assert str(caught.value) == message.format(path=config)
+
+
+def test_a_key_given_twice_is_an_error_and_a_misspelt_variable_a_notice(tmp_path):
+    config = tmp_path / "twice.yaml"
+    config.write_text("object_storage:\n  bucket: a\n  bucket: b\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config, environ={})
+    assert str(caught.value) == (
+        f"config file {config} is not valid YAML at line 3, column 3: the key 'bucket' is given "
+        "twice"
+    )
+
+    settings, _ = load_settings(
+        environ={"SYNCD_OUTPUT_DIR": "/x", "OBJECT_STORAGE_USE_TRANSFER_ACCELERATION": "false"}
+    )
+    assert settings.notices == [
+        "$OBJECT_STORAGE_USE_TRANSFER_ACCELERATION is not a setting syncd reads and is ignored; "
+        "did you mean $OBJECT_STORAGE_TRANSFER_ACCELERATION?",
+        "$SYNCD_OUTPUT_DIR is not a setting syncd reads and is ignored; did you mean "
+        "$SYNCD_OUTPUTS_DIR?",
+    ]
 
 
 def test_bad_configuration_exits_2_with_one_line_and_no_traceback(tmp_path):

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from syncd.config import ObjectStorage
-from syncd.errors import redact
+from syncd.config import ObjectStorage, redact_url
 from syncd.objects import ObjectHeaders
 from syncd.storage.body import Body
 
@@ -70,7 +69,7 @@ class ObjectStore(Protocol):
 
 
 def location(storage: ObjectStorage) -> str:
-    endpoint = redact(storage.endpoint_url or "") or (
+    endpoint = redact_url(storage.endpoint_url or "") or (
         "s3-accelerate" if storage.accelerated else "AWS S3"
     )
     return f"s3://{storage.bucket} ({endpoint}, {storage.region})"
