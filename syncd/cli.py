@@ -264,7 +264,7 @@ def run_command(argv: list[str] | None = None) -> int:
         require_enabled(settings)
         signer = signer_for(settings)
         if args.command == "sync":
-            for sig in (signal.SIGTERM, signal.SIGHUP):  # said and ended like Ctrl-C
+            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):  # ended like Ctrl-C
                 signal.signal(sig, interrupt)
             return asyncio.run(run_sync(settings, signer, args.exec_dirs, args.force))
         flags = flags_from(args)

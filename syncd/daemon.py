@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import math
 import signal
 import time
@@ -116,6 +117,9 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.reloading.set)
         for sig in IGNORED_SIGNALS:
             loop.add_signal_handler(sig, ignored, sig)
+        faulthandler.enable()  # SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT
+        for sig in FATAL_SIGNALS:
+            faulthandler.register(sig, chain=True)
         self.state.start()
         await asyncio.to_thread(recover_leftovers, self.layout)
         self.progress_at = loop.time()
@@ -541,6 +545,7 @@ class Daemon:
 # Signals that stop the daemon (the first lets uploads in flight finish, a second stops now).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 # Signals whose default would end the daemon without a word; syncd has no use for them.
+# (SIGXCPU is what a soft LimitCPU= sends; the hard limit's SIGKILL follows if it is reached.)
 IGNORED_SIGNALS = (
     signal.SIGUSR1,
     signal.SIGUSR2,
@@ -549,8 +554,13 @@ IGNORED_SIGNALS = (
     signal.SIGPROF,
     signal.SIGIO,
     signal.SIGPWR,
+    signal.SIGSTKFLT,
+    signal.SIGXCPU,
     *range(signal.SIGRTMIN, signal.SIGRTMAX + 1),
 )
+# Signals that mean the process itself is broken (a crash, a forbidden system call, a trap):
+# it still ends, but with the Python stack of every thread in the log first.
+FATAL_SIGNALS = (signal.SIGSYS, signal.SIGTRAP)
 
 
 def ignored(sig: int) -> None:
