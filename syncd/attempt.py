@@ -69,6 +69,7 @@ class Failed:
     error: SyncdError
     attempts: int  # failed attempts so far, this one included
     retry_in: float  # seconds until the next attempt, as the journal keeps it
+    journaled: bool = True  # False: the journal could not keep it (locked, full disk)
 
     @property
     def being_written(self) -> bool:
@@ -372,6 +373,7 @@ class Attempts:
             self.state.set(record)
         except SyncdError as exc:
             logger.warning("{}: {}", result.name, exc)
+            return Failed(error, attempts, delay, journaled=False)
         return Failed(error, attempts, delay)
 
     def previous(self, rel: str) -> Record | None:

@@ -91,7 +91,8 @@ class Daemon:
         self.metrics = metrics
         self.queue: asyncio.Queue[Result] = asyncio.Queue()
         self.queued: set[str] = set()  # waiting in the queue or in progress
-        self.rereading: set[str] = set()  # metadata being written: read again in a moment
+        # Offered again after a moment, by a timer here rather than by the journal's next try.
+        self.later: set[str] = set()
         # Retries are due by the journal's next_try; those up to this time were offered.
         self.retried_until = 0.0
         self.retries_changed = asyncio.Event()
@@ -232,7 +233,7 @@ class Daemon:
         for task in unfinished:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
-        left = len(self.queued) + len(self.rereading) + self.retries_after(clock())[0]
+        left = len(self.queued) + len(self.later) + self.retries_after(clock())[0]
         logger.info("syncd stopped; {} results left for the next start", left)
 
     async def rescan_every(self) -> None:
@@ -312,7 +313,7 @@ class Daemon:
     def standing(self) -> Standing:
         return Standing(
             uploading=len(self.busy),
-            waiting=self.queue.qsize() + len(self.rereading),
+            waiting=self.queue.qsize() + len(self.later),
             failing=self.retries_after(self.retried_until)[0],
             done=self.ask(self.state.count_watched, 0),
             oldest_since=min(self.since.values(), default=None),
@@ -461,7 +462,7 @@ class Daemon:
     def next_try(self, rel: str) -> float | None:
         """When a result that waits for its next try gets it (being written: its timer offers
         it; failed: the journal's time); None when it does not wait."""
-        if rel in self.rereading:
+        if rel in self.later:
             return math.inf
         record = self.ask(lambda: self.state.get(rel), None)  # unknown: tried, not lost
         if record is None or record.state != State.RETRYING:
@@ -476,7 +477,7 @@ class Daemon:
             return
         if not fresh and (self.next_try(rel) or 0.0) > clock():
             return
-        self.rereading.discard(rel)
+        self.later.discard(rel)
         if rel not in self.since:
             self.since[rel] = finished_at(result)
         self.queued.add(rel)
@@ -512,10 +513,13 @@ class Daemon:
             case Held():
                 pass  # a rescan looks again; a dead owner's claim expires
             case Failed() if outcome.being_written:
-                self.reread_later(result, outcome.retry_in)
+                self.offer_later(result, outcome.retry_in)
             case Failed():
                 self.metrics.failures.labels(outcome.error.kind.value).inc()
-                self.retries_changed.set()
+                if outcome.journaled:
+                    self.retries_changed.set()
+                else:  # the journal could not keep its next try: this timer does
+                    self.offer_later(result, outcome.retry_in)
 
     def count(self, result: Result, outcome: Recorded) -> None:
         """A recorded result, in the metrics."""
@@ -528,17 +532,17 @@ class Daemon:
         self.metrics.published(len(uploaded.files), uploaded.bytes, seconds)
         self.last_published = (result.name, time.time())
 
-    def reread_later(self, result: Result, delay: float) -> None:
-        """Its metadata is being written: read it again in a moment (no backoff, no journal:
-        its writer is at it, which is not a failure)."""
+    def offer_later(self, result: Result, delay: float) -> None:
+        """Offer `result` again in `delay` seconds, by a timer: its writer is at it (no backoff,
+        no journal: not a failure), or the journal could not keep its next try."""
         rel = result.rel.as_posix()
 
         def again() -> None:
-            if rel in self.rereading:
-                self.rereading.discard(rel)
+            if rel in self.later:
+                self.later.discard(rel)
                 self.offer(result, fresh=True)
 
-        self.rereading.add(rel)
+        self.later.add(rel)
         asyncio.get_running_loop().call_later(delay, again)
 
 

@@ -207,6 +207,7 @@ def test_what_a_killed_daemon_left_is_cleaned_up_at_the_next_start(moto_workspac
 def test_a_state_database_locked_too_long_is_a_transient_error(moto_workspace):
     ws = moto_workspace
     ws.settings["syncd"]["retry_max_delay"] = 1
+    ws.settings["syncd"]["rescan_interval"] = 3600  # the retry alone publishes it
     daemon = ws.daemon()
     daemon.wait_log("syncd watching")
     lock = sqlite3.connect(ws.root / "state" / "state.db", isolation_level=None)
@@ -214,11 +215,13 @@ def test_a_state_database_locked_too_long_is_a_transient_error(moto_workspace):
     ws.result("exec_12_abcdef12", {"k": b"k"})
     ws.mark("exec_12_abcdef12")
     daemon.wait_log("is locked by another process", timeout=60)
+    # Held until the journal could not keep the retry's time either.
+    wait_until(lambda: daemon.log().count("is locked by another process") >= 2, timeout=60)
 
     lock.execute("ROLLBACK")
     lock.close()
 
-    wait_until(lambda: ws.recorded("exec_12_abcdef12"), timeout=60, what="recorded after")
+    wait_until(lambda: ws.recorded("exec_12_abcdef12"), timeout=30, what="recorded after")
     assert daemon.terminate() == 0
     assert status_of(ws)["exec_12_abcdef12"]["state"] == "done"
 
