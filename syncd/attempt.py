@@ -108,7 +108,7 @@ class Attempts:
     async def _attempt(self, result: Result, by_hand: bool, again: bool) -> Outcome:
         # Cheap checks first, so results recorded long ago cost no claim; a metadata file that
         # cannot be recorded into stops the attempt before anything is uploaded.
-        marked = by_hand or result.by_metadata or await asyncio.to_thread(result.marker.exists)
+        marked = by_hand or result.by_metadata or await asyncio.to_thread(result.marker.is_file)
         if not marked:
             return self.unfinished(result, "its marker was removed")
         document, stamp = await self.publisher.read_metadata(result)

@@ -92,7 +92,8 @@ class Layout:
         self.metadata_pattern = metadata_pattern(daemon.metadata_file)
         self.by_metadata = daemon.completion == "metadata"
         self.prefix = settings.object_storage.prefix
-        self.reported: set[str] = set()  # symlinked workflow folders already logged
+        # Folders already said to be symlinks (by path) or unlistable (list:<path>).
+        self.reported: set[str] = set()
 
     def result(self, rel: PurePosixPath) -> Result:
         workflow = rel.parent.name if len(rel.parts) == 2 else ""
@@ -203,8 +204,9 @@ class Layout:
             except FileNotFoundError:
                 continue  # a metadata folder not made yet
             except OSError as exc:
-                logger.warning("cannot list {}: {}", folder, exc.strerror)
+                self.unlisted(folder, exc)
                 continue
+            self.reported.discard(f"list:{folder}")
             for entry in entries:
                 if entry.is_file():
                     result = find(Path(entry.path))
@@ -217,14 +219,27 @@ class Layout:
         samples = (self.result(PurePosixPath(w, "exec_x")) for w in workflows)
         return sorted({sample.metadata.parent for sample in samples})
 
+    def unlisted(self, folder: Path, exc: OSError) -> None:
+        """A folder that cannot be listed: said once, until it can be again."""
+        if f"list:{folder}" in self.reported:
+            return
+        self.reported.add(f"list:{folder}")
+        logger.error(
+            "cannot list {} ({}): give the syncd user read and search access to it; until then "
+            "the results in it are not seen",
+            printable(str(folder)),
+            exc.strerror or exc,
+        )
+
     def workflow_dirs(self) -> list[Path]:
         """Folders of outputs_dir that may hold results (anything but exec trees). A symlink to
         a folder is never one: it is reported once and left alone."""
         try:
             entries = list(os.scandir(self.outputs_dir))
         except OSError as exc:
-            logger.warning("cannot list {}: {}", self.outputs_dir, exc.strerror)
+            self.unlisted(self.outputs_dir, exc)
             return []
+        self.reported.discard(f"list:{self.outputs_dir}")
         folders = []
         for entry in entries:
             if entry.name.startswith((EXEC_PREFIX, ".")):

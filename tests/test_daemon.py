@@ -257,3 +257,20 @@ def test_a_restart_with_a_new_prefix_publishes_recorded_results_there(moto_works
     )
     assert ws.objects("moved/") == {"moved/exec_6_abcdef06/z.bin": b"zz"}
     assert again.terminate() == 0
+
+
+def test_a_folder_named_like_a_marker_is_no_marker(moto_workspace):
+    ws = moto_workspace
+    ws.settings["syncd"]["rescan_interval"] = 0.5
+    daemon = ws.daemon()
+    daemon.wait_log("syncd watching")
+    ws.result("exec_7_abcdef07", {"g": b"g"})
+    (ws.outputs / "exec_7_abcdef07.done").mkdir()  # an event, and rescans, see it
+    ws.result("exec_8_abcdef08", {"h": b"h"})
+    ws.mark("exec_8_abcdef08")
+
+    wait_until(lambda: ws.recorded("exec_8_abcdef08"))
+    time.sleep(1.5)  # three rescans more
+    assert daemon.terminate() == 0
+    assert not ws.recorded("exec_7_abcdef07")
+    assert set(ws.objects()) == {"outputs/exec_8_abcdef08/h"}

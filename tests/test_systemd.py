@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from tests.conftest import KEY_PAIR_ID
 from tests.proxy import Proxy
 from tests.servers import SECRET, wait_until
+from tests.unit import NOBODY
 
 MiB = 1024 * 1024
 
@@ -155,3 +157,28 @@ def test_a_claim_of_another_users_live_process_holds_in_the_units_sandbox(unit_w
     assert daemon.terminate() == 0
     assert "exec_1_abcdef01: uploading" not in daemon.log()
     assert ws.objects()["outputs/exec_1_abcdef01/a"] == b"a"
+
+
+def test_a_workflow_folder_the_units_user_cannot_list_is_said_once(unit_workspace):
+    ws = unit_workspace
+    ws.settings["syncd"]["rescan_interval"] = 0.5
+    ws.result("closed/exec_1_abcdef01", {"a": b"a"})
+    ws.mark("closed/exec_1_abcdef01")
+    (ws.outputs / "closed").chmod(0o700)  # root's alone, as a workflow with umask 077 makes it
+    ws.result("open/exec_2_abcdef02", {"b": b"b"})
+    ws.mark("open/exec_2_abcdef02")
+    for path in (ws.outputs / "open").rglob("*"):
+        os.chown(path, NOBODY, NOBODY)
+    os.chown(ws.outputs / "open", NOBODY, NOBODY)
+
+    daemon = ws.daemon(as_unit=True)
+    wait_until(lambda: ws.recorded("open/exec_2_abcdef02"), what="the other result published")
+    time.sleep(3)  # six rescans more: still said once
+    assert daemon.terminate() == 0
+
+    said = [line for line in daemon.log().splitlines() if "cannot list" in line]
+    assert len(said) == 1, said
+    assert said[0].endswith(
+        f"ERROR   cannot list {ws.outputs / 'closed'} (Permission denied): give the syncd user "
+        "read and search access to it; until then the results in it are not seen"
+    )
