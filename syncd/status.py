@@ -8,12 +8,15 @@ another place.
 
 from __future__ import annotations
 
+import os
+import stat
 from collections import Counter
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from syncd import metadata
-from syncd.config import Settings
+from syncd.config import ConfigError, Settings
 from syncd.errors import SyncdError, printable
 from syncd.layout import Layout
 from syncd.state import Record, State, StateStore, clock, wall_time
@@ -32,7 +35,7 @@ EXPLAINED = (State.RETRYING, State.FORGOTTEN, State.ELSEWHERE)
 
 def records(settings: Settings) -> list[Record]:
     known: dict[str, Record] = {}
-    if (settings.syncd.state_dir / "state.db").exists():
+    if has_state(settings.syncd.state_dir):
         store = StateStore(settings.syncd.state_dir, readonly=True)
         known = {r.rel: r for r in store.all()}
         store.close()
@@ -55,6 +58,25 @@ def records(settings: Settings) -> list[Record]:
         else:
             known[rel] = Record(rel, State.PENDING)
     return sorted(known.values(), key=lambda r: (ORDER[r.state], r.rel))
+
+
+def has_state(state_dir: Path) -> bool:
+    """Whether the daemon has kept a state file yet; ConfigError when state_dir cannot be read
+    by this user or is no folder (every result would look pending)."""
+    remedy = "run syncd status as the user syncd runs as (sudo -u syncd ...), or fix state_dir"
+    try:
+        info = os.stat(state_dir)
+        if stat.S_ISDIR(info.st_mode):
+            os.stat(state_dir / "state.db")
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise ConfigError(
+            f"state_dir {state_dir} cannot be read ({exc.strerror}): {remedy}"
+        ) from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"state_dir {state_dir} is not a folder: set syncd.state_dir to syncd's")
+    return True
 
 
 def as_dict(record: Record) -> dict[str, Any]:

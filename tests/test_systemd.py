@@ -182,3 +182,25 @@ def test_a_workflow_folder_the_units_user_cannot_list_is_said_once(unit_workspac
         f"ERROR   cannot list {ws.outputs / 'closed'} (Permission denied): give the syncd user "
         "read and search access to it; until then the results in it are not seen"
     )
+
+
+def test_status_says_when_its_user_cannot_read_the_state(unit_workspace):
+    ws = unit_workspace
+    closed = ws.root / "root-state"
+    closed.mkdir(mode=0o700)
+    (closed / "state.db").write_bytes(b"")
+    ws.settings["syncd"]["state_dir"] = str(closed)
+    unreadable = ws.syncd("status", "--config", str(ws.config), as_unit=True)
+    ws.settings["syncd"]["state_dir"] = str(ws.root / "config-1.yaml")  # a file
+    not_a_folder = ws.syncd("status", "--config", str(ws.config))
+
+    assert unreadable.returncode == 2
+    assert unreadable.stderr.splitlines() == [
+        f"syncd: error: state_dir {closed} cannot be read (Permission denied): run syncd status "
+        "as the user syncd runs as (sudo -u syncd ...), or fix state_dir"
+    ]
+    assert not_a_folder.returncode == 2
+    assert not_a_folder.stderr.splitlines() == [
+        f"syncd: error: state_dir {ws.root / 'config-1.yaml'} is not a folder: set "
+        "syncd.state_dir to syncd's"
+    ]
