@@ -19,6 +19,8 @@ scheduler reads: nowhere else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import random
 import time
 from dataclasses import dataclass
@@ -99,6 +101,9 @@ class Attempts:
         (--force). Never when files published as immutable were rewritten since."""
         try:
             return await self._attempt(result, by_hand, again)
+        except asyncio.CancelledError:  # a stop: the next start (or sync) finishes it
+            self.cut_off(result)
+            raise
         except Exception as exc:  # never CancelledError: a stop must stop the attempt
             error = classify(exc)
             if error is not exc:
@@ -214,6 +219,15 @@ class Attempts:
             )
         else:
             logger.debug("{}: marked again; already published and unchanged", result.name)
+
+    def cut_off(self, result: Result) -> None:
+        """An attempt stopped in the middle: the journal says pending, not uploading, so that
+        syncd status does not show an upload nobody is making."""
+        rel = result.rel.as_posix()
+        with contextlib.suppress(SyncdError):
+            previous = self.state.get(rel)
+            if previous is not None and previous.state == State.UPLOADING:
+                self.state.set(dataclasses.replace(previous, state=State.PENDING))
 
     def own_record(self, result: Result) -> Kept | None:
         """The record this daemon made for the result, for whatever remote_path it had then."""

@@ -229,12 +229,12 @@ class Daemon:
                 either, timeout=self.config.stop_grace, return_when="FIRST_COMPLETED"
             )
             abort.cancel()
-        unfinished = [t for t in workers if not t.done()]
-        for task in unfinished:
+        cut_off = [t for t in workers if not t.done()]  # their attempts journal them pending
+        for task in cut_off:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
-        left = len(self.queued) + len(self.later) + self.retries_after(clock())[0]
-        logger.info("syncd stopped; {} results left for the next start", left)
+        waiting = len(self.queued) + len(self.later) + self.retries_after(clock())[0]
+        logger.info("syncd stopped; {} results left for the next start", waiting + len(cut_off))
 
     async def rescan_every(self) -> None:
         while True:  # the first pass is the start-up scan

@@ -173,6 +173,8 @@ def test_second_signal_stops_at_once_and_the_next_start_finishes(moto_workspace)
     assert code == 0
     assert time.monotonic() - started < 20
     assert not ws.recorded("exec_7_abcdef07")
+    assert "syncd stopped; 1 results left for the next start" in daemon.log()
+    assert status(ws)["exec_7_abcdef07"]["state"] == "pending"  # nobody uploads it now
     again = ws.daemon()
     wait_until(lambda: ws.recorded("exec_7_abcdef07"), timeout=120)
     assert again.terminate() == 0
