@@ -542,8 +542,20 @@ def move_back(result: Result, aside: Path) -> None:
 
 
 def delete_aside(result: Result, aside: Path) -> None:
-    with tree_parent(result) as parent:
-        shutil.rmtree(aside.name, dir_fd=parent)
+    """Delete the tree moved aside; the result is recorded by now, so a tree that will not go
+    (a read-only mount inside it) is said, not a failure."""
+    try:
+        with tree_parent(result) as parent:
+            shutil.rmtree(aside.name, dir_fd=parent)
+    except OSError as exc:
+        logger.warning(
+            "{}: published, but the local tree moved aside to {} cannot be removed ({}): "
+            "remove it by hand (delete_local_after_upload)",
+            result.name,
+            aside,
+            exc.strerror or exc,
+        )
+        return
     logger.info(
         "{}: removed the local tree {} (delete_local_after_upload)", result.name, result.tree
     )

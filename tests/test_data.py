@@ -192,3 +192,28 @@ def test_sync_publishes_a_change_sends_nothing_for_none_and_never_replaces_a_chu
             "publish the new tree as a new result (copy the folder to a new exec_* name)"
         )
     assert ws.objects()["outputs/exec_7_abcdef07/t2m/0.0"] == chunk
+
+
+def test_a_tree_that_cannot_be_removed_after_publishing_is_said_not_failed(moto_workspace, tmpfs):
+    ws = moto_workspace
+    ws.settings["syncd"]["delete_local_after_upload"] = True
+    tree = ws.result("exec_8_abcdef08", {"a.bin": b"a"})
+    mounted = tmpfs.mount(tree / "ro", size="1m")
+    (mounted / "b.bin").write_bytes(b"b")
+    tmpfs.read_only(mounted)
+    aside = ws.outputs / ".exec_8_abcdef08.deleting"
+    tmpfs.mounted.append(aside / "ro")  # where the mount is once the tree is moved aside
+
+    done = ws.sync("exec_8_abcdef08")
+
+    assert done.returncode == 0, done.stderr
+    assert ws.recorded("exec_8_abcdef08")
+    assert set(ws.objects()) == {
+        "outputs/exec_8_abcdef08/a.bin",
+        "outputs/exec_8_abcdef08/ro/b.bin",
+    }
+    assert (
+        f"exec_8_abcdef08: published, but the local tree moved aside to {aside} cannot be "
+        "removed (Read-only file system): remove it by hand (delete_local_after_upload)"
+        in done.stderr
+    )
