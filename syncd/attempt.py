@@ -430,6 +430,23 @@ class Attempts:
             logger.debug("{}: not finished: {}", result.name, why)
         return Unfinished(why)
 
+    async def abandon(self, result: Result) -> None:
+        """Its signal went while syncd was down: forgotten, and the multipart uploads an
+        attempt of it left unfinished are aborted, under a claim so that nobody who publishes
+        it by hand right now loses them."""
+        name = result.signal_name
+        self.forget(result, f"its {name} was removed", short=f"{name} removed")
+        try:
+            claim = await asyncio.to_thread(claims.try_claim, result, self.config.claim_timeout)
+        except SyncdError:
+            return
+        if isinstance(claim, str):
+            return
+        try:
+            await self.publisher.abort_unfinished(result)
+        finally:
+            await asyncio.to_thread(claim.release)
+
     def forget(self, result: Result, why: str, short: str | None = None) -> None:
         """Its signal is gone: nothing more is done for it until one comes again. `short`: the
         reason as `syncd status` shows it."""

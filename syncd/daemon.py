@@ -199,7 +199,8 @@ class Daemon:
             self.publisher.signer = signer
             if self.resigner is not None:
                 self.resigner.signer = signer
-        logger.info("settings reloaded: {}", ", ".join(live) or "nothing changed")
+        if live or not fixed:
+            logger.info("settings reloaded: {}", ", ".join(live) or "nothing changed")
         if fixed:
             logger.warning(
                 "{} changed, which takes a restart (systemctl restart syncd); running on with "
@@ -409,6 +410,17 @@ class Daemon:
         for result in signalled:
             if result.rel.as_posix() not in recorded:
                 self.offer(result)
+        here = {result.rel.as_posix() for result in signalled} | self.queued | self.later
+        nothing: list[str] = []
+        for rel in self.ask(self.state.waiting, nothing):
+            if rel not in here:  # its signal went while no event could say so (syncd was down)
+                self.abandon(self.layout.result(PurePosixPath(rel)))
+
+    def abandon(self, result: Result) -> None:
+        """A result the journal waits for has lost its signal: forgotten, and what an attempt
+        of it left in the bucket unfinished is aborted."""
+        self.since.pop(result.rel.as_posix(), None)
+        self.chore(self.attempts.abandon(result))
 
     def file_changed(self, path: Path) -> None:
         """A file or folder appeared or was written: its result is tried now, even if it

@@ -278,6 +278,13 @@ class Publisher:
         with tree_errors(result):
             return holds_exactly(result, before)
 
+    async def abort_unfinished(self, result: Result) -> None:
+        """Abort every unfinished multipart upload of a result nobody uploads any more."""
+        try:
+            await self._abort_unfinished(result, set())
+        except Exception as exc:  # best effort: a lifecycle rule is the other way
+            logger.debug("{}: no multipart clean-up: {}", result.name, exc)
+
     async def _abort_unfinished(self, result: Result, keys: set[str]) -> None:
         """Abort multipart uploads an interrupted attempt left, but those of `keys` that this
         attempt resumes. Best effort: the seed's IAM policy does not grant listing them, and

@@ -287,6 +287,15 @@ class StateStore:
             ).fetchall()
         return [(rel, stamp) for rel, text in rows if (stamp := _stamp(text)) is not None]
 
+    def waiting(self) -> list[str]:
+        """Results not yet recorded that the journal has seen marked: pending or retrying."""
+        with self.errors():
+            rows = self.db.execute(
+                "SELECT rel FROM results WHERE state IN (?, ?)",
+                (State.PENDING.value, State.RETRYING.value),
+            ).fetchall()
+        return [row[0] for row in rows]
+
     def count_watched(self) -> int:
         with self.errors():
             row = self.db.execute(

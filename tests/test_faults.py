@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -139,6 +140,28 @@ def test_kill_9_mid_upload_then_restart_loses_nothing_and_leaves_no_parts(moto_w
         assert "aborted 1 unfinished multipart uploads" in again.log()
     else:
         assert "results.zarr/t2m/0.0.0: resumed its multipart upload" in again.log()
+
+
+def test_a_result_removed_while_syncd_was_down_is_forgotten_and_its_parts_aborted(
+    moto_workspace,
+):
+    ws = moto_workspace
+    big_result(ws, "exec_6_abcdef06")
+    ws.mark("exec_6_abcdef06")
+    daemon = ws.daemon()
+    wait_until(lambda: parts_stored(ws), what="parts of a multipart upload stored")
+    os.killpg(daemon.process.pid, signal.SIGKILL)
+    daemon.process.wait()
+
+    shutil.rmtree(ws.outputs / "exec_6_abcdef06")  # its writer took it back meanwhile
+    (ws.outputs / "exec_6_abcdef06.done").unlink()
+    ws.metadata_path("exec_6_abcdef06").unlink()
+    again = ws.daemon()
+    again.wait_log("exec_6_abcdef06: its marker was removed; forgotten")
+    wait_until(lambda: not multipart_in_flight(ws), what="its parts aborted")
+
+    assert again.terminate() == 0
+    assert status(ws)["exec_6_abcdef06"]["state"] == "forgotten"
 
 
 def test_sigterm_lets_the_upload_in_flight_finish(moto_workspace):
