@@ -230,8 +230,10 @@ class Daemon:
                 either, timeout=self.config.stop_grace, return_when="FIRST_COMPLETED"
             )
             abort.cancel()
-        cut_off = [t for t in workers if not t.done()]  # their attempts journal them pending
-        for task in cut_off:
+        # Still uploading: their attempts journal them pending. (Idle workers are cancelled
+        # but maybe not done yet.)
+        cut_off = [t for t in workers if t in self.busy and not t.done()]
+        for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
         waiting = len(self.queued) + len(self.later) + self.retries_after(clock())[0]

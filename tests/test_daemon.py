@@ -32,6 +32,7 @@ def test_marked_result_is_uploaded_and_recorded_by_the_running_daemon(workspace)
     log = daemon.log()
     assert "exec_1769560728_10ed9d3c: uploaded 3 files" in log
     assert "MB/s" in log
+    assert "syncd stopped; 0 results left for the next start" in log
 
 
 def test_results_marked_while_down_are_found_at_start_and_recorded_ones_skipped(moto_workspace):
