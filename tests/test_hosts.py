@@ -496,3 +496,25 @@ def test_a_hard_link_to_another_users_file_outside_the_tree_is_never_uploaded(mo
         "outputs/exec_5_abcdef05/b": b"b",
         "outputs/exec_5_abcdef05/mask.bin": b"a mask every result shares",
     }
+
+
+def test_syncds_own_moves_of_a_tree_never_hurry_its_retries(moto_workspace, tmpfs):
+    ws = moto_workspace
+    ws.settings["syncd"]["delete_local_after_upload"] = True  # moves the tree aside and back
+    ws.settings["syncd"]["retry_min_delay"] = 8
+    ws.settings["syncd"]["retry_max_delay"] = 8
+    ws.settings["syncd"]["metadata_file"] = "meta/{exec_path}.json"
+    meta = tmpfs.mount(ws.outputs / "meta", size="1m")
+    ws.result("exec_9_abcdef09", {"i": b"i"}, metadata=None)
+    filler = tmpfs.fill(meta)
+    ws.mark("exec_9_abcdef09")
+    daemon = ws.daemon()
+    daemon.wait_log("(attempt 1;")
+    time.sleep(3)  # within the first backoff (4 to 8 s): no other attempt
+    failures = daemon.log().count("exec_9_abcdef09: writing metadata")
+
+    filler.unlink()
+    wait_until(lambda: (meta / "exec_9_abcdef09.json").exists(), timeout=30, what="recorded")
+    assert daemon.terminate() == 0
+    assert failures == 1, daemon.log()
+    assert not (ws.outputs / "exec_9_abcdef09").exists()
