@@ -144,7 +144,7 @@ def generations(result: Result, fd: int | None) -> list[int]:
         for entry in entries:
             # Anything else in the folder (other names, folders, links) is not a claim.
             suffix = entry.name[len(prefix) :] if entry.name.startswith(prefix) else ""
-            if suffix.isdigit() and entry.is_file(follow_symlinks=False):
+            if suffix.isascii() and suffix.isdigit() and entry.is_file(follow_symlinks=False):
                 found.append(int(suffix))
     return sorted(found)
 
@@ -265,10 +265,7 @@ def make_folder(parent: int, path: Path) -> None:
     folder = os.fstat(parent)
     fd = folders.open_at(parent, CLAIMS, path)
     try:
-        for owner in (folder.st_uid, -1):  # the owner only root may set; the group also members
-            with contextlib.suppress(PermissionError):
-                os.fchown(fd, owner, folder.st_gid)
-                break
+        folders.adopt(fd, folder.st_uid, folder.st_gid)
         os.fchmod(fd, stat.S_IMODE(folder.st_mode) & 0o2777)
     finally:
         os.close(fd)

@@ -300,10 +300,13 @@ def interrupt(signum: int, frame: object) -> None:
 
 
 def main() -> None:
-    code = run_command()
-    logger.complete()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    try:
+        code = run_command()
+        logger.complete()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:  # `syncd status | head`: the reader has all it wanted
+        code = 0
     # obstore's Rust runtime can abort the process while the interpreter tears down (see
     # field notes); everything is flushed and closed by now, so leave without teardown.
     os._exit(code)

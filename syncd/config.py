@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import stat
 import string
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -541,13 +542,29 @@ class Credentials(PydanticBaseSettingsSource):
         if self.directory is None:
             return {}
         storage: dict[str, Any] = {}
+        remedy = "let this user read it (the unit's LoadCredential= does), or unset it"
         for name in self.VALUES:
             path = self.directory / name
-            if path.is_file():
-                storage[name] = path.read_text().strip()
-        if (self.directory / self.KEY_FILE).is_file():
+            if self.present(path):
+                raw = read_file(path, "credential", remedy)
+                try:
+                    storage[name] = raw.decode().strip()
+                except UnicodeDecodeError:
+                    raise ConfigError(f"credential {path} is not UTF-8 text: {remedy}") from None
+        if self.present(self.directory / self.KEY_FILE):
             storage["cloudfront_private_key_path"] = str(self.directory / self.KEY_FILE)
         return {"object_storage": storage} if storage else {}
+
+    def present(self, path: Path) -> bool:
+        """Whether the credential `path` is there; a folder this user may not look into is
+        said in one line (the install's own check runs as the unit's user)."""
+        try:
+            return path.is_file()
+        except PermissionError:
+            raise ConfigError(
+                f"$CREDENTIALS_DIRECTORY {self.directory} cannot be read by this user: run as "
+                "the unit's user with its credentials, or let this user read the folder"
+            ) from None
 
 
 def config_file_from(flag: Path | None, environ: dict[str, str]) -> Path | None:
@@ -560,9 +577,14 @@ def config_file_from(flag: Path | None, environ: dict[str, str]) -> Path | None:
 
 
 def read_file(path: Path, what: str, remedy: str) -> bytes:
-    """The bytes of a file an operator named, or a ConfigError that names it."""
+    """The bytes of a file an operator named, or a ConfigError that names it. A FIFO or a
+    device is refused, not waited on: syncd must never hang at start or on a reload."""
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ConfigError(f"{what} {path} is not a regular file: {remedy}")
+            return f.read()
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} does not exist: {remedy}") from None
     except PermissionError:
@@ -581,6 +603,10 @@ class UniqueKeyLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key must be a name, not a list or a mapping", key_node.start_mark
+                )
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"the key {key!r} is given twice", key_node.start_mark

@@ -82,3 +82,15 @@ def opened(outputs_dir: Path, folder: Path) -> Iterator[int]:
         yield fd
     finally:
         os.close(fd)
+
+
+def adopt(fd: int, uid: int, gid: int) -> None:
+    """Give what `fd` is the owner and group of what it replaces or where it is, as far as this
+    user may: the owner only root sets, the group also a member of it (the group the server and
+    syncd share, which must stay so that both can write)."""
+    for owner in (uid, -1):
+        try:
+            os.fchown(fd, owner, gid)
+            return
+        except PermissionError:
+            continue

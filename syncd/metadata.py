@@ -88,8 +88,9 @@ def read_stamped(result: Result) -> tuple[Metadata | None, Stamp | None]:
             "is: fix or remove it and the result is uploaded on the next scan",
             Kind.INPUT,
         ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        if time.time() - info.st_mtime < BEING_WRITTEN:
+    except ValueError as exc:  # JSON that does not parse, or a number too long to convert
+        cut_short = isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError))
+        if cut_short and time.time() - info.st_mtime < BEING_WRITTEN:
             raise BeingWritten(
                 f"metadata {path} is not complete JSON yet ({exc}); reading it again shortly",
                 READ_AGAIN,
@@ -254,8 +255,7 @@ def _write(folder: int, path: Path, data: bytes) -> Stamp:
             f.write(data)
             f.flush()
             if old is not None:
-                with contextlib.suppress(PermissionError):
-                    os.fchown(f.fileno(), old.st_uid, old.st_gid)
+                folders.adopt(f.fileno(), old.st_uid, old.st_gid)
             os.fchmod(f.fileno(), old.st_mode & 0o7777 if old is not None else 0o644)
             os.fsync(f.fileno())
             written = stamp_of(os.fstat(f.fileno()))

@@ -120,6 +120,7 @@ class StateStore:
     def __init__(self, state_dir: Path, readonly: bool = False) -> None:
         self.path = state_dir / "state.db"
         try:
+            refuse_links(self.path)
             if readonly:
                 self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=2)
                 return
@@ -307,6 +308,17 @@ class StateStore:
     def remember_upload(self, rel: str, acknowledgement: str) -> None:
         with self.errors():
             self.db.execute("UPDATE results SET uploaded = ? WHERE rel = ?", (acknowledgement, rel))
+
+
+def refuse_links(path: Path) -> None:
+    """The state files are opened by name (SQLite's way): one that is a symlink would make a
+    root `syncd sync` create or change the file it points to, so it is refused."""
+    for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+        if path.with_name(name).is_symlink():
+            raise ConfigError(
+                f"state database {path.with_name(name)} is a symlink, which syncd never opens: "
+                "remove it (state_dir must hold the files themselves)"
+            )
 
 
 def give_to_folder_owner(path: Path) -> None:

@@ -208,11 +208,13 @@ class Workspace:
         env: dict[str, str] | None = None,
         timeout: float = 180,
         as_unit: bool = False,
+        groups: tuple[int, ...] = (),
     ):
-        """`syncd ARGS`; with as_unit=True as the shipped unit runs it (tests/unit.py)."""
+        """`syncd ARGS`; with as_unit=True as the shipped unit runs it (tests/unit.py), in
+        `groups` besides its own."""
         command = [*SYNCD, *args]
         return subprocess.run(
-            as_unit_user(command) if as_unit else command,
+            as_unit_user(command, groups=groups) if as_unit else command,
             env=env or self.env(),
             capture_output=True,
             text=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -633,4 +634,39 @@ def test_a_bad_pem_text_is_named_by_its_setting_not_printed(tmp_path):
         "syncd: error: the PEM text in object_storage.cloudfront_private_key "
         "(CLOUDFRONT_PRIVATE_KEY) is not an unencrypted PEM private key: create one with "
         "`openssl genrsa -out cloudfront-private-key.pem 2048`"
+    ]
+
+
+def test_a_config_or_key_that_is_a_fifo_is_refused_not_waited_on(tmp_path, signing_key):
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    done = check(fifo)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"syncd: error: config file {fifo} is not a regular file: fix --config or SYNCD_CONFIG"
+    ]
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("object_storage:\n  ? [a, b]\n  : 1\n")
+    done = check(listed)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"syncd: error: config file {listed} is not valid YAML at line 2, column 5: a key must "
+        "be a name, not a list or a mapping"
+    ]
+
+
+def test_credentials_this_user_cannot_read_are_one_line(tmp_path):
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "session_token").write_bytes(b"\xff\xfe not text")
+    done = check(
+        None,
+        CREDENTIALS_DIRECTORY=str(credentials),
+        OBJECT_STORAGE_ENABLED="true",
+        OBJECT_STORAGE_BUCKET="b",
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"syncd: error: credential {credentials / 'session_token'} is not UTF-8 text: let this "
+        "user read it (the unit's LoadCredential= does), or unset it"
     ]

@@ -275,3 +275,21 @@ def test_a_folder_named_like_a_marker_is_no_marker(moto_workspace):
     assert daemon.terminate() == 0
     assert not ws.recorded("exec_7_abcdef07")
     assert set(ws.objects()) == {"outputs/exec_8_abcdef08/h"}
+
+
+def test_status_into_a_closed_pipe_ends_quietly(moto_workspace):
+    ws = moto_workspace
+    for i in range(600):  # more JSON than a pipe holds
+        ws.result(f"exec_{i}_abcdef", {"a": b"a"}, metadata=None)
+        ws.mark(f"exec_{i}_abcdef")
+    config = ws.config
+    done = subprocess.run(
+        f"{' '.join(SYNCD)} status --config {config} --json | head -c 1",
+        shell=True,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout == "["
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr

@@ -518,3 +518,26 @@ def test_syncds_own_moves_of_a_tree_never_hurry_its_retries(moto_workspace, tmpf
     assert daemon.terminate() == 0
     assert failures == 1, daemon.log()
     assert not (ws.outputs / "exec_9_abcdef09").exists()
+
+
+def test_a_number_too_long_in_metadata_and_odd_claim_names_are_said_once(moto_workspace):
+    ws = moto_workspace
+    ws.settings["syncd"]["retry_min_delay"] = 0.1
+    ws.result("exec_10_abcdef10", {"a": b"a"}, metadata='{"x": ' + "9" * 5000 + "}")
+    ws.result("exec_11_abcdef11", {"b": b"b"})
+    claims = ws.outputs / ".syncd-claims"
+    claims.mkdir()
+    (claims / "exec_11_abcdef11.\u00b2").write_text("")  # a digit to str.isdigit, not to int()
+    for rel in ("exec_10_abcdef10", "exec_11_abcdef11"):
+        ws.mark(rel)
+
+    daemon = ws.daemon()
+    wait_until(lambda: ws.recorded("exec_11_abcdef11"), what="the odd claim name left alone")
+    daemon.wait_log("exec_10_abcdef10: metadata")
+    time.sleep(1)  # ten fast retries, were it transient
+    assert daemon.terminate() == 0
+
+    problems = [line for line in daemon.log().splitlines() if "exec_10_abcdef10: metadata" in line]
+    assert len(problems) == 1, problems
+    assert " ERROR " in problems[0] and "is not valid JSON" in problems[0]
+    assert (claims / "exec_11_abcdef11.\u00b2").exists()

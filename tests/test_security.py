@@ -235,3 +235,24 @@ def test_check_against_a_store_that_never_answers_says_what_it_waits_for(moto_wo
         "from here"
     )
     assert took < 40
+
+
+def test_a_state_database_that_is_a_symlink_is_never_opened(moto_workspace, tmp_path):
+    """The state folder's owner could otherwise make a root `syncd sync` create or change any
+    file through it."""
+    ws = moto_workspace
+    state = ws.root / "state"
+    state.mkdir()
+    target = tmp_path / "root-only" / "planted"
+    target.parent.mkdir(mode=0o700)
+    (state / "state.db").symlink_to(target)
+    ws.result("exec_9_abcdef09", {"a": b"a"})
+
+    done = ws.sync("exec_9_abcdef09")
+
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"syncd: error: state database {state / 'state.db'} is a symlink, which syncd never "
+        "opens: remove it (state_dir must hold the files themselves)"
+    ]
+    assert not target.exists()

@@ -204,3 +204,51 @@ def test_status_says_when_its_user_cannot_read_the_state(unit_workspace):
         f"syncd: error: state_dir {ws.root / 'config-1.yaml'} is not a folder: set "
         "syncd.state_dir to syncd's"
     ]
+
+
+def test_syncd_keeps_the_group_it_shares_with_the_server_on_metadata(unit_workspace):
+    """As the README installs it: outputs_dir in the server's group, which syncd's user is a
+    member of; the server's metadata file stays writable by the server after syncd's rewrite."""
+    ws = unit_workspace
+    shared = 4400
+    os.chown(ws.outputs, NOBODY, shared)
+    ws.outputs.chmod(0o2775)
+    ws.result("exec_1_abcdef01", {"a": b"a"})
+    path = ws.metadata_path("exec_1_abcdef01")
+    os.chown(path, 4321, shared)  # the server's user
+    path.chmod(0o664)
+
+    done = ws.syncd(
+        "sync",
+        "--config",
+        str(ws.config),
+        str(ws.outputs / "exec_1_abcdef01"),
+        as_unit=True,
+        groups=(shared,),
+    )
+
+    assert done.returncode == 0, done.stderr
+    info = path.stat()
+    assert (info.st_gid, info.st_mode & 0o777) == (shared, 0o664)
+    assert ws.recorded("exec_1_abcdef01")
+
+
+def test_the_install_check_as_the_units_user_says_what_it_cannot_read(unit_workspace):
+    ws = unit_workspace
+    credentials = ws.root / "credentials"  # as the install makes it: root's, mode 700
+    credentials.mkdir(mode=0o700)
+    (credentials / "secret_access_key").write_text("secret")
+
+    done = ws.syncd(
+        "check",
+        "--config",
+        str(ws.config),
+        env=ws.env(CREDENTIALS_DIRECTORY=str(credentials)),
+        as_unit=True,
+    )
+
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"syncd: error: $CREDENTIALS_DIRECTORY {credentials} cannot be read by this user: run "
+        "as the unit's user with its credentials, or let this user read the folder"
+    ]

@@ -18,7 +18,7 @@ NOBODY = 65534
 SCRIPT = """set -e
 mount -t proc -o hidepid=invisible proc /proc
 {reach}
-exec setpriv --reuid={uid} --regid={uid} --clear-groups --inh-caps=-all -- "$@"
+exec setpriv --reuid={uid} --regid={uid} {groups} --inh-caps=-all -- "$@"
 """
 
 
@@ -32,8 +32,9 @@ def blocking_folder(path: Path) -> tuple[Path, Path] | None:
     return None
 
 
-def as_unit_user(command: list[str], uid: int = NOBODY) -> list[str]:
-    """`command`, run as the unit runs syncd (needs root to set up)."""
+def as_unit_user(command: list[str], uid: int = NOBODY, groups: tuple[int, ...] = ()) -> list[str]:
+    """`command`, run as the unit runs syncd (needs root to set up); `groups`: the user's
+    supplementary groups (the group it shares with the server, say)."""
     reach = ""
     blocked = blocking_folder(Path(os.path.realpath(sys.executable)))
     if blocked is not None:
@@ -47,5 +48,6 @@ def as_unit_user(command: list[str], uid: int = NOBODY) -> list[str]:
                 f"mkdir {shlex.quote(str(child))} && mount --bind {hold} {shlex.quote(str(child))}",
             ]
         )
-    script = SCRIPT.format(reach=reach, uid=uid)
+    member = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
+    script = SCRIPT.format(reach=reach, uid=uid, groups=member)
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "unit", *command]
