@@ -98,7 +98,7 @@ class Attempts:
         """Publish `result` if it is finished, unless its metadata records it already.
         `by_hand` (syncd sync): publish it whatever its signal says, and over another place's
         record; one recorded here already only if its tree changed since, or `again`
-        (--force). Never when files published as immutable were rewritten since."""
+        (--force). Never when files it published were rewritten or removed since."""
         try:
             return await self._attempt(result, by_hand, again)
         except asyncio.CancelledError:  # a stop: the next start (or sync) finishes it
@@ -167,14 +167,15 @@ class Attempts:
 
     async def changed_since(self, result: Result, document: Metadata | None, again: bool) -> bool:
         """Whether a result recorded here is to be published again by hand: when its tree
-        changed since, or `again`. Files published as immutable that were rewritten since
-        refuse it: a reader must never get old cached chunks under new Zarr metadata."""
+        changed since, or `again`. Published files rewritten (a reader must never get old cached
+        chunks under new Zarr metadata) or removed (never deleted from the bucket) refuse it."""
         kept = Kept.of(result, document)
         if kept is None:
             return True
         changes = await self.publisher.changes(result, kept.output_files)
-        if changes.rewritten:
-            raise SyncdError(changes.rewritten_refusal(result), Kind.INPUT)
+        refusal = changes.refusal(result)
+        if refusal is not None:
+            raise SyncdError(refusal, Kind.INPUT)
         if not changes and not again:
             logger.info(
                 "{}: already published to {} and unchanged since; nothing sent (`syncd sync "
@@ -201,17 +202,14 @@ class Attempts:
                 classify(exc),
             )
             return
-        if changes.rewritten:
-            logger.warning(
-                "{}: marked again, but {}; it stays as published",
-                result.name,
-                changes.rewritten_refusal(result),
-            )
+        refusal = changes.refusal(result)
+        if refusal is not None:
+            logger.warning("{}: marked again, but {}; it stays as published", result.name, refusal)
         elif changes:
             logger.warning(
-                "{}: marked again, and {} files were added, removed or rewritten (Zarr metadata) "
-                "since it was published to {}; it stays as published: `syncd sync {}` publishes "
-                "the change",
+                "{}: marked again, and {} files were added or rewritten (Zarr metadata) since it "
+                "was published to {}; it stays as published: `syncd sync {}` publishes the "
+                "change",
                 result.name,
                 len(changes.other),
                 result.remote_path,

@@ -96,20 +96,33 @@ class Changes:
     """How a tree differs from what was published of it (paths in the tree)."""
 
     rewritten: list[str]  # published as immutable, and holding other bytes now
-    other: list[str]  # added, removed, or a Zarr metadata document (revalidated) rewritten
+    removed: list[str]  # published, and not in the tree any more
+    other: list[str]  # added, or a Zarr metadata document (revalidated) rewritten
 
     def __bool__(self) -> bool:
-        return bool(self.rewritten or self.other)
+        return bool(self.rewritten or self.removed or self.other)
 
-    def rewritten_refusal(self, result: Result) -> str:
-        """Why a tree whose published files were rewritten is never published again."""
+    def refusal(self, result: Result) -> str | None:
+        """Why the tree is never published again under its name, if it is not: the published
+        files are what readers got, and no re-publish may change or delete one."""
         more = f" and {len(self.rewritten) - 1} more files" if len(self.rewritten) > 1 else ""
-        return (
-            f"{printable(self.rewritten[0])}{more} changed since the result was published to "
-            f"{result.remote_path}, and readers and CDNs may keep the published bytes for a year "
-            "(Cache-Control: immutable), so they are never replaced under the same name: "
-            "publish the new tree as a new result (copy the folder to a new exec_* name)"
-        )
+        if self.rewritten:
+            return (
+                f"{printable(self.rewritten[0])}{more} changed since the result was published "
+                f"to {result.remote_path}, and readers and CDNs may keep the published bytes for "
+                "a year (Cache-Control: immutable), so they are never replaced under the same "
+                "name: publish the new tree as a new result (copy the folder to a new exec_* "
+                "name)"
+            )
+        if self.removed:
+            more = f" and {len(self.removed) - 1} more files" if len(self.removed) > 1 else ""
+            return (
+                f"{printable(self.removed[0])}{more} were published to {result.remote_path} and "
+                "are not in the tree any more, and syncd never deletes a published file: restore "
+                "them, or publish the new tree as a new result (copy the folder to a new exec_* "
+                "name)"
+            )
+        return None
 
 
 def acknowledged_md5(acknowledgement: str | None, fingerprint: str) -> dict[str, str] | None:
@@ -261,7 +274,7 @@ class Publisher:
                 other.append(file.rel)
             elif size != file.size or (isinstance(md5, str) and md5 != self._md5(result, file)):
                 (other if is_zarr_metadata(file.rel) else rewritten).append(file.rel)
-        return Changes(rewritten, other + sorted(before))
+        return Changes(rewritten, sorted(before), other)
 
     def _md5(self, result: Result, file: LocalFile) -> str:
         digest = hashlib.md5()

@@ -147,8 +147,8 @@ def test_a_recorded_result_marked_again_after_a_change_is_said_never_republished
         "published"
     )
     assert said[1].endswith(
-        "exec_6_abcdef06: marked again, and 1 files were added, removed or rewritten (Zarr "
-        "metadata) since it was published to outputs/exec_6_abcdef06; it stays as published: "
+        "exec_6_abcdef06: marked again, and 1 files were added or rewritten (Zarr metadata) "
+        "since it was published to outputs/exec_6_abcdef06; it stays as published: "
         f"`syncd sync {tree}` publishes the change"
     )
     assert ws.objects()["outputs/exec_6_abcdef06/t2m/0.0"] == chunk
@@ -180,6 +180,17 @@ def test_sync_publishes_a_change_sends_nothing_for_none_and_never_replaces_a_chu
     assert ws.objects()["outputs/exec_7_abcdef07/t2m/1.0"] == b"appended"
     paths = [f["path"] for f in ws.metadata("exec_7_abcdef07")["output_files"]]
     assert "exec_7_abcdef07/t2m/1.0" in paths
+
+    (tree / "t2m/1.0").unlink()  # lost locally: the bucket holds the only copy
+    lost = ws.sync("exec_7_abcdef07")
+    assert lost.returncode == 1
+    assert lost.stderr.splitlines()[-1].endswith(
+        "exec_7_abcdef07: t2m/1.0 were published to outputs/exec_7_abcdef07 and are not in the "
+        "tree any more, and syncd never deletes a published file: restore them, or publish the "
+        "new tree as a new result (copy the folder to a new exec_* name)"
+    )
+    assert ws.objects()["outputs/exec_7_abcdef07/t2m/1.0"] == b"appended"
+    (tree / "t2m/1.0").write_bytes(b"appended")
 
     (tree / "t2m/0.0").write_bytes(os.urandom(4000))
     for args in ((), ("--force",)):
