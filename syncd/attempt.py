@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -129,14 +130,16 @@ class Attempts:
             elsewhere = foreign(document, result, own)
             if elsewhere is not None:
                 return self.left_alone(result, elsewhere, stamp)
-            if self.record_dropped_lately(result, stamp):
-                # Its owner restores it within seconds, if it is still there to do it.
-                return Held("the daemon whose record its metadata held")
+            if own is not None and self.tree_gone(result, document, own):
+                return self.stays(result, own, stamp)
             if own is not None and own.remote_path == result.remote_path:
                 restored = await self.publisher.restore(result, own)
                 if restored is None:
                     return await self.overtaken(result, own)
                 return self.restored(result, restored, own)
+            if self.record_dropped_lately(result, stamp):
+                # Its owner restores it within seconds, if it is still there to do it.
+                return Held("the daemon whose record its metadata held")
         claim = await asyncio.to_thread(claims.try_claim, result, self.config.claim_timeout)
         if isinstance(claim, str):
             logger.debug("{}: being published by {}", result.name, claim)
@@ -238,7 +241,11 @@ class Attempts:
         acknowledged = previous.uploaded if previous is not None else None
         attempts = previous.attempts if previous is not None else 0
         self.state.set(Record(rel, State.UPLOADING, attempts=attempts, uploaded=acknowledged))
-        self.state.keep_record(rel, None)  # the bucket is about to change under it
+        own = self.own_record(result)
+        if own is not None and own.remote_path == result.remote_path:
+            self.state.keep_record(rel, None)  # the bucket is about to change under it
+        # (A record under another prefix stays: nothing under it changes, and it is restored
+        # if the prefix comes back.)
         # The bucket may hold parts or objects that are not in the tree any more after a
         # publish (forced again now), after a failed or killed attempt of this host (the
         # journal says so), or of any daemon that died holding the claim (the claim says so).
@@ -284,28 +291,53 @@ class Attempts:
             raise SyncdError("its metadata changed while it was recorded; trying again")
         return self.left_alone(result, elsewhere, stamp)
 
+    def tree_gone(self, result: Result, document: Metadata | None, own: Kept) -> bool:
+        """Whether the metadata holds this daemon's record under an earlier prefix for a tree
+        delete_local_after_upload removed: it cannot be published anew, and stays."""
+        return (
+            own.remote_path != result.remote_path
+            and metadata.recorded_elsewhere(document, result) == own.remote_path
+            and not os.path.lexists(result.tree)
+        )
+
+    def stays(self, result: Result, own: Kept, stamp: Stamp | None) -> Outcome:
+        """Recorded under an earlier prefix, its local tree deleted since: its objects are
+        there and its record points at them; said once."""
+        message = (
+            f"its metadata records {own.remote_path}, where syncd published it under its earlier "
+            "prefix; its local tree was deleted (delete_local_after_upload), so it stays there, "
+            f"not at {result.remote_path}"
+        )
+        return self.elsewhere(result, own.remote_path, message, stamp, "INFO")
+
     def left_alone(self, result: Result, elsewhere: str, stamp: Stamp | None) -> Outcome:
         """Its metadata records another place: another syncd's prefix (two daemons on one
         outputs dir), the server's own upload, or another result sharing the file. Never
         overwritten, so two daemons never take turns at one file; said once."""
-        rel = result.rel.as_posix()
         message = (
             f"its metadata {result.metadata} records {elsewhere}, not {result.remote_path} "
             "(another syncd's prefix, the server's own upload, or another result's "
             f"file); left as it is: `syncd sync {result.tree}` publishes it to "
             f"{result.remote_path}"
         )
+        return self.elsewhere(result, elsewhere, message, stamp, "WARNING")
+
+    def elsewhere(
+        self, result: Result, remote_path: str, message: str, stamp: Stamp | None, level: str
+    ) -> Outcome:
+        """Journal and say (once) that the result is recorded at another place."""
+        rel = result.rel.as_posix()
         previous = self.state.get(rel)
         said = previous is not None and (previous.state, previous.last_error) == (
             State.ELSEWHERE,
             message,
         )
         if not said and self.reported.get(rel) != message:
-            logger.warning("{}: {}", result.name, message)
+            logger.log(level, "{}: {}", result.name, message)
         self.reported[rel] = message
         self.state.set(Record(rel, State.ELSEWHERE, last_error=message))
         self.state.watch(rel, stamp)
-        return Elsewhere(elsewhere)
+        return Elsewhere(remote_path)
 
     def restored(self, result: Result, stamp: Stamp, kept: Kept) -> Outcome:
         rel = result.rel.as_posix()

@@ -228,3 +228,30 @@ def test_a_tree_that_cannot_be_removed_after_publishing_is_said_not_failed(moto_
         "removed (Read-only file system): remove it by hand (delete_local_after_upload)"
         in done.stderr
     )
+
+
+def test_a_prefix_change_keeps_the_records_of_trees_deleted_after_publishing(moto_workspace):
+    ws = moto_workspace
+    ws.settings["syncd"]["delete_local_after_upload"] = True
+    ws.result("wf/exec_9_abcdef09", {"f": b"f"})
+    assert ws.sync("wf/exec_9_abcdef09").returncode == 0  # the tree is gone now
+    ws.mark("wf/exec_9_abcdef09")
+    published = ws.metadata_path("wf/exec_9_abcdef09").read_bytes()
+
+    ws.settings["object_storage"]["prefix"] = "migrated"
+    moved = ws.daemon()
+    moved.wait_log("so it stays there")
+    assert moved.terminate() == 0
+    assert ws.metadata_path("wf/exec_9_abcdef09").read_bytes() == published
+    assert "has no result folder" not in moved.log()
+
+    ws.settings["object_storage"]["prefix"] = "outputs"  # back; the server writes its own view
+    back = ws.daemon()
+    back.wait_log("syncd watching")
+    ws.metadata_path("wf/exec_9_abcdef09").write_text(
+        json.dumps({"request_id": "exec_9_abcdef09", "status": "completed", "storage_type": "x"})
+    )
+    wait_until(lambda: ws.recorded("wf/exec_9_abcdef09"), what="the record restored")
+    assert back.terminate() == 0
+    assert ws.metadata("wf/exec_9_abcdef09")["remote_path"] == "outputs/wf/exec_9_abcdef09"
+    assert "restored the record (1 files in outputs/wf/exec_9_abcdef09)" in back.log()
