@@ -33,7 +33,7 @@ from syncd.config import Settings
 from syncd.errors import BeingWritten, Kind, SyncdError, classify
 from syncd.layout import Result
 from syncd.metadata import Kept, Metadata, Stamp
-from syncd.publish import Publisher, Uploaded
+from syncd.publish import QUIET, Publisher, Uploaded
 from syncd.state import Record, State, StateStore, clock
 
 
@@ -189,9 +189,22 @@ class Attempts:
             return False
         return True
 
-    async def recheck(self, result: Result) -> None:
-        """A new marker on a recorded result: say whether its tree changed since it was
-        published; it is never published again by itself (the bucket keeps what readers got)."""
+    async def look_back(self, result: Result, uploaded: Uploaded) -> None:
+        """QUIET seconds after a result was published, a look at its tree: files its writer
+        added or changed after the marker said it was finished are said (a marker dropped too
+        early), never silently left out."""
+        await asyncio.sleep(QUIET)
+        try:
+            now = await self.publisher.listing(result)
+        except Exception:
+            return  # gone (delete_local_after_upload), or unreadable: nothing to compare
+        if now != uploaded.fingerprint:
+            await self.recheck(result, "written to after it was published")
+
+    async def recheck(self, result: Result, what: str = "marked again") -> None:
+        """A new marker on a recorded result, or its tree written after it was published:
+        say whether its tree changed since it was published; it is never published again by
+        itself (the bucket keeps what readers got)."""
         try:
             document, _ = await self.publisher.read_metadata(result)
             kept = Kept.of(result, document)
@@ -207,19 +220,19 @@ class Attempts:
             return
         refusal = changes.refusal(result)
         if refusal is not None:
-            logger.warning("{}: marked again, but {}; it stays as published", result.name, refusal)
+            logger.warning("{}: {}, but {}; it stays as published", result.name, what, refusal)
         elif changes:
             logger.warning(
-                "{}: marked again, and {} files were added or rewritten (Zarr metadata) since it "
-                "was published to {}; it stays as published: `syncd sync {}` publishes the "
-                "change",
+                "{}: {}, and {} files were added or rewritten (Zarr metadata) since it was "
+                "published to {}; it stays as published: `syncd sync {}` publishes the change",
                 result.name,
+                what,
                 len(changes.other),
                 result.remote_path,
                 result.tree,
             )
         else:
-            logger.debug("{}: marked again; already published and unchanged", result.name)
+            logger.debug("{}: {}; already published and unchanged", result.name, what)
 
     def cut_off(self, result: Result) -> None:
         """An attempt stopped in the middle: the journal says pending, not uploading, so that

@@ -522,6 +522,8 @@ class Daemon:
                     self.resigner.track(rel)
                 self.since.pop(rel, None)
                 self.count(result, outcome)
+                if outcome.uploaded is not None and outcome.uploaded.sent:
+                    self.chore(self.attempts.look_back(result, outcome.uploaded))
             case Unfinished() | Elsewhere():
                 self.since.pop(rel, None)
             case Held():

@@ -283,6 +283,11 @@ class Publisher:
                 digest.update(piece)
         return digest.hexdigest()
 
+    async def listing(self, result: Result) -> str:
+        """The fingerprint of the tree as it is now."""
+        files = await asyncio.to_thread(self._list_tree, result)
+        return fingerprint(result, files)
+
     def _list_tree(self, result: Result) -> list[LocalFile]:
         with tree_errors(result):
             return list(tree_files(result))
@@ -475,17 +480,19 @@ def settled(result: Result, files: list[LocalFile]) -> None:
     the tree has been left alone for QUIET seconds, so that a half tree is never published."""
     try:
         signalled = os.stat(result.signal).st_mtime_ns
+        # The result folder changes with every name made in it (its first files included).
+        written = {"its folder": os.stat(result.tree).st_mtime_ns}
     except OSError:
         return  # published by hand without a signal: as it is
-    newest = max(files, key=lambda f: f.mtime_ns, default=None)
-    if newest is None or newest.mtime_ns <= signalled:
+    written |= {printable(f.rel): f.mtime_ns for f in files}
+    newest = max(written, key=lambda name: written[name])
+    if written[newest] <= signalled:
         return
-    age = time.time() - newest.mtime_ns / 1e9
+    age = time.time() - written[newest] / 1e9
     if 0 <= age < QUIET:  # dated ahead of this clock: nothing to wait for that would end
         raise BeingWritten(
-            f"{printable(newest.rel)} was written {age:.0f} s ago, after its "
-            f"{result.signal_name}: published once the tree has been left alone for "
-            f"{QUIET:.0f} s",
+            f"{newest} was written {age:.0f} s ago, after its {result.signal_name}: published "
+            f"once the tree has been left alone for {QUIET:.0f} s",
             QUIET - age,
         )
 

@@ -348,9 +348,12 @@ def test_a_folder_filled_after_its_marker_is_never_published_half(moto_workspace
     ws.mark("wf/exec_16_abcdef16")
     daemon.wait_log("has no result folder")
 
-    tree = ws.result("wf/exec_16_abcdef16", {"results.zarr/.zgroup": b"{}"}, metadata=None)
-    for chunk in ("0.0", "1.0", "2.0"):  # a writer that dropped its marker first
-        time.sleep(2)
+    tree = ws.outputs / "wf" / "exec_16_abcdef16"
+    tree.mkdir()  # empty at first: its folder is newer than its marker
+    time.sleep(1)
+    (tree / "results.zarr").mkdir()
+    for chunk in (".zgroup", "0.0", "1.0", "2.0"):  # a writer that dropped its marker first
+        time.sleep(1)
         (tree / "results.zarr" / chunk).write_bytes(chunk.encode())
 
     wait_until(lambda: ws.recorded("wf/exec_16_abcdef16"), timeout=60, what="published")
@@ -358,7 +361,26 @@ def test_a_folder_filled_after_its_marker_is_never_published_half(moto_workspace
     paths = [f["path"] for f in ws.metadata("wf/exec_16_abcdef16")["output_files"]]
     assert len(paths) == 4, paths
     assert len(ws.objects()) == 4
-    assert "uploading 1 files" not in daemon.log()
+    assert "the result folder is empty" not in daemon.log()
+
+
+def test_files_written_after_a_result_was_published_are_said(moto_workspace):
+    ws = moto_workspace
+    daemon = ws.daemon()
+    daemon.wait_log("syncd watching")
+    tree = ws.result("exec_17_abcdef17", {"c1": b"1"})
+    ws.mark("exec_17_abcdef17")  # too early: three more files are still to come
+    wait_until(lambda: ws.recorded("exec_17_abcdef17"), what="published with one file")
+    for name in ("c2", "c3", "c4"):
+        (tree / name).write_bytes(name.encode())
+
+    daemon.wait_log("written to after it was published", timeout=60)
+    assert daemon.terminate() == 0
+    assert (
+        "exec_17_abcdef17: written to after it was published, and 3 files were added or "
+        "rewritten (Zarr metadata) since it was published to outputs/exec_17_abcdef17; it stays "
+        f"as published: `syncd sync {tree}` publishes the change" in daemon.log()
+    )
 
 
 def test_a_marker_removed_while_its_result_waits_forgets_the_result(moto_workspace):
