@@ -21,6 +21,7 @@ are and however many results upload at once.
 from __future__ import annotations
 
 import asyncio
+import resource
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -32,8 +33,29 @@ PARTS_PER_FILE = 2
 FILES_PER_TRANSFER = 8
 
 
+# Descriptors one file in flight may hold: the file, and a connection for each part in flight
+# with one to spare. Descriptors kept for everything else (the watcher, the state, the logs).
+DESCRIPTORS_PER_FILE = PARTS_PER_FILE + 2
+DESCRIPTORS_KEPT = 256
+
+
 def files_in_flight(max_concurrency: int) -> int:
-    return FILES_PER_TRANSFER * max_concurrency
+    """At most FILES_PER_TRANSFER x max_concurrency, and no more than the process may hold
+    descriptors for: under systemd's soft limit of 1,024 a max_concurrency of 64 would ask for
+    about 2,000 and fail every result on 'Too many open files'. (`raise_open_files` lifts the
+    soft limit first, as far as the hard one allows.)"""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    room = max(FILES_PER_TRANSFER, (soft - DESCRIPTORS_KEPT) // DESCRIPTORS_PER_FILE)
+    return min(FILES_PER_TRANSFER * max_concurrency, room)
+
+
+def raise_open_files() -> None:
+    """Lift the soft limit of open files to the hard one (systemd sets 1,024 and 524,288), as
+    programs that need many descriptors are to do themselves."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def requests_in_flight(max_concurrency: int) -> int:

@@ -22,6 +22,7 @@ from loguru import logger
 
 from syncd import __version__, logs, status
 from syncd.attempt import Attempts, Held, Recorded
+from syncd.budget import raise_open_files
 from syncd.config import ConfigError, Settings, load_settings, redacted
 from syncd.daemon import Daemon
 from syncd.errors import SyncdError
@@ -262,6 +263,7 @@ def run_command(argv: list[str] | None = None) -> int:
         if args.command == "sign":
             return run_sign(settings, args.target, args.expires_in)
         require_enabled(settings)
+        raise_open_files()
         signer = signer_for(settings)
         if args.command == "sync":
             for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):  # ended like Ctrl-C

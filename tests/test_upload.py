@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 
 import pytest
 
 from tests.cloudfront import file_url, verify
-from tests.conftest import md5
+from tests.conftest import SYNCD, md5
 from tests.servers import wait_until
 
 MiB = 1024 * 1024
@@ -204,3 +205,30 @@ def test_library_records_go_through_syncds_own_sink(moto_workspace, journal):
         records = [json.loads(line)["record"] for line in daemon.log().splitlines()]
         library = [r for r in records if r["message"].startswith(found)]
         assert [r["level"]["name"] for r in library] == ["DEBUG"]
+
+
+def test_many_files_in_flight_fit_a_low_limit_of_open_files(moto_workspace):
+    """systemd's soft limit is 1,024 descriptors; max_concurrency 128 asks for 1,024 files in
+    flight. Where the hard limit is that low too, fewer go at once rather than none."""
+    ws = moto_workspace
+    ws.settings["object_storage"]["max_concurrency"] = 128
+    ws.result("exec_5_abcdef05", {f"c/{i}": b"x" * 100 for i in range(1500)})
+
+    done = subprocess.run(
+        [
+            "prlimit",
+            "--nofile=1024:1024",
+            *SYNCD,
+            "sync",
+            "--config",
+            str(ws.config),
+            str(ws.outputs / "exec_5_abcdef05"),
+        ],
+        env=ws.env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(ws.objects()) == 1500
