@@ -3,10 +3,17 @@ install when the daemon's packages are missing (a reader's `syncd[client]` has n
 
 from __future__ import annotations
 
+import signal
 import sys
 
 
 def run() -> None:
+    # Before anything slow: an unused signal in the first moments must not end syncd unsaid
+    # (the daemon says each one once it runs).
+    from syncd.signals import IGNORED_SIGNALS
+
+    for sig in IGNORED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     try:
         from syncd.cli import main
     except ModuleNotFoundError as exc:

@@ -31,6 +31,7 @@ from syncd.metrics import Metrics
 from syncd.notify import Notifier
 from syncd.publish import Publisher
 from syncd.resign import Resigner
+from syncd.signals import STOP_SIGNALS
 from syncd.signing import UrlSigner
 from syncd.state import Multiparts, StateStore
 from syncd.storage import open_store
@@ -269,6 +270,8 @@ def run_command(argv: list[str] | None = None) -> int:
             for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):  # ended like Ctrl-C
                 signal.signal(sig, interrupt)
             return asyncio.run(run_sync(settings, signer, args.exec_dirs, args.force))
+        for sig in STOP_SIGNALS:  # until the daemon's own handlers take over
+            signal.signal(sig, interrupt)
         flags = flags_from(args)
         return asyncio.run(
             run_daemon(settings, signer, lambda: load_settings(args.config, flags)[0])
@@ -281,6 +284,9 @@ def run_command(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt as exc:
         sig = exc.signal if isinstance(exc, Interrupted) else signal.SIGINT
+        if args.command == "run":  # stopped while starting: nothing was taken on yet
+            logger.info("{} received: stopping", sig.name)
+            return 0
         print(
             f"syncd: interrupted by {sig.name}; results not yet recorded are published by the "
             "next run",

@@ -60,7 +60,7 @@ class ObjectStorage(BaseModel):
     keys are the Earth2Studio server's own, so its config file works as it is: `storage_type`
     and `cloudfront_private_key` (the PEM text, where the seed names a file)."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
     enabled: bool = False
     storage_type: str = "s3"
@@ -79,7 +79,25 @@ class ObjectStorage(BaseModel):
     cloudfront_key_pair_id: str | None = None
     cloudfront_private_key_path: Path | None = None
     cloudfront_private_key: SecretStr | None = None
-    signed_url_expires_in: int = Field(3600, ge=1)
+    # At most ten years: renewed long before anyway, and a reader's URL should end some day.
+    signed_url_expires_in: int = Field(3600, ge=1, le=10 * 365 * 86400)
+
+    @field_validator(
+        "max_concurrency", "multipart_chunksize", "signed_url_expires_in", mode="before"
+    )
+    @classmethod
+    def _number(cls, value: object) -> object:
+        return not_a_flag(value)
+
+    @field_validator("cloudfront_key_pair_id")
+    @classmethod
+    def _key_pair_id(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9]+", value):
+            raise ValueError(
+                "must be the key's ID as CloudFront shows it (letters and digits, e.g. "
+                "K2JCJMDEHXQW5F): it goes into every signed URL as it is"
+            )
+        return value
 
     @field_validator("storage_type")
     @classmethod
@@ -191,6 +209,13 @@ class ObjectStorage(BaseModel):
         return self.use_transfer_acceleration and self.endpoint_url is None
 
 
+def not_a_flag(value: object) -> object:
+    """A number setting given `true` or `false` is an error, not 1 or 0."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true or false")
+    return value
+
+
 def http_url(value: str, example: str) -> SplitResult:
     """`value` split, if it is an http:// or https:// URL of a host (and a port) with no query,
     fragment, blank or control character; ValueError with `example` otherwise."""
@@ -267,7 +292,7 @@ def default_state_dir(environ: os._Environ[str] | dict[str, str]) -> Path:
 class DaemonSettings(BaseModel):
     """The `syncd:` section: where results appear and how the daemon works through them."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
     outputs_dir: Path = Path("/outputs")
     marker_suffix: str = Field(".done", min_length=1)
@@ -279,10 +304,10 @@ class DaemonSettings(BaseModel):
     # Bytes of file data the uploads in flight hold in memory, every result together (a file
     # that needs more goes alone). The process needs about 100 MB besides.
     upload_buffer: int = Field(64 * MiB, ge=5 * MiB)
-    rescan_interval: float = Field(60.0, gt=0)
+    rescan_interval: float = Field(60.0, ge=0.1)
     # inotify sees nothing another host does on NFS/CIFS: "poll" compares listings instead.
     watch: Literal["inotify", "poll"] = "inotify"
-    poll_interval: float = Field(5.0, gt=0)
+    poll_interval: float = Field(5.0, ge=0.1)
     # Where each result's state (attempts, last error, next try) survives restarts.
     state_dir: Path = Field(default_factory=lambda: default_state_dir(os.environ))
     # After the first SIGTERM, in-flight uploads get this long to finish; keep it below the
@@ -310,6 +335,11 @@ class DaemonSettings(BaseModel):
     # file for node_exporter's textfile collector (a *.prom file in its folder). Off if unset.
     metrics_address: str | None = None
     metrics_file: Path | None = None
+
+    @field_validator("parallel_results", "upload_buffer", mode="before")
+    @classmethod
+    def _number(cls, value: object) -> object:
+        return not_a_flag(value)
 
     @field_validator("outputs_dir", "state_dir", "metrics_file")
     @classmethod

@@ -52,6 +52,7 @@ from syncd.metrics import Metrics, Standing, status_line
 from syncd.notify import Notifier
 from syncd.publish import Publisher, recover_leftovers
 from syncd.resign import Resigner
+from syncd.signals import FATAL_SIGNALS, IGNORED_SIGNALS, STOP_SIGNALS
 from syncd.signing import UrlSigner
 from syncd.state import State, StateStore, clock
 from syncd.watch import ResultWatcher
@@ -122,7 +123,8 @@ class Daemon:
         for sig in FATAL_SIGNALS:
             faulthandler.register(sig, chain=True)
         self.state.start()
-        await asyncio.to_thread(recover_leftovers, self.layout)
+        deleting = self.config.delete_local_after_upload
+        await asyncio.to_thread(recover_leftovers, self.layout, deleting)
         self.progress_at = loop.time()
         watcher = ResultWatcher(
             self.layout,
@@ -560,27 +562,6 @@ class Daemon:
 
         self.later.add(rel)
         asyncio.get_running_loop().call_later(delay, again)
-
-
-# Signals that stop the daemon (the first lets uploads in flight finish, a second stops now).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-# Signals whose default would end the daemon without a word; syncd has no use for them.
-# (SIGXCPU is what a soft LimitCPU= sends; the hard limit's SIGKILL follows if it is reached.)
-IGNORED_SIGNALS = (
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-    signal.SIGALRM,
-    signal.SIGVTALRM,
-    signal.SIGPROF,
-    signal.SIGIO,
-    signal.SIGPWR,
-    signal.SIGSTKFLT,
-    signal.SIGXCPU,
-    *range(signal.SIGRTMIN, signal.SIGRTMAX + 1),
-)
-# Signals that mean the process itself is broken (a crash, a forbidden system call, a trap):
-# it still ends, but with the Python stack of every thread in the log first.
-FATAL_SIGNALS = (signal.SIGSYS, signal.SIGTRAP)
 
 
 def ignored(sig: int) -> None:

@@ -493,8 +493,15 @@ def check_name(result: Result, rel: str) -> None:
         elif key_bytes > MAX_KEY_BYTES:
             problem = f"its key would be {key_bytes} bytes, above S3's limit of {MAX_KEY_BYTES}"
     if problem:
+        folder = result.rel.as_posix()
+        if CONTROL.search(folder) or folder != folder.encode("utf-8", "replace").decode():
+            # The fault is the result's own folder name (or its workflow's), not the file's.
+            what, remedy = f"result folder {printable(str(result.tree))}", "rename the folder"
+            problem = problem.replace("its path", "its name")
+        else:
+            what, remedy = f"file {printable(str(result.tree / rel))}", "rename it"
         raise SyncdError(
-            f"file {printable(str(result.tree / rel))} cannot be uploaded: {problem}: rename it "
-            "(the result is published once it is fixed)",
+            f"{what} cannot be uploaded: {problem}: {remedy} (the result is published once it "
+            "is fixed)",
             Kind.INPUT,
         )

@@ -588,7 +588,7 @@ def delete_aside(result: Result, aside: Path) -> None:
     )
 
 
-def recover_leftovers(layout: Layout) -> None:
+def recover_leftovers(layout: Layout, deleting: bool) -> None:
     """What a killed daemon left in the folders of outputs_dir: metadata temp files are
     removed, trees moved aside for deletion are deleted or put back (`recover_aside`)."""
     places = {layout.outputs_dir, *layout.workflow_dirs(), *layout.metadata_folders()}
@@ -618,22 +618,30 @@ def recover_leftovers(layout: Layout) -> None:
                 except SyncdError:
                     recorded = False
                 try:
-                    recover_aside(result, recorded)
+                    recover_aside(result, recorded, deleting)
                 except OSError as exc:
                     logger.warning(
                         "cannot clean up {}: {}", place / name, os_error(exc, "recovering")
                     )
 
 
-def recover_aside(result: Result, recorded: bool) -> None:
+def recover_aside(result: Result, recorded: bool, deleting: bool) -> None:
     """A tree a killed daemon left moved aside: deleted if its result is recorded (the bucket
-    was verified before), otherwise put back under its name."""
+    was verified before) and trees are deleted after upload (`deleting`: else it is someone's
+    folder of that name, never deleted), otherwise put back under its name."""
     aside = aside_path(result)
     with tree_parent(result) as parent:
         found = exists(aside.name, parent)
         if found is None or not stat.S_ISDIR(found.st_mode):
             return
-        if recorded:
+        if recorded and not deleting:
+            logger.warning(
+                "{}: {} looks like a tree a stopped syncd left to delete, but "
+                "delete_local_after_upload is off: left as it is; remove it if it is not needed",
+                result.name,
+                aside,
+            )
+        elif recorded:
             shutil.rmtree(aside.name, dir_fd=parent)
             logger.info("{}: removed {} that a stopped daemon left", result.name, aside)
         elif exists(result.name, parent) is None:

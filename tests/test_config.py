@@ -317,6 +317,24 @@ BAD = [
         "characters",
     ),
     (
+        {"object_storage": {"max_concurrency": True}},
+        {},
+        "invalid setting object_storage.max_concurrency (in {path}) = True: must be a number, "
+        "not true or false",
+    ),
+    (
+        {"object_storage": {"cloudfront_key_pair_id": "K1&Policy=x"}},
+        {},
+        "invalid setting object_storage.cloudfront_key_pair_id (in {path}) = 'K1&Policy=x': "
+        "must be the key's ID as CloudFront shows it (letters and digits, e.g. K2JCJMDEHXQW5F): "
+        "it goes into every signed URL as it is",
+    ),
+    (
+        {"syncd": {"stop_grace": float("inf")}},
+        {},
+        "invalid setting syncd.stop_grace (in {path}) = inf: Input should be a finite number",
+    ),
+    (
         {"syncd": {"retry_min_delay": 100, "retry_max_delay": 1}},
         {},
         "invalid syncd settings (config file {path}): retry_min_delay (100 s) is above "

@@ -204,6 +204,18 @@ def test_what_a_killed_daemon_left_is_cleaned_up_at_the_next_start(moto_workspac
     assert ws.objects("outputs/exec_11_abcdef11/") == {"outputs/exec_11_abcdef11/j": b"j"}
 
 
+def test_a_folder_named_like_a_tree_left_aside_is_kept_without_delete_local(moto_workspace):
+    ws = moto_workspace
+    ws.result("exec_12_abcdef12", {"i": b"i"})
+    assert ws.sync("exec_12_abcdef12").returncode == 0
+    notes = ws.result(".exec_12_abcdef12.deleting", {"notes.txt": b"mine"}, metadata=None)
+
+    daemon = ws.daemon()
+    daemon.wait_log("delete_local_after_upload is off")
+    assert daemon.terminate() == 0
+    assert (notes / "notes.txt").read_bytes() == b"mine"
+
+
 def test_a_state_database_locked_too_long_is_a_transient_error(moto_workspace):
     ws = moto_workspace
     ws.settings["syncd"]["retry_max_delay"] = 1
@@ -295,8 +307,9 @@ def test_names_no_store_takes_are_named_safely_on_one_line(moto_workspace):
     tabbed = ws.result("exec_19_ab\tcd", {"a": b"5"})  # the result folder's own name
     done = ws.sync("exec_19_ab\tcd")
     assert done.returncode == 1
-    assert f"file {ws.outputs}/exec_19_ab\\tcd/a cannot be uploaded: its path holds control" in (
-        only_error(done.stderr)
+    assert (
+        f"result folder {ws.outputs}/exec_19_ab\\tcd cannot be uploaded: its name holds control "
+        "characters: rename the folder" in only_error(done.stderr)
     )
     assert tabbed.is_dir()
     assert ws.objects() == {}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import time
 from pathlib import Path
 
 import yaml
@@ -130,4 +131,16 @@ def test_a_wall_clock_stepped_back_an_hour_holds_no_retry_back(moto_workspace, t
     clock.write_text("-3600\n")  # an NTP step, an operator's `date -s`
     with Proxy(ws.server.port, port=port):  # the store is back
         wait_until(lambda: ws.recorded("exec_4_abcdef04"), timeout=30, what="retried in seconds")
+    assert daemon.terminate() == 0
+
+
+def test_a_stray_signal_while_syncd_starts_does_not_end_it(moto_workspace):
+    ws = moto_workspace
+    ws.result("exec_5_abcdef05", {"a": b"a"})
+    ws.mark("exec_5_abcdef05")
+    daemon = ws.daemon()
+    time.sleep(0.3)  # still importing: before the daemon's own handlers
+    daemon.process.send_signal(signal.SIGUSR1)
+
+    wait_until(lambda: ws.recorded("exec_5_abcdef05"), what="published all the same")
     assert daemon.terminate() == 0
