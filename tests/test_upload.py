@@ -53,6 +53,31 @@ def test_every_file_lands_byte_for_byte_with_each_client(workspace, signing_key,
     )
 
 
+@pytest.mark.parametrize("rust", [True, False], ids=["obstore", "s3fs"])
+def test_multipart_above_multipart_chunksize_with_either_client(moto_workspace, rust):
+    """As the README says: one PutObject up to `multipart_chunksize`, parts above it (moto's
+    ETag of a multipart upload ends in -<parts>)."""
+    ws = moto_workspace
+    ws.settings["object_storage"]["use_rust_client"] = rust
+    one_part, two_parts = os.urandom(8 * MiB), os.urandom(8 * MiB + 1)
+    ws.result("exec_1_aaaaaaaa", {"one.bin": one_part, "two.bin": two_parts})
+
+    done = ws.sync("exec_1_aaaaaaaa")
+
+    assert done.returncode == 0, done.stderr
+    client = ws.server.client()
+    etags = {
+        name: client.head_object(Bucket=ws.bucket, Key=f"outputs/exec_1_aaaaaaaa/{name}")["ETag"]
+        for name in ("one.bin", "two.bin")
+    }
+    assert etags["one.bin"].strip('"') == md5(one_part)
+    assert etags["two.bin"].strip('"').endswith("-2")
+    assert ws.objects() == {
+        "outputs/exec_1_aaaaaaaa/one.bin": one_part,
+        "outputs/exec_1_aaaaaaaa/two.bin": two_parts,
+    }
+
+
 def test_marker_metadata_and_outside_symlinks_are_not_uploaded(moto_workspace, tmp_path):
     ws = moto_workspace
     secret = tmp_path / "host-secret.txt"

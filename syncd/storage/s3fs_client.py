@@ -1,10 +1,10 @@
-"""The s3fs adapter (aiobotocore on the running loop): PutObject below two parts, else syncd's
-own multipart (s3fs's cannot take a header per part); Content-MD5 on every request, which S3,
-MinIO and rclone verify. Its multipart uploads resume: each one is journaled (`Multiparts`)
-from its start to its end, and a later attempt asks the store which parts it holds
-(ListParts), keeps those whose size and MD5 match the local bytes and sends only the rest. It
-also sends the obstore adapter's multipart uploads (obstore hides their ids, so they could not
-resume), and aborts the unfinished ones nobody resumes."""
+"""The s3fs adapter (aiobotocore on the running loop): PutObject up to multipart_chunksize,
+else syncd's own multipart (s3fs's cannot take a header per part); Content-MD5 on every
+request, which S3, MinIO and rclone verify. Its multipart uploads resume: each one is
+journaled (`Multiparts`) from its start to its end, and a later attempt asks the store which
+parts it holds (ListParts), keeps those whose size and MD5 match the local bytes and sends
+only the rest. It also sends the obstore adapter's multipart uploads (obstore hides their ids,
+so they could not resume), and aborts the unfinished ones nobody resumes."""
 
 from __future__ import annotations
 
@@ -41,8 +41,9 @@ class S3fsStore:
         self.storage = storage
         self.multiparts = multiparts
         self.description = f"{location(storage)} via s3fs"
-        # s3fs's own threshold: a file under two parts goes as one PutObject.
-        self.single_put_below = 2 * storage.multipart_chunksize
+        # As with obstore: a file of up to one part goes as one PutObject, a larger one in
+        # parts (s3fs's own put waits for two parts; syncd sends its parts itself).
+        self.single_put_below = storage.multipart_chunksize + 1
         self.fs: Any = None
 
     async def _client(self) -> Any:
@@ -257,7 +258,7 @@ class S3fsStore:
                     raise ClientError({"Error": answer["Errors"][0]}, "DeleteObjects")
 
     def held(self, size: int) -> int:
-        # Measured: s3fs reads PARTS_PER_FILE parts (or a file under 2 parts) at once, and
+        # Measured: syncd reads PARTS_PER_FILE parts (or a whole small file) at once, and
         # botocore holds a second copy of each while it signs and sends it.
         return 2 * min(size, PARTS_PER_FILE * self.storage.multipart_chunksize)
 
