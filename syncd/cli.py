@@ -2,7 +2,8 @@
 result's state), `check` (settings, key, bucket).
 
 Exit codes: 0 success, 1 a result could not be published or the bucket not reached,
-2 bad configuration or usage. Errors are one line on stderr, never a traceback.
+2 bad configuration or usage, 128 + n a `syncd sync` ended by signal n (130 for Ctrl-C).
+Errors are one line on stderr, never a traceback.
 """
 
 from __future__ import annotations

@@ -184,12 +184,19 @@ class ObjectStorage(BaseModel):
                 "bucket is required when object storage is enabled: "
                 "set object_storage.bucket or OBJECT_STORAGE_BUCKET"
             )
+        if self.accelerated and self.bucket and "." in self.bucket:
+            raise ValueError(
+                f"bucket {self.bucket!r} has dots in its name, and S3 Transfer Acceleration "
+                "(use_transfer_acceleration, on by default) does not serve such buckets: set "
+                "object_storage.use_transfer_acceleration: false "
+                "(OBJECT_STORAGE_TRANSFER_ACCELERATION=false)"
+            )
         cloudfront = {
             "cloudfront_domain": self.cloudfront_domain,
             "cloudfront_key_pair_id": self.cloudfront_key_pair_id,
-            "cloudfront_private_key_path (or the PEM text in cloudfront_private_key)": (
-                self.cloudfront_private_key_path or self.cloudfront_private_key
-            ),
+            "cloudfront_private_key_path (or the PEM text in cloudfront_private_key, or the "
+            "credential cloudfront_private_key in $CREDENTIALS_DIRECTORY as the unit passes "
+            "it)": (self.cloudfront_private_key_path or self.cloudfront_private_key),
         }
         missing = [name for name, value in cloudfront.items() if not value]
         if 0 < len(missing) < len(cloudfront):
@@ -555,7 +562,8 @@ def unknown_variables(environ: dict[str, str]) -> list[str]:
 class Credentials(PydanticBaseSettingsSource):
     """systemd credentials (LoadCredential=) in $CREDENTIALS_DIRECTORY: files named
     access_key_id, secret_access_key and session_token hold those settings, and
-    cloudfront_private_key is the CloudFront key file. Only the unit can read them."""
+    cloudfront_private_key is the CloudFront key file. The unit reads them as root; by hand,
+    the install lets the syncd user read them."""
 
     VALUES = ("access_key_id", "secret_access_key", "session_token")
     KEY_FILE = "cloudfront_private_key"

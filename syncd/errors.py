@@ -103,6 +103,14 @@ STORE_REMEDIES = {
     "AuthorizationHeaderMalformed": CHECK_BUCKET,
     "InvalidRequest": "if use_transfer_acceleration is on, ensure it is enabled on the bucket",
 }
+# What AWS answers on the accelerate endpoint for a bucket without acceleration (InvalidRequest:
+# "S3 Transfer Acceleration is not configured on this bucket"); acceleration is on by default.
+ACCELERATION_OFF = "Transfer Acceleration is not configured"
+ENABLE_ACCELERATION = (
+    "enable Transfer Acceleration on the bucket (aws s3api put-bucket-accelerate-configuration "
+    "--bucket BUCKET --accelerate-configuration Status=Enabled) or set "
+    "object_storage.use_transfer_acceleration: false (OBJECT_STORAGE_TRANSFER_ACCELERATION=false)"
+)
 
 
 def store_error(exc: BaseException, action: str) -> SyncdError:
@@ -121,6 +129,8 @@ def store_error(exc: BaseException, action: str) -> SyncdError:
             message = (re.search(r"<Message>([^<]+)</Message>", text) or found).group(1)
     summary = printable(f"{code}: {message}" if code else text.splitlines()[0])
     remedy = STORE_REMEDIES.get(code or "")
+    if ACCELERATION_OFF in (message or ""):
+        remedy = ENABLE_ACCELERATION
     if remedy is None and type(exc).__name__ in ("PermissionDeniedError", "UnauthenticatedError"):
         remedy = CHECK_CREDENTIALS
     if remedy is None:

@@ -183,12 +183,21 @@ BAD = [
         "storage is enabled: set object_storage.bucket or OBJECT_STORAGE_BUCKET",
     ),
     (
+        {"object_storage": {"enabled": True, "bucket": "my.results"}},
+        {},
+        "invalid object_storage settings (config file {path}): bucket 'my.results' has dots in "
+        "its name, and S3 Transfer Acceleration (use_transfer_acceleration, on by default) does "
+        "not serve such buckets: set object_storage.use_transfer_acceleration: false "
+        "(OBJECT_STORAGE_TRANSFER_ACCELERATION=false)",
+    ),
+    (
         {"object_storage": {"enabled": True, "bucket": "b", "cloudfront_domain": "https://d.net"}},
         {},
         "invalid object_storage settings (config file {path}): CloudFront is half configured: "
         "cloudfront_key_pair_id, cloudfront_private_key_path (or the PEM text in "
-        "cloudfront_private_key) missing; set all three cloudfront_* settings to sign URLs, or "
-        "none to upload without signed URLs",
+        "cloudfront_private_key, or the credential cloudfront_private_key in "
+        "$CREDENTIALS_DIRECTORY as the unit passes it) missing; set all three cloudfront_* "
+        "settings to sign URLs, or none to upload without signed URLs",
     ),
     (
         {"object_storage": {"bucket": "b", "buckett": "typo"}},
@@ -522,9 +531,17 @@ def test_disabled_object_storage_is_an_error_for_run(tmp_path):
     ]
 
 
-def test_example_config_is_valid_and_names_every_key():
+def test_example_config_is_valid_and_names_every_key(tmp_path, signing_key):
+    """Valid as the install uses it: the CloudFront key comes as the unit's credential."""
     example = Path(__file__).resolve().parents[1] / "config.example.yaml"
-    settings, _ = load_settings(example, environ={})
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "cloudfront_private_key").write_text(pem(signing_key[1]))
+    settings, _ = load_settings(example, environ={"CREDENTIALS_DIRECTORY": str(credentials)})
+    key_path = settings.object_storage.cloudfront_private_key_path
+    assert key_path == credentials / "cloudfront_private_key"
+    with pytest.raises(ConfigError, match="CloudFront is half configured"):
+        load_settings(example, environ={})  # by hand without the credential: said, not signed
     document = yaml.safe_load(example.read_text())
     commented = example.read_text()
     for key, env, *_ in SEED_TABLE:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.readme import as_quoted, log_example
 from tests.servers import S3Server, wait_until
 
 MiB = 1024 * 1024
@@ -391,9 +392,8 @@ def test_inotify_overflow_is_answered_with_a_rescan(moto_workspace):
 
     wait_until(lambda: ws.recorded("exec_15_abcdef15"))
     assert daemon.terminate() == 0
-    assert "the inotify event queue overflowed: events may have been lost; rescanning" in (
-        daemon.log()
-    )
+    quoted = log_example("the inotify event queue overflowed")
+    assert quoted in as_quoted(daemon.log(), ws.outputs)  # as the README quotes it
 
 
 def test_server_stopped_mid_upload_then_started_again(moto_workspace, tmp_path):
