@@ -423,3 +423,15 @@ echo "sync exit $?"
         f"exec_1_aaaaaaaa: upload of outputs/exec_1_aaaaaaaa/a.bin failed: InvalidRequest: {remedy}"
     )
     assert f"`InvalidRequest: {accelerate.MESSAGE}`" in PROSE
+
+
+def test_the_layout_table_names_every_module():
+    table = README[README.index("## Layout of the code") :]
+    named = set(re.findall(r"`((?:syncd|tests|bench)/[\w/]*(?:\.py)?)`", table))
+    modules = {
+        str(path.relative_to(ROOT))
+        for folder in ("syncd", "tests")
+        for path in (ROOT / folder).glob("*.py")
+        if path.name != "__init__.py" and not path.name.startswith(("test_", "conftest"))
+    }
+    assert modules - named == set()  # syncd/storage/ is named as a folder
