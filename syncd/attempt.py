@@ -205,6 +205,8 @@ class Attempts:
         """A new marker on a recorded result, or its tree written after it was published:
         say whether its tree changed since it was published; it is never published again by
         itself (the bucket keeps what readers got)."""
+        if not os.path.lexists(result.tree):
+            return  # deleted after publishing (delete_local_after_upload): nothing to compare
         try:
             document, _ = await self.publisher.read_metadata(result)
             kept = Kept.of(result, document)

@@ -374,12 +374,13 @@ class Daemon:
         task.add_done_callback(self.chores.discard)
         return task
 
-    def recheck(self, result: Result) -> None:
-        """A recorded result marked again: say whether its tree changed since (once at a time)."""
+    def recheck(self, result: Result, what: str = "marked again") -> None:
+        """A recorded result marked again, or its metadata written again without its record:
+        say whether its tree changed since (once at a time)."""
         rel = result.rel.as_posix()
         if rel not in self.rechecking and not self.stopping.is_set():
             self.rechecking.add(rel)
-            task = self.chore(self.attempts.recheck(result))
+            task = self.chore(self.attempts.recheck(result, what))
             task.add_done_callback(lambda _: self.rechecking.discard(rel))
 
     async def scan(self) -> None:
@@ -526,6 +527,8 @@ class Daemon:
                 self.count(result, outcome)
                 if outcome.uploaded is not None and outcome.uploaded.sent:
                     self.chore(self.attempts.look_back(result, outcome.uploaded))
+                if outcome.restored:  # the writer came back (the server saying completed)
+                    self.recheck(result, "its metadata was written again")
             case Unfinished() | Elsewhere():
                 self.since.pop(rel, None)
             case Held():

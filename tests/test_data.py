@@ -156,6 +156,39 @@ def test_a_recorded_result_marked_again_after_a_change_is_said_never_republished
     assert ws.metadata_path("exec_6_abcdef06").read_bytes() == published
 
 
+def test_the_server_finishing_a_result_published_early_says_what_it_added(moto_workspace):
+    """Beside the server: a result published by hand while it ran, then written to, then
+    finished by the server (metadata `completed`, without syncd's record): the record comes
+    back as published, and the files it lacks are said, never recorded as if published."""
+    ws = moto_workspace
+    ws.settings["syncd"]["completion"] = "metadata"
+    ws.settings["syncd"]["metadata_file"] = "metadata_{workflow}:{exec}.json"
+    running = {"request_id": "exec_7_abcdef07", "status": "running"}
+    tree = ws.result("wf/exec_7_abcdef07", {"t2m/0.0": b"early"}, metadata=running)
+    assert ws.sync("wf/exec_7_abcdef07").returncode == 0
+    daemon = ws.daemon()
+    daemon.wait_log("syncd watching")
+
+    (tree / "t2m/1.0").write_bytes(b"late")
+    ws.metadata_path("wf/exec_7_abcdef07").write_text(
+        json.dumps({"request_id": "exec_7_abcdef07", "status": "completed", "new": "field"})
+    )
+    daemon.wait_log("files were added")
+
+    assert daemon.terminate() == 0
+    (said,) = [line for line in daemon.log().splitlines() if "written again" in line]
+    assert said.split(" ", 3)[2] == "WARNING"
+    assert said.endswith(
+        "exec_7_abcdef07: its metadata was written again, and 1 files were added or rewritten "
+        "(Zarr metadata) since it was published to outputs/wf/exec_7_abcdef07; it stays as "
+        f"published: `syncd sync {tree}` publishes the change"
+    )
+    recorded = ws.metadata("wf/exec_7_abcdef07")
+    assert [f["path"] for f in recorded["output_files"]] == ["exec_7_abcdef07/t2m/0.0"]
+    assert recorded["new"] == "field"
+    assert set(ws.objects()) == {"outputs/wf/exec_7_abcdef07/t2m/0.0"}
+
+
 def test_sync_publishes_a_change_sends_nothing_for_none_and_never_replaces_a_chunk(moto_workspace):
     ws = moto_workspace
     chunk = os.urandom(5000)

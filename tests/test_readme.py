@@ -228,7 +228,7 @@ def test_the_numbers_the_readme_gives_are_the_codes():
         f"a tree more than {layout.MAX_DEPTH} folders deep",
         f"a key above S3's {layout.MAX_KEY_BYTES:,} bytes",
         f"left alone for {publish.QUIET:.0f} s",
-        f"said in one warning {publish.QUIET:.0f} s later",
+        f"looks at a published tree once more {publish.QUIET:.0f} s later",
         f"one that stays broken for {metadata.BEING_WRITTEN:.0f} s",
         "syncd reads it again a second later",
         "(at most once a second)",
