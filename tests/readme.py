@@ -28,12 +28,12 @@ def shell_lines(block: str) -> list[str]:
 
 
 def readme_command(command: str) -> str:
-    """The one line of the README that runs `syncd COMMAND` where the install put it."""
+    """The one line of the README that runs `syncd COMMAND` by hand where the install put it."""
     (line,) = [
         line
         for block in code_blocks()
         for line in shell_lines(block)
-        if f"/opt/syncd/.venv/bin/syncd {command} " in line
+        if f"/opt/syncd/systemd/syncd-as-unit {command}" in line
     ]
     return line
 

@@ -5,6 +5,7 @@ it shows are the code's."""
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
 import signal
@@ -66,9 +67,12 @@ def test_the_install_works_as_written_and_syncd_by_hand_too(
     tmp_path, moto: S3Server, signing_key: tuple[Path, rsa.RSAPrivateKey]
 ):
     """As root on a copy of this machine where the server's /outputs exists: every install line
-    of the README, then its check, sync, sign and status commands as the syncd user."""
+    of the README, its /etc/syncd/env beside the server, then its sync, sign and status by hand
+    on a result the server finished."""
     bucket = moto.new_bucket()
     exec_path = "deterministic/exec_1769560728_10ed9d3c"
+    server_metadata = "/outputs/metadata_deterministic:exec_1769560728_10ed9d3c.json"
+    env_file = block_with("# /etc/syncd/env")
     script = f"""
 # The machine before the install: the server's outputs folder, in the server's group.
 groupadd earth2studio
@@ -80,19 +84,24 @@ PEM
 echo "== install"
 {install_steps(bucket, moto.endpoint)}
 echo "== installed"
-# What the unit makes (StateDirectory=), and a result the server wrote.
-install -d -o syncd -g syncd -m 750 /var/lib/syncd
+cat > /etc/syncd/env <<'ENV'
+{env_file}ENV
+# A result the server finished: its tree, and its metadata saying so.
 install -d -m 2775 -g earth2studio /outputs/deterministic
 install -d -m 2775 -g earth2studio /outputs/{exec_path}/results.zarr
 printf '{{"zarr_format": 2}}' > /outputs/{exec_path}/results.zarr/.zgroup
 head -c 70000 /dev/urandom > /outputs/{exec_path}/results.zarr/0.0
 chgrp -R earth2studio /outputs/{exec_path} && chmod -R g+w /outputs/{exec_path}
+printf '{{"request_id": "exec_1769560728_10ed9d3c", "status": "completed"}}' > '{server_metadata}'
+chgrp earth2studio '{server_metadata}' && chmod 664 '{server_metadata}'
 echo "== sync"
 {readme_command("sync")}
 echo "== sign"
 {readme_command("sign")}
 echo "== status"
 {readme_command("status")}
+echo "== metadata"
+cat '{server_metadata}'
 """
     scratch = tmp_path / "machine"
     scratch.mkdir()
@@ -121,7 +130,10 @@ echo "== status"
     assert policy["Statement"][0]["Resource"] == (
         f"https://d30anq61ot046p.cloudfront.net/outputs/{exec_path}/*"
     )
-    assert out.rstrip().endswith("1 results: 1 done")
+    assert "\n1 results: 1 done\n== metadata\n" in out
+    assert f"recorded in {server_metadata}" in done.stderr + out
+    record = json.loads(out[out.index("== metadata") :].split("\n", 1)[1])
+    assert record["storage_type"] == "s3" and record["remote_path"] == f"outputs/{exec_path}"
     assert "Traceback" not in done.stderr
 
 
@@ -184,17 +196,19 @@ def test_the_commands_and_flags_shown_are_the_clis():
 
 
 def syncd_invocations() -> list[list[str]]:
-    """Every `syncd COMMAND ...` the README shows, in its code blocks and in its text (the
-    synopsis with its [brackets] aside), as argument lists."""
+    """Every `syncd COMMAND ...` the README shows (also by hand, `syncd-as-unit COMMAND ...`):
+    each one in its code blocks, and those with arguments in its text, as argument lists."""
+    shown = r"(?:^|[\s/])syncd(?:-as-unit)? ((?:run|sync|status|sign|check)\b.*)"
+    lines = [line for block in code_blocks() for line in shell_lines(block)]
+    inline = re.findall(r"(?<!`)`([^`]*syncd (?:run|sync|status|sign|check)\b[^`]*)`(?!`)", PROSE)
     found = []
-    texts = [line for block in code_blocks() for line in shell_lines(block)]
-    texts += re.findall(r"(?<!`)`([^`]*syncd (?:run|sync|status|sign|check)\b[^`]*)`(?!`)", PROSE)
-    for text in texts:
-        match = re.search(r"(?:^|[\s/])syncd ((?:run|sync|status|sign|check)\b.*)", text)
-        if match is None or "[" in match[1] or " " not in match[1].strip():
-            continue  # the synopsis, or a command named in passing
-        words = shlex.split(re.split(r"\s(?:2>&1|\||#|>)", match[1])[0])
-        found.append(words)
+    for text, in_code in [(line, True) for line in lines] + [(text, False) for text in inline]:
+        match = re.search(shown, text)
+        if match is None or "[" in match[1]:
+            continue  # not a command, or the synopsis
+        words = shlex.split(re.split(r"\s(?:2>&1|\||#|>)", match[1] + " ")[0])
+        if in_code or len(words) > 1:  # in the text, `syncd sync` alone names the command
+            found.append(words)
     return found
 
 
