@@ -219,8 +219,8 @@ def write_atomic(result: Result, document: Metadata) -> Stamp:
     """Replace the result's metadata file so readers see the old file or the new one, never a
     partial one, in the folder reached from outputs_dir without following a symlink. The new
     file keeps the old one's mode, and its owner and group where this user may set them (so
-    the server can still write it). Failures come as SyncdError; no temporary file stays.
-    Returns the new file's stamp."""
+    the server can still write it); a file made anew those of its folder. Failures come as
+    SyncdError; no temporary file stays. Returns the new file's stamp."""
     path = result.metadata
     try:
         text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
@@ -254,8 +254,9 @@ def _write(folder: int, path: Path, data: bytes) -> Stamp:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            if old is not None:
-                folders.adopt(f.fileno(), old.st_uid, old.st_gid)
+            # A new file belongs to the folder's owner: a root `syncd sync` makes none of root's.
+            owner = old if old is not None else os.fstat(folder)
+            folders.adopt(f.fileno(), owner.st_uid, owner.st_gid)
             os.fchmod(f.fileno(), old.st_mode & 0o7777 if old is not None else 0o644)
             os.fsync(f.fileno())
             written = stamp_of(os.fstat(f.fileno()))

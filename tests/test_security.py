@@ -156,6 +156,19 @@ def test_the_rewrite_keeps_the_metadata_files_owner_and_group(moto_workspace):
     assert json.loads(path.read_text())["storage_type"] == "s3"
 
 
+def test_a_metadata_file_made_anew_belongs_to_its_folders_owner(moto_workspace):
+    """A root `syncd sync` of a result without metadata: the file it makes is the owner's of
+    the folder it is in (the server's), not root's."""
+    ws = moto_workspace
+    tree = ws.result("wf/exec_6_abcdef06", {"a": b"a"}, metadata=None)
+    os.chown(tree.parent, 4321, 4322)
+
+    assert ws.sync("wf/exec_6_abcdef06").returncode == 0
+
+    info = ws.metadata_path("wf/exec_6_abcdef06").stat()
+    assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (4321, 4322, 0o644)
+
+
 def test_status_never_prints_a_folder_names_terminal_escapes(moto_workspace):
     ws = moto_workspace
     name = "exec_1_\x1b]0;owned\x07\x1b[2J"  # a window title, then clear the screen
