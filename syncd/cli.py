@@ -32,7 +32,7 @@ from syncd.metrics import Metrics
 from syncd.notify import Notifier
 from syncd.publish import Publisher
 from syncd.resign import Resigner
-from syncd.signals import STOP_SIGNALS
+from syncd.signals import STOP_SIGNALS, Interrupted, hung_up_while_starting, interrupt
 from syncd.signing import UrlSigner
 from syncd.state import Multiparts, StateStore
 from syncd.storage import open_store
@@ -270,6 +270,8 @@ def run_command(argv: list[str] | None = None) -> int:
         if args.command == "sync":
             for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):  # ended like Ctrl-C
                 signal.signal(sig, interrupt)
+            if hung_up_while_starting():
+                raise Interrupted(signal.SIGHUP)
             return asyncio.run(run_sync(settings, signer, args.exec_dirs, args.force))
         for sig in STOP_SIGNALS:  # until the daemon's own handlers take over
             signal.signal(sig, interrupt)
@@ -288,24 +290,12 @@ def run_command(argv: list[str] | None = None) -> int:
         if args.command == "run":  # stopped while starting: nothing was taken on yet
             logger.info("{} received: stopping", sig.name)
             return 0
+        later = "; results not yet recorded are published by the next run"
         print(
-            f"syncd: interrupted by {sig.name}; results not yet recorded are published by the "
-            "next run",
+            f"syncd: interrupted by {sig.name}{later if args.command == 'sync' else ''}",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED + sig - signal.SIGINT
-
-
-class Interrupted(KeyboardInterrupt):
-    """A signal that ends `syncd sync` as Ctrl-C does."""
-
-    def __init__(self, sig: signal.Signals) -> None:
-        super().__init__(sig.name)
-        self.signal = sig
-
-
-def interrupt(signum: int, frame: object) -> None:
-    raise Interrupted(signal.Signals(signum))
 
 
 def main() -> None:

@@ -52,7 +52,12 @@ from syncd.metrics import Metrics, Standing, status_line
 from syncd.notify import Notifier
 from syncd.publish import Publisher, recover_leftovers
 from syncd.resign import Resigner
-from syncd.signals import FATAL_SIGNALS, IGNORED_SIGNALS, STOP_SIGNALS
+from syncd.signals import (
+    FATAL_SIGNALS,
+    IGNORED_SIGNALS,
+    STOP_SIGNALS,
+    hung_up_while_starting,
+)
 from syncd.signing import UrlSigner
 from syncd.state import State, StateStore, clock
 from syncd.watch import ResultWatcher
@@ -117,6 +122,8 @@ class Daemon:
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self.request_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self.reloading.set)
+        if hung_up_while_starting():  # the settings may have changed since they were read
+            self.reloading.set()
         for sig in IGNORED_SIGNALS:
             loop.add_signal_handler(sig, ignored, sig)
         faulthandler.enable()  # SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT

@@ -134,6 +134,43 @@ def test_a_wall_clock_stepped_back_an_hour_holds_no_retry_back(moto_workspace, t
     assert daemon.terminate() == 0
 
 
+def while_starting(pid: int) -> None:
+    """Wait until the command has set its first dispositions (SIGUSR1 ignored), long before its
+    imports end and it can act on a signal itself."""
+
+    def ignoring_usr1() -> bool:
+        status = Path(f"/proc/{pid}/status").read_text()
+        (ignored,) = [line.split()[1] for line in status.splitlines() if line.startswith("SigIgn")]
+        return bool(int(ignored, 16) >> (signal.SIGUSR1 - 1) & 1)
+
+    wait_until(ignoring_usr1, interval=0.001, what="syncd's first signal dispositions")
+
+
+def test_a_reload_or_a_stop_while_syncd_starts_is_done_once_it_can(moto_workspace):
+    ws = moto_workspace
+    ws.result("exec_6_abcdef06", {"a": b"a"})
+    ws.mark("exec_6_abcdef06")
+    reloaded = ws.daemon()
+    while_starting(reloaded.process.pid)
+    reloaded.process.send_signal(signal.SIGHUP)
+    stopped = ws.daemon()
+    while_starting(stopped.process.pid)
+    stopped.process.send_signal(signal.SIGTERM)
+    synced = ws.sync_in_background("exec_6_abcdef06")
+    while_starting(synced.pid)
+    synced.send_signal(signal.SIGHUP)
+
+    assert stopped.process.wait(60) == 0
+    assert stopped.log().splitlines()[-1].endswith("SIGTERM received: stopping")
+    assert "syncd watching" not in stopped.log()
+    assert synced.wait(60) == 128 + signal.SIGHUP
+    assert synced.communicate()[1].splitlines()[-1].startswith("syncd: interrupted by SIGHUP")
+    wait_until(lambda: ws.recorded("exec_6_abcdef06"), what="published all the same")
+    reloaded.wait_log("settings reloaded")
+    assert reloaded.terminate() == 0
+    assert "SIGHUP" not in reloaded.log()
+
+
 def test_a_stray_signal_while_syncd_starts_does_not_end_it(moto_workspace):
     ws = moto_workspace
     ws.result("exec_5_abcdef05", {"a": b"a"})
