@@ -537,6 +537,7 @@ class Environment(PydanticBaseSettingsSource):
             if self.environ.get(env_name("syncd", key))
         }
         self.notices.extend(unknown_variables(self.environ))
+        self.notices.extend(empty_variables(self.environ))
         return {"object_storage": storage, "syncd": daemon}
 
 
@@ -557,6 +558,21 @@ def unknown_variables(environ: dict[str, str]) -> list[str]:
             hint = f"; did you mean ${close[0]}?" if close else ""
             notices.append(f"${name} is not a setting syncd reads and is ignored{hint}")
     return notices
+
+
+def empty_variables(environ: dict[str, str]) -> list[str]:
+    """Notices for settings' variables set to nothing: they count as unset (a `NAME=` line in
+    an environment file), which an operator who meant an empty value must be told."""
+    settings = {
+        name: f"object_storage.{key}" for key, names in ENVIRONMENT.items() for name in names
+    }
+    settings |= {env_name("syncd", key): f"syncd.{key}" for key in DaemonSettings.model_fields}
+    return [
+        f"${name} is empty, which counts as unset: {settings[name]} comes from the config file "
+        "or its default"
+        for name in sorted(environ)
+        if name in settings and environ[name] == ""
+    ]
 
 
 class Credentials(PydanticBaseSettingsSource):

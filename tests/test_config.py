@@ -395,6 +395,22 @@ def test_a_key_given_twice_is_an_error_and_a_misspelt_variable_a_notice(tmp_path
     ]
 
 
+def test_an_empty_variable_counts_as_unset_and_says_so(tmp_path):
+    config = write(tmp_path, {"object_storage": {"prefix": "results"}})
+    environ = {"OBJECT_STORAGE_PREFIX": "", "SYNCD_MARKER_SUFFIX": "", "SYNCD_CONFIG": ""}
+
+    settings, _ = load_settings(config, environ=environ)
+
+    assert settings.object_storage.prefix == "results"
+    assert settings.syncd.marker_suffix == ".done"
+    assert settings.notices == [
+        "$OBJECT_STORAGE_PREFIX is empty, which counts as unset: object_storage.prefix comes "
+        "from the config file or its default",
+        "$SYNCD_MARKER_SUFFIX is empty, which counts as unset: syncd.marker_suffix comes from "
+        "the config file or its default",
+    ]
+
+
 def test_bad_configuration_exits_2_with_one_line_and_no_traceback(tmp_path):
     config = write(tmp_path, {"object_storage": {"enabled": True}})
     done = check(config)
