@@ -172,10 +172,13 @@ class Daemon:
         finally:
             self.notifier.stopping()
             watcher.stop()
-            for task in helpers:
+            # Everything but the uploads ends first, so that nothing is done after the line
+            # that says syncd stopped.
+            chores = [*helpers, *self.chores]
+            for task in chores:
                 task.cancel()
+            await asyncio.gather(*chores, return_exceptions=True)
             await self.drain(workers)
-            await asyncio.gather(*helpers, return_exceptions=True)
 
     def request_stop(self, sig: signal.Signals) -> None:
         if self.stopping.is_set():
@@ -295,8 +298,12 @@ class Daemon:
             now = time.time()
             for rel in resigner.due(now):
                 result = self.layout.result(PurePosixPath(rel))
+                renewal = asyncio.ensure_future(asyncio.to_thread(resigner.refresh, result, now))
                 try:
-                    stamp = await asyncio.to_thread(resigner.refresh, result, now)
+                    stamp = await asyncio.shield(renewal)
+                except asyncio.CancelledError:  # stopping: a rewrite begun ends before syncd does
+                    await asyncio.wait([renewal])
+                    raise
                 except Exception as exc:  # one bad metadata file never stops the others
                     logger.warning(
                         "{}: cannot renew its signed URL: {}", result.name, classify(exc)

@@ -104,6 +104,25 @@ def test_a_bad_metadata_value_never_stops_the_renewal_of_the_others(moto_workspa
     assert ws.metadata("exec_4_abcdef04")["signed_url"] != urls["exec_4_abcdef04"]
 
 
+def test_nothing_is_done_after_syncd_says_it_stopped(moto_workspace):
+    """A stop in the middle of renewing signed URLs: the rewrite begun ends, and only then
+    does syncd say it stopped."""
+    ws = moto_workspace
+    ws.settings["object_storage"]["signed_url_expires_in"] = 4
+    ws.settings["syncd"]["resign_fraction"] = 0.5  # renew with 2 s left: every second
+    rels = [f"exec_{i}_abcdef{i:02d}" for i in range(10, 210)]
+    for rel in rels:
+        ws.result(rel, {"a": b"a"})
+        ws.mark(rel)
+    daemon = ws.daemon()
+    wait_until(lambda: all(ws.recorded(rel) for rel in rels), timeout=120)
+    wait_until(lambda: "signed URL renewed" in daemon.log(), interval=0.001, what="renewing")
+    assert daemon.terminate() == 0
+
+    lines = daemon.log().splitlines()
+    assert "syncd stopped;" in lines[-1]
+
+
 def test_status_and_sync_never_print_a_traceback(moto_workspace):
     ws = moto_workspace
     state = ws.root / "state"
