@@ -3,7 +3,8 @@ completion signals (markers, or metadata that says completed).
 
 A finished result the state file does not know yet is `pending`, `done` when its metadata
 already records it (another daemon published it), or `elsewhere` when its metadata records
-another place.
+another place. One the state file says is uploading is so only while a live process holds its
+claim: a daemon killed in the middle left it `pending`, for its next start.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import os
 import stat
 from collections import Counter
 from dataclasses import asdict
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from syncd import metadata
+from syncd import claims, metadata
 from syncd.config import ConfigError, Settings
 from syncd.errors import SyncdError, printable
 from syncd.layout import Layout
@@ -39,7 +40,11 @@ def records(settings: Settings) -> list[Record]:
         store = StateStore(settings.syncd.state_dir, readonly=True)
         known = {r.rel: r for r in store.all()}
         store.close()
-    for result in Layout(settings).signalled():
+    layout = Layout(settings)
+    for rel, record in known.items():
+        if record.state == State.UPLOADING and not claimed(layout, rel, settings):
+            known[rel] = Record(rel, State.PENDING, attempts=record.attempts)
+    for result in layout.signalled():
         rel = result.rel.as_posix()
         if rel in known and known[rel].state != State.FORGOTTEN:
             continue
@@ -60,10 +65,24 @@ def records(settings: Settings) -> list[Record]:
     return sorted(known.values(), key=lambda r: (ORDER[r.state], r.rel))
 
 
+def claimed(layout: Layout, rel: str, settings: Settings) -> bool:
+    """Whether a live process holds the claim on the result `rel` (in doubt: yes)."""
+    result = layout.result(PurePosixPath(rel))
+    try:
+        with claims.claims_folder(result) as fd:
+            newest = claims.generations(result, fd)[-1:] or [0]
+            return claims.holder(result, fd, newest[0], settings.syncd.claim_timeout) is not None
+    except (OSError, SyncdError):
+        return True
+
+
 def has_state(state_dir: Path) -> bool:
     """Whether the daemon has kept a state file yet; ConfigError when state_dir cannot be read
     by this user or is no folder (every result would look pending)."""
-    remedy = "run syncd status as the user syncd runs as (sudo -u syncd ...), or fix state_dir"
+    remedy = (
+        "run syncd status as the daemon's user (sudo /opt/syncd/systemd/syncd-as-unit status), "
+        "or fix state_dir"
+    )
     try:
         info = os.stat(state_dir)
         if stat.S_ISDIR(info.st_mode):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import status_of
 from tests.readme import as_quoted, log_example
 from tests.servers import S3Server, wait_until
 
@@ -127,10 +128,12 @@ def test_kill_9_mid_upload_then_restart_loses_nothing_and_leaves_no_parts(moto_w
     ws.mark("exec_5_abcdef05")
     daemon = ws.daemon()
     wait_until(lambda: parts_stored(ws), what="parts of a multipart upload stored")
+    assert status_of(ws)["exec_5_abcdef05"]["state"] == "uploading"
 
     os.killpg(daemon.process.pid, signal.SIGKILL)
     daemon.process.wait()
     assert ws.metadata_path("exec_5_abcdef05").read_bytes() == before  # old file, whole
+    assert status_of(ws)["exec_5_abcdef05"]["state"] == "pending"  # nobody uploads it now
 
     again = ws.daemon()
     wait_until(lambda: ws.recorded("exec_5_abcdef05"), timeout=120, what="recorded after restart")
