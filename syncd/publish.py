@@ -390,7 +390,8 @@ class Publisher:
                 await self.store.put(body, key, headers_for(rel))
         except TimeoutError:
             raise SyncdError(
-                f"upload of {key} did not end within {limit:.0f} s; retrying"
+                f"upload of {key} did not end within {limit:.0f} s, past every timeout and retry "
+                "of its requests: the store takes them but does not answer"
             ) from None
         finally:
             del self.deadlines[key]
