@@ -197,7 +197,7 @@ def test_status_says_when_its_user_cannot_read_the_state(unit_workspace):
     assert unreadable.returncode == 2
     assert unreadable.stderr.splitlines() == [
         f"syncd: error: state_dir {closed} cannot be read (Permission denied): run syncd status "
-        "as the user syncd runs as (sudo -u syncd ...), or fix state_dir"
+        "as the daemon's user (sudo /opt/syncd/systemd/syncd-as-unit status), or fix state_dir"
     ]
     assert not_a_folder.returncode == 2
     assert not_a_folder.stderr.splitlines() == [
