@@ -184,6 +184,16 @@ class ObjectStorage(BaseModel):
                 "bucket is required when object storage is enabled: "
                 "set object_storage.bucket or OBJECT_STORAGE_BUCKET"
             )
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            given, missing = (
+                ("access_key_id", "secret_access_key")
+                if self.secret_access_key is None
+                else ("secret_access_key", "access_key_id")
+            )
+            raise ValueError(
+                f"{given} is set but {missing} is not: set both (or, for the standard AWS "
+                "chain such as an instance role, neither)"
+            )
         if self.accelerated and self.bucket and "." in self.bucket:
             raise ValueError(
                 f"bucket {self.bucket!r} has dots in its name, and S3 Transfer Acceleration "

@@ -101,16 +101,25 @@ def test_defaults_are_the_seeds():
     assert settings.syncd.outputs_dir == Path("/outputs")
 
 
+# A key of the pair comes with the other: one alone is an error of its own.
+PARTNER = {
+    "access_key_id": ("secret_access_key", "OBJECT_STORAGE_SECRET_ACCESS_KEY", "s3cr3t"),
+    "secret_access_key": ("access_key_id", "OBJECT_STORAGE_ACCESS_KEY_ID", "AKIA0"),
+}
+
+
 @pytest.mark.parametrize(("key", "env", "default", "raw", "value"), SEED_TABLE)
 def test_each_environment_variable_sets_its_key(key, env, default, raw, value):
-    environ = {**BASE_ENV, env: raw}
+    partner = {PARTNER[key][1]: PARTNER[key][2]} if key in PARTNER else {}
+    environ = {**BASE_ENV, env: raw, **partner}
     settings, _ = load_settings(environ=environ)
     assert plain(getattr(settings.object_storage, key)) == value
 
 
 @pytest.mark.parametrize(("key", "env", "default", "raw", "value"), SEED_TABLE)
 def test_each_yaml_key_sets_its_key(tmp_path, key, env, default, raw, value):
-    document = {"object_storage": {**BASE, key: yaml.safe_load(raw)}}
+    partner = {PARTNER[key][0]: PARTNER[key][2]} if key in PARTNER else {}
+    document = {"object_storage": {**BASE, key: yaml.safe_load(raw), **partner}}
     settings, _ = load_settings(write(tmp_path, document), environ={})
     assert plain(getattr(settings.object_storage, key)) == value
 
@@ -181,6 +190,13 @@ BAD = [
         {},
         "invalid object_storage settings (config file {path}): bucket is required when object "
         "storage is enabled: set object_storage.bucket or OBJECT_STORAGE_BUCKET",
+    ),
+    (
+        {"object_storage": {"enabled": True, "bucket": "b", "access_key_id": "AKIA0"}},
+        {},
+        "invalid object_storage settings (config file {path}): access_key_id is set but "
+        "secret_access_key is not: set both (or, for the standard AWS chain such as an instance "
+        "role, neither)",
     ),
     (
         {"object_storage": {"enabled": True, "bucket": "my.results"}},
