@@ -185,13 +185,13 @@ class ObjectStorage(BaseModel):
                 "set object_storage.bucket or OBJECT_STORAGE_BUCKET"
             )
         if (self.access_key_id is None) != (self.secret_access_key is None):
-            given, missing = (
+            alone, absent = (
                 ("access_key_id", "secret_access_key")
                 if self.secret_access_key is None
                 else ("secret_access_key", "access_key_id")
             )
             raise ValueError(
-                f"{given} is set but {missing} is not: set both (or, for the standard AWS "
+                f"{alone} is set but {absent} is not: set both (or, for the standard AWS "
                 "chain such as an instance role, neither)"
             )
         if self.accelerated and self.bucket and "." in self.bucket:
