@@ -34,7 +34,7 @@ from syncd.publish import Publisher
 from syncd.resign import Resigner
 from syncd.signals import STOP_SIGNALS, Interrupted, hung_up_while_starting, interrupt
 from syncd.signing import UrlSigner
-from syncd.state import Multiparts, StateStore
+from syncd.state import Multiparts, StateStore, not_a_folder
 from syncd.storage import open_store
 
 # Seconds `syncd check` waits for the bucket to answer one listing.
@@ -133,16 +133,20 @@ def signer_for(settings: Settings) -> UrlSigner | None:
     return signer
 
 
-async def run_daemon(
-    settings: Settings, signer: UrlSigner | None, load: Callable[[], Settings]
-) -> int:
-    """The daemon; `load` reads the settings again for a reload."""
-    layout = Layout(settings)
+def require_outputs_dir(layout: Layout) -> None:
     if not layout.outputs_dir.is_dir():
         raise ConfigError(
             f"outputs_dir {layout.outputs_dir} does not exist or is not a folder: create it or "
             "set syncd.outputs_dir (SYNCD_OUTPUTS_DIR)"
         )
+
+
+async def run_daemon(
+    settings: Settings, signer: UrlSigner | None, load: Callable[[], Settings]
+) -> int:
+    """The daemon; `load` reads the settings again for a reload."""
+    layout = Layout(settings)
+    require_outputs_dir(layout)
     state = StateStore(settings.syncd.state_dir)
     store = open_store(settings.object_storage, Multiparts(state))
     metrics = Metrics(settings.syncd)
@@ -223,6 +227,9 @@ async def run_check(settings: Settings, config_file: Path | None) -> int:
     print(f"# config file: {config_file or 'none (defaults and environment)'}")
     print(yaml.safe_dump(redacted(settings), sort_keys=False).rstrip())
     require_enabled(settings)
+    require_outputs_dir(Layout(settings))  # what `syncd run` would stop at, found here
+    if (error := not_a_folder(settings.syncd.state_dir)) is not None:
+        raise error
     signer = UrlSigner.from_settings(settings.object_storage)
     if signer is None:
         print("# CloudFront: not configured; signed_url will be null")

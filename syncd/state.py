@@ -114,11 +114,23 @@ class Record:
     uploaded: str | None = None  # acknowledgement of a tree uploaded whole, not yet recorded
 
 
+def not_a_folder(state_dir: Path) -> ConfigError | None:
+    """The error for a state_dir that is there but no folder (a file in its place)."""
+    if state_dir.exists() and not state_dir.is_dir():
+        return ConfigError(
+            f"state_dir {state_dir} is not a folder: set syncd.state_dir (SYNCD_STATE_DIR) to a "
+            "folder this user may write, or remove what is in its place"
+        )
+    return None
+
+
 class StateStore:
     """One SQLite file; every change is its own small transaction."""
 
     def __init__(self, state_dir: Path, readonly: bool = False) -> None:
         self.path = state_dir / "state.db"
+        if (error := not_a_folder(state_dir)) is not None:
+            raise error
         try:
             refuse_links(self.path)
             if readonly:

@@ -411,6 +411,35 @@ def test_a_key_given_twice_is_an_error_and_a_misspelt_variable_a_notice(tmp_path
     ]
 
 
+def test_check_finds_what_would_stop_syncd_at_start(tmp_path):
+    """`syncd check` says ok only where `syncd run` would start: an outputs_dir that is no
+    folder, a state_dir that is a file, are the same one line and exit 2 as at start."""
+    config = write(tmp_path, {"object_storage": {"enabled": True, "bucket": "b"}})
+    (tmp_path / "file").write_text("")
+    env = clean_env()
+    cases = {
+        ("--outputs-dir", str(tmp_path / "nowhere")): (
+            f"syncd: error: outputs_dir {tmp_path / 'nowhere'} does not exist or is not a "
+            "folder: create it or set syncd.outputs_dir (SYNCD_OUTPUTS_DIR)"
+        ),
+        ("--outputs-dir", str(tmp_path)): (
+            f"syncd: error: state_dir {tmp_path / 'file'} is not a folder: set syncd.state_dir "
+            "(SYNCD_STATE_DIR) to a folder this user may write, or remove what is in its place"
+        ),
+    }
+    env["SYNCD_STATE_DIR"] = str(tmp_path / "file")
+    for flags, line in cases.items():
+        for command in ("check", "run"):
+            done = subprocess.run(
+                [*SYNCD, command, "--config", str(config), *flags],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert (done.returncode, done.stderr.splitlines()[-1:]) == (2, [line]), command
+
+
 def test_an_empty_variable_counts_as_unset_and_says_so(tmp_path):
     config = write(tmp_path, {"object_storage": {"prefix": "results"}})
     environ = {"OBJECT_STORAGE_PREFIX": "", "SYNCD_MARKER_SUFFIX": "", "SYNCD_CONFIG": ""}

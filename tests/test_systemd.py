@@ -202,7 +202,8 @@ def test_status_says_when_its_user_cannot_read_the_state(unit_workspace):
     assert not_a_folder.returncode == 2
     assert not_a_folder.stderr.splitlines() == [
         f"syncd: error: state_dir {ws.root / 'config-1.yaml'} is not a folder: set "
-        "syncd.state_dir to syncd's"
+        "syncd.state_dir (SYNCD_STATE_DIR) to a folder this user may write, or remove what is "
+        "in its place"
     ]
 
 
