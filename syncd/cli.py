@@ -227,9 +227,6 @@ async def run_check(settings: Settings, config_file: Path | None) -> int:
     print(f"# config file: {config_file or 'none (defaults and environment)'}")
     print(yaml.safe_dump(redacted(settings), sort_keys=False).rstrip())
     require_enabled(settings)
-    require_outputs_dir(Layout(settings))  # what `syncd run` would stop at, found here
-    if (error := not_a_folder(settings.syncd.state_dir)) is not None:
-        raise error
     signer = UrlSigner.from_settings(settings.object_storage)
     if signer is None:
         print("# CloudFront: not configured; signed_url will be null")
@@ -240,6 +237,9 @@ async def run_check(settings: Settings, config_file: Path | None) -> int:
             f"# CloudFront: key {source} (RSA {signer.private_key.key_size} bits), "
             f"key pair {signer.key_pair_id}"
         )
+    require_outputs_dir(Layout(settings))  # what `syncd run` would stop at, found here
+    if (error := not_a_folder(settings.syncd.state_dir)) is not None:
+        raise error
     store = open_store(settings.object_storage, None)
     print(f"# bucket: reaching {store.description} (for {CHECK_TIMEOUT:.0f} s at most)...")
     sys.stdout.flush()

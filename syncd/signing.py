@@ -49,24 +49,25 @@ def parse_private_key(pem: bytes, what: str) -> rsa.RSAPrivateKey:
 
 
 def private_key(storage: ObjectStorage) -> rsa.RSAPrivateKey:
-    """The signing key: the seed's key file, else the server's PEM text; when both are set and
-    hold different keys, the file wins, with one warning."""
+    """The signing key: the seed's key file, else the server's PEM text; when both are set, the
+    file wins, with one warning if the text holds another key (or none)."""
     text = storage.cloudfront_private_key
-    from_text = (
-        parse_private_key(text.get_secret_value().encode(), f"the PEM text in {KEY_TEXT}")
-        if text is not None
-        else None
-    )
+    what = f"the PEM text in {KEY_TEXT}"
     if storage.cloudfront_private_key_path is None:
-        assert from_text is not None
-        return from_text
+        assert text is not None
+        return parse_private_key(text.get_secret_value().encode(), what)
     key = load_private_key(storage.cloudfront_private_key_path)
-    if from_text is not None and from_text.private_numbers() != key.private_numbers():
-        logger.warning(
-            "cloudfront_private_key_path and cloudfront_private_key hold different keys; "
-            "signing with the file {} (cloudfront_private_key_path)",
-            storage.cloudfront_private_key_path,
-        )
+    if text is not None:
+        try:
+            same = parse_private_key(text.get_secret_value().encode(), what).private_numbers()
+        except ConfigError:
+            same = None
+        if same != key.private_numbers():
+            logger.warning(
+                "cloudfront_private_key_path and cloudfront_private_key hold different keys; "
+                "signing with the file {} (cloudfront_private_key_path)",
+                storage.cloudfront_private_key_path,
+            )
     return key
 
 

@@ -720,6 +720,10 @@ def test_differing_names_say_which_wins_and_never_print_the_key(moto_workspace, 
     )
     assert "PRIVATE KEY" not in done.stdout + done.stderr
 
+    garbage = ws.syncd("check", "--config", str(ws.config), env=ws.env(CLOUDFRONT_PRIVATE_KEY="x"))
+    assert garbage.returncode == 0, garbage.stderr  # the file wins: the text is not used
+    assert garbage.stderr.splitlines()[-1].endswith(warnings[1].split(" ", 3)[3])
+
 
 def test_a_bad_pem_text_is_named_by_its_setting_not_printed(tmp_path):
     environ = {**BASE_ENV, "CLOUDFRONT_PRIVATE_KEY": "-----BEGIN RSA PRIVATE KEY-----\nxyz\n"}
