@@ -78,6 +78,22 @@ def test_multipart_above_multipart_chunksize_with_either_client(moto_workspace, 
     }
 
 
+@pytest.mark.parametrize("rust", [True, False], ids=["obstore", "s3fs"])
+def test_a_user_and_password_in_endpoint_url_work_with_either_client(moto_workspace, rust):
+    ws = moto_workspace
+    ws.settings["object_storage"]["use_rust_client"] = rust
+    ws.settings["object_storage"]["endpoint_url"] = (
+        f"http://operator:hunter2@127.0.0.1:{ws.server.port}"
+    )
+    ws.result("exec_1_aaaaaaaa", {"a.bin": b"a"})
+
+    done = ws.sync("exec_1_aaaaaaaa")
+
+    assert done.returncode == 0, done.stderr
+    assert ws.objects() == {"outputs/exec_1_aaaaaaaa/a.bin": b"a"}
+    assert "hunter2" not in done.stdout + done.stderr
+
+
 def test_marker_metadata_and_outside_symlinks_are_not_uploaded(moto_workspace, tmp_path):
     ws = moto_workspace
     secret = tmp_path / "host-secret.txt"

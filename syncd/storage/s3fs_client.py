@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import re
 from typing import Any
 
 from loguru import logger
@@ -26,6 +27,10 @@ from syncd.storage.timeouts import CONNECT_TIMEOUT, READ_TIMEOUT, file_deadline
 
 # The parts a store holds of an upload: part number -> (MD5 hex of its bytes, size).
 Stored = dict[int, tuple[str, int]]
+
+
+def without_userinfo(url: str | None) -> str | None:
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/]*@", r"\1", url) if url else url
 
 
 class Differs(Exception):
@@ -76,7 +81,9 @@ class S3fsStore:
                 if storage.secret_access_key
                 else None,
                 token=storage.session_token.get_secret_value() if storage.session_token else None,
-                endpoint_url=storage.endpoint_url,
+                # S3 requests are signed with the keys: a user and password in the URL mean
+                # nothing to S3, and botocore refuses them beside its own Authorization header.
+                endpoint_url=without_userinfo(storage.endpoint_url),
                 client_kwargs={"region_name": storage.region},
                 config_kwargs=config,
             )
