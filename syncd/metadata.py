@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import secrets
 import stat
@@ -81,7 +82,7 @@ def read_stamped(result: Result) -> tuple[Metadata | None, Stamp | None]:
     except OSError as exc:
         raise unusable(result, exc, "reading metadata") from None
     try:
-        document = json.loads(raw)
+        document = json.loads(raw, parse_float=finite, parse_constant=not_json)
     except RecursionError:
         raise SyncdError(
             f"metadata {path} nests its values deeper than a JSON reader follows; left as it "
@@ -107,6 +108,20 @@ def read_stamped(result: Result) -> tuple[Metadata | None, Stamp | None]:
             Kind.INPUT,
         )
     return document, stamp_of(info)
+
+
+def finite(text: str) -> float:
+    """A JSON number as a float; one beyond a double's range would be written back as Infinity,
+    which no JSON reader takes."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text[:40]} is beyond what JSON readers can hold")
+    return value
+
+
+def not_json(name: str) -> float:
+    """NaN and Infinity, which Python reads but JSON does not have."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def completed(document: Metadata | None) -> bool:

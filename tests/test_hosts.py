@@ -576,3 +576,28 @@ def test_a_number_too_long_in_metadata_and_odd_claim_names_are_said_once(moto_wo
     assert len(problems) == 1, problems
     assert " ERROR " in problems[0] and "is not valid JSON" in problems[0]
     assert (claims / "exec_11_abcdef11.\u00b2").exists()
+
+
+@pytest.mark.parametrize(
+    ("number", "why"),
+    [
+        ("1e400", "the number 1e400 is beyond what JSON readers can hold"),
+        ("NaN", "NaN is not a JSON value"),
+    ],
+)
+def test_a_number_json_cannot_carry_is_left_as_it_is_not_written_back(moto_workspace, number, why):
+    """Python reads 1e400 as inf and NaN as nan; written back they would be Infinity and NaN,
+    which no strict JSON reader takes: the file is left, nothing is sent."""
+    ws = moto_workspace
+    text = '{"status": "completed", "value": ' + number + "}"
+    ws.result("exec_12_abcdef12", {"a": b"a"}, metadata=text)
+
+    done = ws.sync("exec_12_abcdef12")
+
+    assert done.returncode == 1
+    assert (
+        f"exec_12_abcdef12: metadata {ws.metadata_path('exec_12_abcdef12')} is not valid JSON "
+        f"({why}); left as it is" in done.stderr
+    )
+    assert ws.metadata_path("exec_12_abcdef12").read_text() == text
+    assert ws.objects() == {}
