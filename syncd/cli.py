@@ -24,7 +24,13 @@ from loguru import logger
 from syncd import __version__, logs, status
 from syncd.attempt import Attempts, Held, Recorded
 from syncd.budget import raise_open_files
-from syncd.config import ConfigError, Settings, load_settings, redacted
+from syncd.config import (
+    LONGEST_SIGNED_URL,
+    ConfigError,
+    Settings,
+    load_settings,
+    redacted,
+)
 from syncd.daemon import Daemon
 from syncd.errors import SyncdError
 from syncd.layout import Layout, LayoutError
@@ -80,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
     )
     sign.add_argument("target", metavar="EXEC_DIR|REMOTE_PATH")
     sign.add_argument(
-        "--expires-in", type=positive_int, metavar="S", help="seconds (signed_url_expires_in)"
+        "--expires-in", type=lifetime, metavar="S", help="seconds (signed_url_expires_in)"
     )
     status_parser = commands.add_parser(
         "status",
@@ -96,13 +102,17 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def positive_int(text: str) -> int:
+def lifetime(text: str) -> int:
+    """`--expires-in`: seconds, within what signed_url_expires_in accepts."""
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of seconds above 0, got {text!r}")
+    if not 1 <= value <= LONGEST_SIGNED_URL:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number of seconds from 1 to {LONGEST_SIGNED_URL} (10 years), "
+            f"got {text!r}"
+        )
     return value
 
 

@@ -45,6 +45,8 @@ CONTROL = re.compile("[\x00-\x1f\x7f]")
 # The longest prefix: S3 keys are at most 1,024 bytes, and the result's path and files follow.
 MAX_PREFIX_BYTES = 512
 DEFAULT_CONFIG_FILE = Path("/etc/syncd/config.yaml")
+# The longest a signed URL may be valid, in seconds: ten years.
+LONGEST_SIGNED_URL = 10 * 365 * 86400
 
 
 class ConfigError(SyncdError):
@@ -80,7 +82,7 @@ class ObjectStorage(BaseModel):
     cloudfront_private_key_path: Path | None = None
     cloudfront_private_key: SecretStr | None = None
     # At most ten years: renewed long before anyway, and a reader's URL should end some day.
-    signed_url_expires_in: int = Field(3600, ge=1, le=10 * 365 * 86400)
+    signed_url_expires_in: int = Field(3600, ge=1, le=LONGEST_SIGNED_URL)
 
     @field_validator(
         "max_concurrency", "multipart_chunksize", "signed_url_expires_in", mode="before"

@@ -78,9 +78,13 @@ def test_sign_prints_a_fresh_url_for_a_folder_or_a_remote_path(moto_workspace, s
 
 def test_sign_refuses_a_bad_lifetime_and_a_missing_cloudfront(moto_workspace):
     ws = moto_workspace
-    bad = ws.syncd("sign", "--config", str(ws.config), "outputs/x", "--expires-in", "0")
-    assert bad.returncode == 2
-    assert "--expires-in: must be a whole number of seconds above 0, got '0'" in bad.stderr
+    for lifetime in ("0", "315360001"):
+        bad = ws.syncd("sign", "--config", str(ws.config), "outputs/x", "--expires-in", lifetime)
+        assert bad.returncode == 2
+        assert (
+            "--expires-in: must be a whole number of seconds from 1 to 315360000 (10 years), "
+            f"got '{lifetime}'" in bad.stderr
+        )
     for key in ("cloudfront_domain", "cloudfront_key_pair_id", "cloudfront_private_key_path"):
         del ws.settings["object_storage"][key]
     unsigned = ws.syncd("sign", "--config", str(ws.config), "outputs/x")
