@@ -492,8 +492,9 @@ def settled(result: Result, files: list[LocalFile]) -> None:
     age = time.time() - written[newest] / 1e9
     if 0 <= age < QUIET:  # dated ahead of this clock: nothing to wait for that would end
         raise BeingWritten(
-            f"{newest} was written {age:.0f} s ago, after its {result.signal_name}: published "
-            f"once the tree has been left alone for {QUIET:.0f} s",
+            f"{newest} was written {age:.0f} s ago, after its {result.signal_name}: its writer "
+            f"may still be at it; published once the tree has been left alone for {QUIET:.0f} s "
+            "(by the daemon, or by syncd sync run again then)",
             QUIET - age,
         )
 

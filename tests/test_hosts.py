@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sqlite3
 import time
@@ -600,4 +601,24 @@ def test_a_number_json_cannot_carry_is_left_as_it_is_not_written_back(moto_works
         f"({why}); left as it is" in done.stderr
     )
     assert ws.metadata_path("exec_12_abcdef12").read_text() == text
+    assert ws.objects() == {}
+
+
+def test_sync_of_a_tree_written_after_its_marker_says_when_to_run_it_again(moto_workspace):
+    ws = moto_workspace
+    tree = ws.result("exec_13_abcdef13", {"a": b"a"})
+    marker = ws.mark("exec_13_abcdef13")
+    an_hour_ago = time.time() - 3600
+    os.utime(marker, (an_hour_ago, an_hour_ago))
+    (tree / "b").write_bytes(b"b")  # its writer is still at it
+
+    done = ws.sync("exec_13_abcdef13")
+
+    assert done.returncode == 1
+    assert re.search(
+        r"exec_13_abcdef13: b was written \d s ago, after its marker: its writer may still be at "
+        r"it; published once the tree has been left alone for 30 s \(by the daemon, or by syncd "
+        r"sync run again then\)",
+        done.stderr,
+    )
     assert ws.objects() == {}
