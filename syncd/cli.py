@@ -253,14 +253,18 @@ async def run_check(settings: Settings, config_file: Path | None) -> int:
     store = open_store(settings.object_storage, None)
     print(f"# bucket: reaching {store.description} (for {CHECK_TIMEOUT:.0f} s at most)...")
     sys.stdout.flush()
+    reachable = "check endpoint_url and that the store is up and reachable from here"
     try:
         async with asyncio.timeout(CHECK_TIMEOUT):
             await store.probe()
     except TimeoutError:
         raise SyncdError(
-            f"{store.description} did not answer within {CHECK_TIMEOUT:.0f} s: check "
-            "endpoint_url and that the store is up and reachable from here"
+            f"{store.description} did not answer within {CHECK_TIMEOUT:.0f} s: {reachable}"
         ) from None
+    except SyncdError as exc:
+        if exc.permanent:  # it answered: the error names its remedy
+            raise
+        raise SyncdError(f"{exc}: {reachable}") from None
     finally:
         await store.close()
     print(f"# bucket: {store.description} reachable")

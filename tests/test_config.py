@@ -11,6 +11,7 @@ import yaml
 
 from syncd.config import ConfigError, load_settings
 from tests.conftest import SYNCD, clean_env
+from tests.servers import free_port
 
 SEED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "object-storage.md"
 
@@ -573,6 +574,13 @@ def test_check_fails_when_the_bucket_cannot_be_reached(moto_workspace):
     assert done.returncode == 1
     assert done.stderr.splitlines()[-1].startswith(
         "syncd: error: listing s3://no-such-bucket-syncd"
+    )
+
+    ws.settings["object_storage"]["endpoint_url"] = f"http://127.0.0.1:{free_port()}"  # nobody
+    refused = ws.syncd("check", "--config", str(ws.config))
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines()[-1].endswith(
+        ": check endpoint_url and that the store is up and reachable from here"
     )
 
 
