@@ -258,6 +258,12 @@ def redact_url(value: object) -> object:
     return value
 
 
+def without_userinfo(url: str | None) -> str | None:
+    """A valid endpoint_url without its user and password, for a client that refuses them
+    (S3 requests are signed with the keys; the URL's credentials mean nothing to S3)."""
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/]*@", r"\1", url) if url else url
+
+
 METADATA_FIELDS = {"exec", "exec_path", "workflow"}
 # Names on the disk the settings must leave alone: result folders, and the folder of claims.
 EXEC_PREFIX = "exec_"

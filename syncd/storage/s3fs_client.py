@@ -12,13 +12,12 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-import re
 from typing import Any
 
 from loguru import logger
 
 from syncd.budget import PARTS_PER_FILE, requests_in_flight
-from syncd.config import ObjectStorage
+from syncd.config import ObjectStorage, without_userinfo
 from syncd.errors import store_errors
 from syncd.objects import ObjectHeaders
 from syncd.storage.base import Multiparts, location
@@ -27,10 +26,6 @@ from syncd.storage.timeouts import CONNECT_TIMEOUT, READ_TIMEOUT, file_deadline
 
 # The parts a store holds of an upload: part number -> (MD5 hex of its bytes, size).
 Stored = dict[int, tuple[str, int]]
-
-
-def without_userinfo(url: str | None) -> str | None:
-    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/]*@", r"\1", url) if url else url
 
 
 class Differs(Exception):
@@ -81,8 +76,7 @@ class S3fsStore:
                 if storage.secret_access_key
                 else None,
                 token=storage.session_token.get_secret_value() if storage.session_token else None,
-                # S3 requests are signed with the keys: a user and password in the URL mean
-                # nothing to S3, and botocore refuses them beside its own Authorization header.
+                # botocore refuses a user and password beside its own Authorization header.
                 endpoint_url=without_userinfo(storage.endpoint_url),
                 client_kwargs={"region_name": storage.region},
                 config_kwargs=config,
