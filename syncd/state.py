@@ -117,11 +117,15 @@ class Record:
 def not_a_folder(state_dir: Path) -> ConfigError | None:
     """The error for a state_dir that is there but no folder (a file in its place)."""
     if state_dir.exists() and not state_dir.is_dir():
-        return ConfigError(
-            f"state_dir {state_dir} is not a folder: set syncd.state_dir (SYNCD_STATE_DIR) to a "
-            "folder this user may write, or remove what is in its place"
-        )
+        return no_folder(state_dir)
     return None
+
+
+def no_folder(state_dir: Path) -> ConfigError:
+    return ConfigError(
+        f"state_dir {state_dir} is not a folder: set syncd.state_dir (SYNCD_STATE_DIR) to a "
+        "folder this user may write, or remove what is in its place"
+    )
 
 
 class StateStore:

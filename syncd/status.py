@@ -20,7 +20,7 @@ from syncd import claims, metadata
 from syncd.config import ConfigError, Settings
 from syncd.errors import SyncdError, printable
 from syncd.layout import Layout
-from syncd.state import Record, State, StateStore, clock, not_a_folder, wall_time
+from syncd.state import Record, State, StateStore, clock, no_folder, wall_time
 
 ORDER = {
     State.RETRYING: 0,
@@ -93,8 +93,8 @@ def has_state(state_dir: Path) -> bool:
         raise ConfigError(
             f"state_dir {state_dir} cannot be read ({exc.strerror}): {remedy}"
         ) from None
-    if (error := not_a_folder(state_dir)) is not None:
-        raise error
+    if not stat.S_ISDIR(info.st_mode):
+        raise no_folder(state_dir)
     return True
 
 
