@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import os
 import shlex
-import stat
 import sys
 from pathlib import Path
+
+from tests.unit import closed_folders
 
 ENTER = """set -e
 mount -t tmpfs tmpfs "$1"
@@ -28,11 +29,6 @@ user=root
 if [ "$1" = "-u" ]; then user="$2"; shift 2; fi
 exec setpriv --reuid="$user" --regid="$(id -g "$user")" --init-groups env "$@"
 """
-
-
-def closed_folders(path: Path) -> list[Path]:
-    """The folders on the way to `path` that other users may not cross (pyenv under /root)."""
-    return [folder for folder in path.parents if not os.stat(folder).st_mode & stat.S_IXOTH]
 
 
 def preparation() -> str:

@@ -22,14 +22,18 @@ exec setpriv --reuid={uid} --regid={uid} {groups} --inh-caps=-all -- "$@"
 """
 
 
+def closed_folders(path: Path) -> list[Path]:
+    """The folders on the way to `path` that other users may not cross, from the root down."""
+    return [f for f in reversed(path.parents) if not os.stat(f).st_mode & stat.S_IXOTH]
+
+
 def blocking_folder(path: Path) -> tuple[Path, Path] | None:
     """The first folder on the way to `path` that others may not cross, and its child on the
     way; None when the way is open."""
-    for folder in reversed(path.parents):
-        if not os.stat(folder).st_mode & stat.S_IXOTH:
-            child = path.relative_to(folder).parts[0]
-            return folder, folder / child
-    return None
+    closed = closed_folders(path)
+    if not closed:
+        return None
+    return closed[0], closed[0] / path.relative_to(closed[0]).parts[0]
 
 
 def as_unit_user(command: list[str], uid: int = NOBODY, groups: tuple[int, ...] = ()) -> list[str]:
