@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
-import time
 from pathlib import Path
 
 import yaml
@@ -135,15 +134,23 @@ def test_a_wall_clock_stepped_back_an_hour_holds_no_retry_back(moto_workspace, t
 
 
 def while_starting(pid: int) -> None:
-    """Wait until the command has set its first dispositions (SIGUSR1 ignored), long before its
-    imports end and it can act on a signal itself."""
+    """Wait until the command has set its first dispositions (SIGUSR1 ignored, SIGHUP and
+    SIGTERM caught), long before its imports end and it can act on a signal itself."""
 
-    def ignoring_usr1() -> bool:
+    def dispositions_set() -> bool:
         status = Path(f"/proc/{pid}/status").read_text()
-        (ignored,) = [line.split()[1] for line in status.splitlines() if line.startswith("SigIgn")]
-        return bool(int(ignored, 16) >> (signal.SIGUSR1 - 1) & 1)
+        masks = dict(line.split(":") for line in status.splitlines() if line.startswith("Sig"))
+        ignored, caught = int(masks["SigIgn"], 16), int(masks["SigCgt"], 16)
+        return all(
+            mask >> (sig - 1) & 1
+            for mask, sig in (
+                (ignored, signal.SIGUSR1),
+                (caught, signal.SIGHUP),
+                (caught, signal.SIGTERM),
+            )
+        )
 
-    wait_until(ignoring_usr1, interval=0.001, what="syncd's first signal dispositions")
+    wait_until(dispositions_set, interval=0.001, what="syncd's first signal dispositions")
 
 
 def test_a_reload_or_a_stop_while_syncd_starts_is_done_once_it_can(moto_workspace):
@@ -176,7 +183,7 @@ def test_a_stray_signal_while_syncd_starts_does_not_end_it(moto_workspace):
     ws.result("exec_5_abcdef05", {"a": b"a"})
     ws.mark("exec_5_abcdef05")
     daemon = ws.daemon()
-    time.sleep(0.3)  # still importing: before the daemon's own handlers
+    while_starting(daemon.process.pid)  # still importing: before the daemon's own handlers
     daemon.process.send_signal(signal.SIGUSR1)
 
     wait_until(lambda: ws.recorded("exec_5_abcdef05"), what="published all the same")
