@@ -1,5 +1,5 @@
-"""The `syncd` command: `run` (the daemon), `sync` (publish results now), `status` (each
-result's state), `check` (settings, key, bucket).
+"""The `syncd` command: `run` (the daemon), `sync` (publish results now), `mark` (say results
+are finished), `status` (each result's state), `check` (settings, key, bucket).
 
 Exit codes: 0 success, 1 a result could not be published or the bucket not reached,
 2 bad configuration or usage, 128 + n a `syncd sync` ended by signal n (130 for Ctrl-C).
@@ -32,8 +32,9 @@ from syncd.config import (
     redacted,
 )
 from syncd.daemon import Daemon
-from syncd.errors import SyncdError
+from syncd.errors import Kind, SyncdError, printable
 from syncd.layout import Layout, LayoutError
+from syncd.marker import NotAResult, mark_finished, result_folder
 from syncd.metrics import Metrics
 from syncd.notify import Notifier
 from syncd.publish import Publisher
@@ -81,6 +82,10 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="send a result published here already again, even if its tree has not changed",
     )
+    mark = commands.add_parser(
+        "mark", parents=[common], help="mark results finished, for the daemon to publish"
+    )
+    mark.add_argument("exec_dirs", nargs="+", type=Path, metavar="EXEC_DIR")
     sign = commands.add_parser(
         "sign", parents=[common], help="print a fresh signed URL for a result"
     )
@@ -209,6 +214,35 @@ async def run_sync(
     return EXIT_FAILED if failed else 0
 
 
+def run_mark(settings: Settings, exec_dirs: list[Path]) -> int:
+    if settings.syncd.completion == "metadata":
+        raise ConfigError(
+            "completion is metadata: a result is finished when its metadata file says "
+            '"status": "completed" (the Earth2Studio server writes it), and syncd reads no '
+            "marker; set syncd.completion: marker to publish results by their markers"
+        )
+    layout = Layout(settings)
+    require_outputs_dir(layout)
+    results = [layout.for_tree(path) for path in exec_dirs]  # all usage errors before a marker
+    try:
+        for result in results:
+            result_folder(result.tree)
+    except NotAResult as exc:
+        raise LayoutError(str(exc)) from None
+    for result in results:
+        try:
+            made = mark_finished(result.tree, layout.marker_suffix)
+        except OSError as exc:
+            raise SyncdError(
+                f"cannot write {printable(str(result.marker))} ({exc.strerror or exc}): run "
+                "syncd mark as the user that writes the results, where their folder is "
+                "writable and has space",
+                Kind.OPERATOR,
+            ) from None
+        print(made)
+    return 0
+
+
 def run_sign(settings: Settings, target: str, expires_in: int | None) -> int:
     signer = UrlSigner.from_settings(settings.object_storage)
     if signer is None:
@@ -283,6 +317,8 @@ def run_command(argv: list[str] | None = None) -> int:
             return asyncio.run(run_check(settings, config_file))
         if args.command == "status":
             return run_status(settings, args.json)
+        if args.command == "mark":
+            return run_mark(settings, args.exec_dirs)
         if args.command == "sign":
             return run_sign(settings, args.target, args.expires_in)
         require_enabled(settings)

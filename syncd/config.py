@@ -39,6 +39,7 @@ from pydantic_settings import (
 )
 
 from syncd.errors import Kind, SyncdError
+from syncd.marker import EXEC_PREFIX, MARKER_SUFFIX
 
 MiB = 1024 * 1024
 CONTROL = re.compile("[\x00-\x1f\x7f]")
@@ -265,8 +266,7 @@ def without_userinfo(url: str | None) -> str | None:
 
 
 METADATA_FIELDS = {"exec", "exec_path", "workflow"}
-# Names on the disk the settings must leave alone: result folders, and the folder of claims.
-EXEC_PREFIX = "exec_"
+# The folder of claims, a name on the disk the settings must leave alone (as result folders).
 CLAIMS_FOLDER = ".syncd-claims"
 
 
@@ -320,7 +320,7 @@ class DaemonSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
     outputs_dir: Path = Path("/outputs")
-    marker_suffix: str = Field(".done", min_length=1)
+    marker_suffix: str = Field(MARKER_SUFFIX, min_length=1)
     # Relative to outputs_dir. {exec_path} is the result's path under outputs_dir
     # (exec_X or <workflow>/exec_X), {exec} its folder name, {workflow} its workflow folder
     # ("" at the top level). Earth2Studio's own layout is "metadata_{workflow}:{exec}.json".

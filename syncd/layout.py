@@ -23,8 +23,9 @@ from pathlib import Path, PurePosixPath
 from loguru import logger
 
 from syncd import folders
-from syncd.config import EXEC_PREFIX, Settings
+from syncd.config import Settings
 from syncd.errors import Kind, SyncdError, os_error, printable
+from syncd.marker import EXEC_PREFIX
 
 
 class LayoutError(SyncdError):
@@ -166,7 +167,7 @@ class Layout:
                 f"or {self.outputs_dir}/<workflow>/exec_*"
             )
         if not path.is_dir():
-            raise LayoutError(f"{tree} is not a folder")
+            raise LayoutError(f"{tree} {'is not a folder' if path.exists() else 'does not exist'}")
         return self.result(rel)
 
     def remote(self, remote_path: str) -> str:

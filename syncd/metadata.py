@@ -22,14 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from syncd import folders
+from syncd import folders, marker
 from syncd.errors import BeingWritten, Kind, SyncdError, os_error
 from syncd.layout import LocalFile, Result
 
 Metadata = dict[str, Any]
 Stamp = tuple[int, int, int]  # (inode, size, mtime in ns): the file as syncd last saw it
-# Temporary files of the rewrite; one a kill left behind is removed at the next start.
-TEMP_SUFFIX = ".syncd.tmp"
 # A file that does not parse and changed more recently than this is still being written.
 BEING_WRITTEN = 30.0
 # Seconds before a metadata file that is being written is read again.
@@ -262,7 +260,7 @@ def _write(folder: int, path: Path, data: bytes) -> Stamp:
         old = None
     if old is not None and not stat.S_ISREG(old.st_mode):
         raise not_a_file(path, "a symlink" if stat.S_ISLNK(old.st_mode) else "not a file")
-    tmp = f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    tmp = f".{path.name}.{secrets.token_hex(4)}{marker.TEMP_SUFFIX}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(tmp, flags, 0o600, dir_fd=folder)
     try:

@@ -33,11 +33,12 @@ from typing import Any
 
 from loguru import logger
 
-from syncd import folders, metadata
+from syncd import folders, marker, metadata
 from syncd.budget import TransferBudget, files_in_flight
-from syncd.config import EXEC_PREFIX, Settings
+from syncd.config import Settings
 from syncd.errors import BeingWritten, Kind, SyncdError, os_error, printable
 from syncd.layout import Layout, LocalFile, Result, tree_files
+from syncd.marker import EXEC_PREFIX
 from syncd.objects import headers_for, is_zarr_metadata
 from syncd.progress import Progress
 from syncd.signing import UrlSigner
@@ -600,7 +601,7 @@ def recover_leftovers(layout: Layout, deleting: bool) -> None:
                 with os.scandir(folder) as listing:
                     entries = [(e.name, e.is_file(follow_symlinks=False)) for e in listing]
                 for name, is_file in entries:
-                    if name.startswith(".") and name.endswith(metadata.TEMP_SUFFIX) and is_file:
+                    if name.startswith(".") and name.endswith(marker.TEMP_SUFFIX) and is_file:
                         try:
                             os.unlink(name, dir_fd=folder)
                         except OSError as exc:

@@ -31,8 +31,9 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
-from syncd.config import EXEC_PREFIX, DaemonSettings
+from syncd.config import DaemonSettings
 from syncd.layout import Layout
+from syncd.marker import EXEC_PREFIX
 
 Identity = tuple[int, int]  # (st_dev, st_ino) of a watched folder
 

@@ -200,9 +200,10 @@ def test_the_commands_and_flags_shown_are_the_clis():
 def syncd_invocations() -> list[list[str]]:
     """Every `syncd COMMAND ...` the README shows (also by hand, `syncd-as-unit COMMAND ...`):
     each one in its code blocks, and those with arguments in its text, as argument lists."""
-    shown = r"(?:^|[\s/])syncd(?:-as-unit)? ((?:run|sync|status|sign|check)\b.*)"
+    commands = "|".join(subcommands())
+    shown = rf"(?:^|[\s/])syncd(?:-as-unit)? ((?:{commands})\b.*)"
     lines = [line for block in code_blocks() for line in shell_lines(block)]
-    inline = re.findall(r"(?<!`)`([^`]*syncd (?:run|sync|status|sign|check)\b[^`]*)`(?!`)", PROSE)
+    inline = re.findall(rf"(?<!`)`([^`]*syncd (?:{commands})\b[^`]*)`(?!`)", PROSE)
     found = []
     for text, in_code in [(line, True) for line in lines] + [(text, False) for text in inline]:
         match = re.search(shown, text)
