@@ -23,7 +23,9 @@ class Notifier:
         # Ping at half the interval systemd waits, as sd_watchdog_enabled() advises.
         self.watchdog_interval = int(usec) / 2e6 if usec.isdigit() and mine else None
 
-    def send(self, *lines: str) -> None:
+    def send(self, *lines: str, wait: float = 1.0) -> None:
+        """Send, waiting at most `wait` seconds for room in a queue nobody reads (it holds
+        ten datagrams): the event loop never hangs on systemd."""
         if not self.address:
             return
         # If systemd is gone there is nothing useful to do about a failed send.
@@ -31,6 +33,7 @@ class Notifier:
             socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock,
             contextlib.suppress(OSError),
         ):
+            sock.settimeout(wait)
             sock.sendto("\n".join(lines).encode(), self.address)
 
     def ready(self, status: str) -> None:
@@ -45,8 +48,9 @@ class Notifier:
     def stopping(self) -> None:
         self.send("STOPPING=1", "STATUS=stopping")
 
+    # A ping or a status no one takes now is worth nothing later: the next one follows.
     def watchdog(self) -> None:
-        self.send("WATCHDOG=1")
+        self.send("WATCHDOG=1", wait=0)
 
     def status(self, status: str) -> None:
-        self.send(f"STATUS={status}")
+        self.send(f"STATUS={status}", wait=0)
