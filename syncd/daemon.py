@@ -318,6 +318,9 @@ class Daemon:
 
     async def report_every(self, interval: float) -> None:
         while True:
+            for rel, upload in list(self.publisher.uploads.items()):  # for syncd status
+                with contextlib.suppress(SyncdError):  # said where an attempt journals
+                    self.state.progress(rel, upload.done_bytes, upload.total, upload.rate())
             standing = self.standing()
             try:
                 await asyncio.to_thread(self.metrics.update, standing)
@@ -332,6 +335,7 @@ class Daemon:
     def standing(self) -> Standing:
         return Standing(
             uploading=len(self.busy),
+            uploads=tuple(self.publisher.uploads.values()),
             waiting=self.queue.qsize() + len(self.later),
             failing=self.retries_after(self.retried_until)[0],
             done=self.ask(self.state.count_watched, 0),

@@ -28,6 +28,7 @@ from prometheus_client import (
 
 from syncd.config import ConfigError, DaemonSettings, listen_address
 from syncd.errors import Kind, os_error
+from syncd.progress import Progress, amount, speed
 
 # Upload time per result, from a one-file result on loopback to a large one over a slow link.
 UPLOAD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
@@ -38,6 +39,7 @@ class Standing:
     """How things stand: results by what is happening to them."""
 
     uploading: int  # attempts in progress
+    uploads: tuple[Progress, ...]  # those sending their trees
     waiting: int  # queued, or read again shortly (metadata being written)
     failing: int  # waiting for the next attempt after a failure
     done: int  # recorded, with their metadata watched
@@ -194,12 +196,12 @@ class Metrics:
 
 
 def status_line(standing: Standing, now: float) -> str:
-    """What `systemctl status` shows, e.g. `3 uploading, 12 waiting, 1 failing; last
-    published exec_1769560728_10ed9d3c 4 s ago`."""
+    """What `systemctl status` shows, e.g. `3 uploading (310/820 MB, 42 MB/s), 12 waiting,
+    1 failing; last published exec_1769560728_10ed9d3c 4 s ago`."""
     counts = [
         f"{count} {what}"
         for count, what in (
-            (standing.uploading, "uploading"),
+            (standing.uploading, f"uploading{sending(standing.uploads)}"),
             (standing.waiting, "waiting"),
             (standing.failing, "failing"),
         )
@@ -210,6 +212,15 @@ def status_line(standing: Standing, now: float) -> str:
         return f"{line}; nothing published since start"
     name, at = standing.last_published
     return f"{line}; last published {name} {ago(now - at)} ago"
+
+
+def sending(uploads: tuple[Progress, ...]) -> str:
+    """The bytes sent of all uploads together and their rate, e.g. ` (310/820 MB, 42 MB/s)`."""
+    if not uploads:
+        return ""
+    sent = sum(u.done_bytes for u in uploads)
+    total = sum(u.total for u in uploads)
+    return f" ({amount(sent, total)}, {speed(sum(u.rate() for u in uploads))})"
 
 
 def ago(seconds: float) -> str:

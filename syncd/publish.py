@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import stat
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -164,6 +165,7 @@ class Publisher:
         self.cleanup_warned = False
         self.acknowledged_at = time.monotonic()  # the last file the store acknowledged
         self.deadlines: dict[str, float] = {}  # key -> when its transfer must have ended
+        self.uploads: dict[str, Progress] = {}  # rel -> its upload, while it runs
         # One bound for every result this publisher uploads.
         self.budget = TransferBudget(
             files_in_flight(self.storage.max_concurrency), settings.syncd.upload_buffer
@@ -207,12 +209,19 @@ class Publisher:
         logger.info("{}: uploading {} files, {} bytes", result.name, len(files), total)
         if interrupted:
             await self._abort_unfinished(result, {result.key(f.rel) for f in files})
-        progress = Progress(result.name, len(files), total) if self.show_progress else None
+        stream = sys.stderr if self.show_progress else None
+        progress = self.uploads[result.rel.as_posix()] = Progress(
+            result.name, len(files), total, stream
+        )
         md5: dict[str, str] = {}
-        # Zarr metadata documents only once every chunk is stored.
-        chunks = [f for f in files if not is_zarr_metadata(f.rel)]
-        await self._upload(result, chunks, md5, progress)
-        await self._upload(result, [f for f in files if is_zarr_metadata(f.rel)], md5, progress)
+        try:
+            # Zarr metadata documents only once every chunk is stored.
+            chunks = [f for f in files if not is_zarr_metadata(f.rel)]
+            await self._upload(result, chunks, md5, progress)
+            documents = [f for f in files if is_zarr_metadata(f.rel)]
+            await self._upload(result, documents, md5, progress)
+        finally:
+            self.uploads.pop(result.rel.as_posix(), None)
         if not await asyncio.to_thread(self._unchanged, result, files):
             raise changed()
         if interrupted:
@@ -356,7 +365,7 @@ class Publisher:
         result: Result,
         files: list[LocalFile],
         md5: dict[str, str],
-        progress: Progress | None,
+        progress: Progress,
     ) -> None:
         """Upload `files`, putting each one's MD5 into `md5` once the store acknowledged it."""
         pending = iter(files)
@@ -370,8 +379,7 @@ class Publisher:
                         await self._put(body, result.key(file.rel), file.rel)
                 md5[file.rel] = body.hexdigest()
                 self.acknowledged_at = time.monotonic()
-                if progress is not None:
-                    progress.advance(file.size)
+                progress.advance(file.size)
 
         try:
             async with asyncio.TaskGroup() as group:

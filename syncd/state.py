@@ -49,7 +49,9 @@ CREATE TABLE IF NOT EXISTS results (
     updated    REAL NOT NULL,
     uploaded   TEXT,
     recorded   TEXT,
-    stamp      TEXT
+    stamp      TEXT,
+    sent       INTEGER,
+    rate       REAL
 )
 """
 # The multipart uploads this host started and has not completed or aborted: a restart resumes
@@ -61,6 +63,14 @@ CREATE TABLE IF NOT EXISTS multipart (
     part_size INTEGER NOT NULL
 )
 """
+# Columns later versions added, for a state file an earlier version made.
+ADDED_COLUMNS = {
+    "uploaded": "TEXT",
+    "recorded": "TEXT",
+    "stamp": "TEXT",
+    "sent": "INTEGER",
+    "rate": "REAL",
+}
 # How long a write waits for another process's lock before it counts as a failure.
 LOCK_TIMEOUT = 10.0
 
@@ -112,6 +122,8 @@ class Record:
     bytes: int | None = None
     updated: float = 0.0
     uploaded: str | None = None  # acknowledgement of a tree uploaded whole, not yet recorded
+    sent: int | None = None  # uploading: bytes the store acknowledged so far (of `bytes`)
+    rate: float | None = None  # uploading: bytes per second since the upload began
 
 
 def not_a_folder(state_dir: Path) -> ConfigError | None:
@@ -133,12 +145,14 @@ class StateStore:
 
     def __init__(self, state_dir: Path, readonly: bool = False) -> None:
         self.path = state_dir / "state.db"
+        self.select = COLUMNS
         if (error := not_a_folder(state_dir)) is not None:
             raise error
         try:
             refuse_links(self.path)
             if readonly:
                 self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=2)
+                self.select = self._columns_of_any_version()
                 return
             state_dir.mkdir(parents=True, exist_ok=True)
             try:
@@ -154,6 +168,15 @@ class StateStore:
                 "this user or set syncd.state_dir (SYNCD_STATE_DIR)"
             ) from None
 
+    def _columns_of_any_version(self) -> str:
+        """COLUMNS as they can be read from this file: NULL for those a daemon of an earlier
+        version, which may still be running, has not added."""
+        with self.errors():
+            present = {row[1] for row in self.db.execute("PRAGMA table_info(results)")}
+        return ", ".join(
+            c if c in present or not present else f"NULL AS {c}" for c in COLUMNS.split(", ")
+        )
+
     def _open(self) -> sqlite3.Connection:
         give_to_folder_owner(self.path)
         # `syncd sync` and `syncd status` may open it while the daemon runs.
@@ -167,9 +190,9 @@ class StateStore:
             db.execute(SCHEMA)
             db.execute(MULTIPART_SCHEMA)
             columns = {row[1] for row in db.execute("PRAGMA table_info(results)")}
-            for column in ("uploaded", "recorded", "stamp"):  # from an earlier version
+            for column, kind in ADDED_COLUMNS.items():  # a file of an earlier version
                 if column not in columns:
-                    db.execute(f"ALTER TABLE results ADD COLUMN {column} TEXT")
+                    db.execute(f"ALTER TABLE results ADD COLUMN {column} {kind}")
         except BaseException:
             db.close()
             raise
@@ -237,13 +260,15 @@ class StateStore:
 
     def get(self, rel: str) -> Record | None:
         with self.errors():
-            row = self.db.execute(f"SELECT {COLUMNS} FROM results WHERE rel = ?", (rel,)).fetchone()
+            row = self.db.execute(
+                f"SELECT {self.select} FROM results WHERE rel = ?", (rel,)
+            ).fetchone()
         return _record(row) if row else None
 
     def all(self) -> list[Record]:
         with self.errors():
             try:
-                rows = self.db.execute(f"SELECT {COLUMNS} FROM results ORDER BY rel").fetchall()
+                rows = self.db.execute(f"SELECT {self.select} FROM results ORDER BY rel").fetchall()
             except sqlite3.OperationalError as exc:
                 if "no such table" not in str(exc):
                     raise
@@ -267,7 +292,17 @@ class StateStore:
                     record.bytes,
                     time.time(),
                     record.uploaded,
+                    record.sent,
+                    record.rate,
                 ),
+            )
+
+    def progress(self, rel: str, sent: int, total: int, rate: float) -> None:
+        """How far the upload of `rel` has come, while it is uploading."""
+        with self.errors():
+            self.db.execute(
+                "UPDATE results SET sent = ?, bytes = ?, rate = ? WHERE rel = ? AND state = ?",
+                (sent, total, rate, rel, State.UPLOADING.value),
             )
 
     def keep_record(self, rel: str, kept: str | None) -> None:
@@ -396,7 +431,10 @@ class Multiparts:
         return {key: upload_id for key, upload_id in rows}
 
 
-COLUMNS = "rel, state, attempts, last_error, permanent, next_try, files, bytes, updated, uploaded"
+COLUMNS = (
+    "rel, state, attempts, last_error, permanent, next_try, files, bytes, updated, uploaded, "
+    "sent, rate"
+)
 SLOTS = ", ".join("?" * len(COLUMNS.split(",")))
 UPDATES = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS.split(", ")[1:])
 
@@ -410,7 +448,7 @@ def _stamp(text: str | None) -> Stamp | None:
 
 
 def _record(row: tuple[Any, ...]) -> Record:
-    rel, state, attempts, last_error, permanent, next_try, files, size, updated, uploaded = row
+    rel, state, attempts, last_error, permanent, next_try, files, size, updated, *rest = row
     return Record(
         rel,
         State(state),
@@ -421,5 +459,5 @@ def _record(row: tuple[Any, ...]) -> Record:
         files,
         size,
         updated,
-        uploaded,
+        *rest,
     )

@@ -20,6 +20,7 @@ from syncd import claims, metadata
 from syncd.config import ConfigError, Settings
 from syncd.errors import SyncdError, printable
 from syncd.layout import Layout
+from syncd.progress import amount, speed
 from syncd.state import Record, State, StateStore, clock, no_folder, wall_time
 
 ORDER = {
@@ -104,16 +105,24 @@ def as_dict(record: Record) -> dict[str, Any]:
     return asdict(record) | {"state": record.state.value, "next_try": next_try}
 
 
+def progress(record: Record) -> str:
+    """An upload's bytes sent of its total and its rate: `310/820 MB 42 MB/s`."""
+    if record.state != State.UPLOADING or record.sent is None or record.bytes is None:
+        return "-"
+    return f"{amount(record.sent, record.bytes)} {speed(record.rate or 0.0)}"
+
+
 def table(rows: list[Record]) -> str:
     """The table a person reads: names from the disk and errors escaped, so that a folder's
     name can never drive the terminal (a title, colours, lines hidden)."""
     now = clock()
-    header = ("RESULT", "STATE", "ATTEMPTS", "NEXT TRY", "LAST ERROR")
+    header = ("RESULT", "STATE", "ATTEMPTS", "PROGRESS", "NEXT TRY", "LAST ERROR")
     lines = [header] + [
         (
             printable(r.rel),
             r.state.value,
             str(r.attempts),
+            progress(r),
             f"in {max(r.next_try - now, 0):.0f} s"
             if r.next_try and r.state == State.RETRYING
             else "-",

@@ -4,7 +4,9 @@ read from the real daemon while results flow and fail."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import re
 import socket
 import time
 
@@ -12,6 +14,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.proxy import Proxy
 from tests.servers import free_port, wait_until
 
 FAMILIES = {
@@ -187,3 +190,56 @@ def test_status_line_says_what_is_happening(moto_workspace, notify_socket):
     # Sent when it changes, at most once a second.
     statuses = notify_socket.statuses()
     assert all(a != b for a, b in itertools.pairwise(statuses))
+
+
+def test_an_upload_shows_its_bytes_and_rate_in_status_and_the_status_line(
+    moto_workspace, notify_socket
+):
+    """Through a link of 2 MB/s, a 24 MB result of 96 files is seen part way: `syncd status`
+    and the STATUS= line give the bytes the store acknowledged of the total, and a rate near
+    the link's (files in flight count once acknowledged, so it lags a little)."""
+    ws = moto_workspace
+    with Proxy(ws.server.port, rate=2_000_000) as proxy:
+        ws.settings["object_storage"]["endpoint_url"] = proxy.endpoint
+        ws.settings["object_storage"]["max_concurrency"] = 1  # 2 MB in flight, not the tree
+        ws.result("exec_1_abcdef01", {f"c/{i}": os.urandom(250_000) for i in range(96)})
+        daemon = ws.daemon(env=ws.env(NOTIFY_SOCKET=notify_socket.address))
+        daemon.wait_log("syncd watching")
+        ws.mark("exec_1_abcdef01")
+
+        def latest() -> str:
+            return (notify_socket.statuses() or [""])[-1]
+
+        def sent() -> int:
+            match = re.search(r"\((\d+)/24 MB", latest())
+            return int(match[1]) if match else 0
+
+        notify_socket.receive(lambda _: sent() >= 8 or "last published" in latest())
+        assert re.fullmatch(
+            r"1 uploading \(\d+/24 MB, (1\.\d|2\.[0-4]) MB/s\); nothing published since start",
+            latest(),
+        ), latest()
+        table = ws.syncd("status", "--config", str(ws.config))
+        assert table.returncode == 0, table.stderr
+        header, row, summary = table.stdout.splitlines()
+        assert header.split() == [
+            "RESULT",
+            "STATE",
+            "ATTEMPTS",
+            "PROGRESS",
+            "NEXT",
+            "TRY",
+            "LAST",
+            "ERROR",
+        ]
+        assert re.fullmatch(
+            r"exec_1_abcdef01  uploading  0 +\d+/24 MB (1\.\d|2\.[0-4]) MB/s +- +-", row
+        ), row
+        assert summary == "1 results: 1 uploading"
+        (record,) = json.loads(ws.syncd("status", "--config", str(ws.config), "--json").stdout)
+        assert record["state"] == "uploading" and record["bytes"] == 24_000_000
+        assert 0 < record["sent"] < 24_000_000 and 1.0e6 < record["rate"] < 2.5e6
+        wait_until(lambda: ws.recorded("exec_1_abcdef01"), timeout=60, what="published")
+        assert daemon.terminate() == 0  # though the notify socket is read no more
+    (record,) = json.loads(ws.syncd("status", "--config", str(ws.config), "--json").stdout)
+    assert (record["state"], record["sent"], record["rate"]) == ("done", None, None)

@@ -380,11 +380,12 @@ def test_the_status_example_is_laid_out_as_syncd_lays_it_out(moto_workspace):
             "RESULT",
             "STATE",
             "ATTEMPTS",
+            "PROGRESS",
             "NEXT TRY",
             "LAST ERROR",
         ]
         for row in rows:
-            assert columns(row)[:4] == columns(header)[:4], row
+            assert columns(row)[:5] == columns(header)[:5], row
         assert re.fullmatch(r"\d+ results: \d+ \w+(, \d+ \w+)*", total)
     assert real[-1] == "1 results: 1 done"
 
