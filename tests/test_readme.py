@@ -297,6 +297,20 @@ def test_the_settings_table_and_the_example_config_give_the_defaults():
         assert EXAMPLE["object_storage"][key] == storage[key], key
 
 
+def test_the_alert_table_is_the_rules_file():
+    table = README[README.index("| alert | fires when |") :].split("\n\n")[0]
+    rows = dict(re.findall(r"^\| `(\w+)` \| (.*) \|$", table, flags=re.MULTILINE))
+    rules = yaml.safe_load((ROOT / "monitoring" / "syncd.rules.yml").read_text())
+    waits = {r["alert"]: r["for"] for group in rules["groups"] for r in group["rules"]}
+    assert set(rows) == set(waits)
+    for alert, fires_when in rows.items():
+        # "..., for 5 min" is the rule's `for:`; a row without it has a short one.
+        shown = re.search(r"[, ]for (\d+) min$", fires_when)
+        assert (f"{shown[1]}m" if shown else "1m") == waits[alert], alert
+    assert "rule_files: [syncd.rules.yml]" in PROSE
+    assert (ROOT / "monitoring" / "grafana-dashboard.json").is_file()
+
+
 def test_the_config_error_example_is_what_syncd_says(tmp_path):
     (example,) = [line for line in block_with("syncd: error:").splitlines() if line]
     env = clean_env(OBJECT_STORAGE_ENABLED="true", OBJECT_STORAGE_BUCKET="results")
