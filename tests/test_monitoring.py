@@ -234,7 +234,7 @@ def at_least_zero(samples: list[dict[str, Any]]) -> bool:
     return bool(samples) and all(0 <= v < math.inf for v in values(samples))
 
 
-def test_the_dashboard_as_grafana_loads_it():
+def test_the_dashboard_variables_and_instance_filters():
     board = dashboard()
     assert board["schemaVersion"] == 39
     variables = {v["name"]: v for v in board["templating"]["list"]}
