@@ -1,6 +1,8 @@
-"""What every result uploading at once shares, and so what `max_concurrency` means: at most
-`files_in_flight(max_concurrency)` files in flight, shared by all results, each sending up to
-PARTS_PER_FILE parts at once, and at most `upload_buffer` bytes of their data held in memory.
+"""What every result uploading at once shares, and so what `max_concurrency` and
+`max_bandwidth` mean: at most `files_in_flight(max_concurrency, max_bandwidth)` files in
+flight, shared by all results, each sending up to PARTS_PER_FILE parts at once, at most
+`upload_buffer` bytes of their data held in memory, and at most `max_bandwidth` bytes a second
+on the wire (storage/relay.py) for all of them together.
 
 The seed calls `max_concurrency` "max concurrent transfers"; the Earth2Studio server's uploader
 (multi-storage-client's `sync_from`, Rust client) passes it on as the parts of one file at once,
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import resource
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 # Parts of one multipart file in flight at once; the rest of the parallelism is across files.
@@ -32,6 +34,14 @@ PARTS_PER_FILE = 2
 # Files in flight per unit of max_concurrency: the server's uploader's 8 workers.
 FILES_PER_TRANSFER = 8
 
+# The slowest link a request must still get through, in bytes per second per request. A
+# request is failed only once it has taken longer than its bytes need at this rate (plus a
+# minute), so a slow uplink shared by many transfers never fails one that is moving. Under a
+# bandwidth cap, no more files go at once than the cap feeds at this rate, and the smallest
+# cap feeds one file's parts.
+SLOWEST_RATE = 16 * 1024
+MIN_BANDWIDTH = PARTS_PER_FILE * SLOWEST_RATE
+
 
 # Descriptors one file in flight may hold: the file, and a connection for each part in flight
 # with one to spare. Descriptors kept for everything else (the watcher, the state, the logs).
@@ -39,14 +49,16 @@ DESCRIPTORS_PER_FILE = PARTS_PER_FILE + 2
 DESCRIPTORS_KEPT = 256
 
 
-def files_in_flight(max_concurrency: int) -> int:
-    """At most FILES_PER_TRANSFER x max_concurrency, and no more than the process may hold
-    descriptors for: under systemd's soft limit of 1,024 a max_concurrency of 64 would ask for
-    about 2,000 and fail every result on 'Too many open files'. (`raise_open_files` lifts the
-    soft limit first, as far as the hard one allows.)"""
+def files_in_flight(max_concurrency: int, max_bandwidth: int | None = None) -> int:
+    """At most FILES_PER_TRANSFER x max_concurrency, no more than the process may hold
+    descriptors for (under systemd's soft limit of 1,024 a max_concurrency of 64 would ask for
+    about 2,000 and fail every result on 'Too many open files'; `raise_open_files` lifts the
+    soft limit first, as far as the hard one allows), and no more than a bandwidth cap feeds
+    at SLOWEST_RATE a request."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     room = max(FILES_PER_TRANSFER, (soft - DESCRIPTORS_KEPT) // DESCRIPTORS_PER_FILE)
-    return min(FILES_PER_TRANSFER * max_concurrency, room)
+    fed = room if max_bandwidth is None else max(1, max_bandwidth // MIN_BANDWIDTH)
+    return min(FILES_PER_TRANSFER * max_concurrency, room, fed)
 
 
 def raise_open_files() -> None:
@@ -64,12 +76,18 @@ def requests_in_flight(max_concurrency: int) -> int:
 
 
 class TransferBudget:
-    def __init__(self, transfers: int, limit: int) -> None:
-        self.transfers = transfers
+    def __init__(self, transfers: Callable[[], int], limit: int) -> None:
+        """`transfers`: files in flight at most, asked at each admission (a reload may
+        change it); `limit`: bytes held at most."""
+        self.most = transfers
         self.limit = limit
         self.active = 0
         self.used = 0
         self.changed = asyncio.Condition()
+
+    @property
+    def transfers(self) -> int:
+        return self.most()
 
     @asynccontextmanager
     async def hold(self, amount: int) -> AsyncIterator[None]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -29,6 +30,7 @@ from syncd.config import (
     ConfigError,
     Settings,
     load_settings,
+    rate_text,
     redacted,
 )
 from syncd.daemon import Daemon
@@ -42,7 +44,8 @@ from syncd.resign import Resigner
 from syncd.signals import STOP_SIGNALS, Interrupted, hung_up_while_starting, interrupt
 from syncd.signing import UrlSigner
 from syncd.state import Multiparts, StateStore, not_a_folder
-from syncd.storage import open_store
+from syncd.storage import connected_store, open_store
+from syncd.storage.relay import require_no_proxy
 
 # Seconds `syncd check` waits for the bucket to answer one listing.
 CHECK_TIMEOUT = 20.0
@@ -163,18 +166,17 @@ async def run_daemon(
     layout = Layout(settings)
     require_outputs_dir(layout)
     state = StateStore(settings.syncd.state_dir)
-    store = open_store(settings.object_storage, Multiparts(state))
     metrics = Metrics(settings.syncd)
     try:
         metrics.start()
-        await store.connect()
-        publisher = Publisher(settings, store, signer)
-        resigner = Resigner(settings, signer) if signer else None
-        daemon = Daemon(settings, layout, publisher, state, Notifier(), resigner, metrics, load)
-        await daemon.run()
+        async with connected_store(settings, Multiparts(state)) as store:
+            publisher = Publisher(settings, store, signer)
+            resigner = Resigner(settings, signer) if signer else None
+            notifier = Notifier()
+            daemon = Daemon(settings, layout, publisher, state, notifier, resigner, metrics, load)
+            await daemon.run()
     finally:
         metrics.stop()
-        await store.close()
         state.close()
     return 0
 
@@ -184,15 +186,16 @@ async def run_sync(
 ) -> int:
     layout = Layout(settings)
     results = [layout.for_tree(path) for path in exec_dirs]  # all usage errors before any upload
+    stack = contextlib.AsyncExitStack()
     state = StateStore(settings.syncd.state_dir)
-    store = open_store(settings.object_storage, Multiparts(state))
-    # JSON logs are for collectors: keep stderr one JSON object per line.
-    publisher = Publisher(
-        settings, store, signer, show_progress=settings.syncd.log_format == "text"
-    )
-    attempts = Attempts(settings, publisher, state, retries=False)
     failed = 0
     try:
+        store = await stack.enter_async_context(connected_store(settings, Multiparts(state)))
+        # JSON logs are for collectors: keep stderr one JSON object per line.
+        publisher = Publisher(
+            settings, store, signer, show_progress=settings.syncd.log_format == "text"
+        )
+        attempts = Attempts(settings, publisher, state, retries=False)
         for result in results:
             match await attempts.attempt(result, by_hand=True, again=again):
                 case Recorded():
@@ -209,7 +212,7 @@ async def run_sync(
                     pass
             failed += 1
     finally:
-        await store.close()
+        await stack.aclose()
         state.close()
     return EXIT_FAILED if failed else 0
 
@@ -281,6 +284,9 @@ async def run_check(settings: Settings, config_file: Path | None) -> int:
             f"# CloudFront: key {source} (RSA {signer.private_key.key_size} bits), "
             f"key pair {signer.key_pair_id}"
         )
+    if (cap := settings.syncd.max_bandwidth) is not None:
+        require_no_proxy()
+        print(f"# bandwidth: at most {rate_text(cap)} for every upload together")
     require_outputs_dir(Layout(settings))  # what `syncd run` would stop at, found here
     if (error := not_a_folder(settings.syncd.state_dir)) is not None:
         raise error

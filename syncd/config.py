@@ -38,6 +38,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from syncd.budget import MIN_BANDWIDTH
 from syncd.errors import Kind, SyncdError
 from syncd.marker import EXEC_PREFIX, MARKER_SUFFIX
 
@@ -236,6 +237,34 @@ def not_a_flag(value: object) -> object:
     return value
 
 
+# A rate as operators write it: bytes, or K, M, G (1024-based, as rclone's --bwlimit and the
+# aws cli's max_bandwidth: 40M, 40MiB and 40MB/s are all 41943040 bytes a second).
+RATE = re.compile(r"(\d+(?:\.\d+)?) *(?:([KMG])(?:i?B)?)?(?:/s)?", re.IGNORECASE)
+RATE_UNITS = {None: 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def bytes_per_second(value: object) -> object:
+    """`40M`, `40MiB`, `1.5G/s` or `41943040` as bytes a second."""
+    if isinstance(value, str):
+        match = RATE.fullmatch(value.strip())
+        if match is None:
+            raise ValueError(
+                "must be bytes per second: a number, or one with K, M or G (1024-based), "
+                "e.g. 41943040, 40M or 40MiB"
+            )
+        unit = match[2].upper() if match[2] else None
+        return int(float(match[1]) * RATE_UNITS[unit])
+    return not_a_flag(value)
+
+
+def rate_text(rate: int) -> str:
+    """A cap as operators write it: `40 MiB/s`, `1.5 GiB/s`, `512 KiB/s`."""
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if rate >= size:
+            return f"{round(rate / size, 2):g} {unit}/s"
+    return f"{rate} B/s"
+
+
 def http_url(value: str, example: str) -> SplitResult:
     """`value` split, if it is an http:// or https:// URL of a host (and a port) with no query,
     fragment, blank or control character; ValueError with `example` otherwise."""
@@ -360,11 +389,28 @@ class DaemonSettings(BaseModel):
     # file for node_exporter's textfile collector (a *.prom file in its folder). Off if unset.
     metrics_address: str | None = None
     metrics_file: Path | None = None
+    # Bytes a second every upload together may send (storage/relay.py); unset: no cap.
+    max_bandwidth: int | None = None
 
     @field_validator("parallel_results", "upload_buffer", mode="before")
     @classmethod
     def _number(cls, value: object) -> object:
         return not_a_flag(value)
+
+    @field_validator("max_bandwidth", mode="before")
+    @classmethod
+    def _rate(cls, value: object) -> object:
+        return bytes_per_second(value)
+
+    @field_validator("max_bandwidth")
+    @classmethod
+    def _feeds_a_file(cls, value: int | None) -> int | None:
+        if value is not None and value < MIN_BANDWIDTH:
+            raise ValueError(
+                f"must be at least {MIN_BANDWIDTH} ({MIN_BANDWIDTH // 1024}K: the parts of one "
+                f"file at the slowest rate a request may go), or unset for no cap"
+            )
+        return value
 
     @field_validator("outputs_dir", "state_dir", "metrics_file")
     @classmethod
@@ -806,7 +852,9 @@ class Origin:
 
 # What a reload (SIGHUP, `systemctl reload syncd`) changes in the running daemon; every other
 # setting keeps its value until a restart. CloudFront's settings change live while URLs are
-# signed before and after (a key rotated); turning signing on or off takes a restart.
+# signed before and after (a key rotated); turning signing on or off takes a restart. So does
+# turning the bandwidth cap on or off (the clients reach the store through its relay or not);
+# its value changes live.
 LIVE = {
     "syncd": {
         "log_level",
@@ -819,6 +867,7 @@ LIVE = {
         "claim_timeout",
         "resign_fraction",
         "delete_local_after_upload",
+        "max_bandwidth",
     },
     "object_storage": {
         "signed_url_expires_in",
@@ -836,12 +885,17 @@ def changes(old: Settings, new: Settings) -> tuple[list[str], list[str]]:
     live: list[str] = []
     fixed: list[str] = []
     signing = old.object_storage.signs_urls == new.object_storage.signs_urls
+    capped = (old.syncd.max_bandwidth is None) == (new.syncd.max_bandwidth is None)
     for section in SECTIONS:
         before, after = getattr(old, section), getattr(new, section)
         for key in type(before).model_fields:
             if getattr(before, key) == getattr(after, key):
                 continue
-            applies = key in LIVE[section] and (signing or not key.startswith("cloudfront"))
+            applies = (
+                key in LIVE[section]
+                and (signing or not key.startswith("cloudfront"))
+                and (capped or key != "max_bandwidth")
+            )
             (live if applies else fixed).append(f"{section}.{key}")
     return live, fixed
 

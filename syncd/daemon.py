@@ -44,7 +44,7 @@ from loguru import logger
 
 from syncd import logs, metadata
 from syncd.attempt import Attempts, Elsewhere, Failed, Held, Outcome, Recorded, Unfinished
-from syncd.config import ConfigError, Settings, apply, changes
+from syncd.config import ConfigError, Settings, apply, changes, rate_text
 from syncd.errors import SyncdError, classify
 from syncd.layout import Layout, Result
 from syncd.metadata import Stamp
@@ -153,7 +153,7 @@ class Daemon:
             helpers.append(asyncio.create_task(self.renew_every(self.resigner)))
         self.tasks = workers + helpers
         logger.info(
-            "syncd watching {} ({}) for {}; uploading to {}; {} results in parallel",
+            "syncd watching {} ({}) for {}; uploading to {}; {} results in parallel{}",
             self.layout.outputs_dir,
             "polling" if watcher.polling else "inotify",
             f"{self.config.metadata_file} with status completed"
@@ -161,6 +161,9 @@ class Daemon:
             else f"*{self.config.marker_suffix} markers",
             self.publisher.store.description,
             self.config.parallel_results,
+            f"; sending at most {rate_text(cap)}"
+            if (cap := self.config.max_bandwidth) is not None
+            else "",
         )
         self.notifier.ready(f"watching {self.layout.outputs_dir}")
         try:

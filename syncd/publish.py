@@ -168,7 +168,8 @@ class Publisher:
         self.uploads: dict[str, Progress] = {}  # rel -> its upload, while it runs
         # One bound for every result this publisher uploads.
         self.budget = TransferBudget(
-            files_in_flight(self.storage.max_concurrency), settings.syncd.upload_buffer
+            lambda: files_in_flight(self.storage.max_concurrency, settings.syncd.max_bandwidth),
+            settings.syncd.upload_buffer,
         )
 
     async def read_metadata(

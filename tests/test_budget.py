@@ -25,13 +25,13 @@ async def _run(budget: TransferBudget, amounts: list[int]) -> tuple[int, int]:
 
 
 def test_no_more_transfers_in_flight_than_allowed() -> None:
-    assert asyncio.run(_run(TransferBudget(3, 1000), [1] * 20)) == (3, 3)
+    assert asyncio.run(_run(TransferBudget(lambda: 3, 1000), [1] * 20)) == (3, 3)
 
 
 def test_bytes_held_stay_within_the_limit() -> None:
-    peak_active, peak_used = asyncio.run(_run(TransferBudget(16, 10), [6] * 5))
+    peak_active, peak_used = asyncio.run(_run(TransferBudget(lambda: 16, 10), [6] * 5))
     assert (peak_active, peak_used) == (1, 6)
 
 
 def test_a_file_larger_than_the_limit_still_goes_alone() -> None:
-    assert asyncio.run(_run(TransferBudget(16, 10), [50, 50, 1])) == (1, 10)
+    assert asyncio.run(_run(TransferBudget(lambda: 16, 10), [50, 50, 1])) == (1, 10)

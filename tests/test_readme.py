@@ -239,7 +239,7 @@ def test_the_numbers_the_readme_gives_are_the_codes():
     phrases = [
         f"no byte of an answer comes for {timeouts.READ_TIMEOUT:.0f} s "
         f"(connect timeouts: {timeouts.CONNECT_TIMEOUT:.0f} s)",
-        f"needs at {timeouts.SLOWEST_RATE // 1024} kB/s plus a minute",
+        f"needs at {budget.SLOWEST_RATE // 1024} kB/s plus a minute",
         f"({cli.CHECK_TIMEOUT:.0f} s at most)",
         f"gives up after {cli.CHECK_TIMEOUT:.0f} s",
         f"a tree more than {layout.MAX_DEPTH} folders deep",

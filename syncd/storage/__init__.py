@@ -11,20 +11,43 @@ means is the taxonomy's.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from loguru import logger
 
-from syncd.config import ObjectStorage
+from syncd.config import ObjectStorage, Settings
 from syncd.storage.base import Multiparts, ObjectStore
 from syncd.storage.body import Body
 from syncd.storage.obstore_client import ObstoreStore
+from syncd.storage.relay import Relay
 from syncd.storage.s3fs_client import S3fsStore
 
-__all__ = ["Body", "ObjectStore", "open_store"]
+__all__ = ["Body", "ObjectStore", "connected_store", "open_store"]
 
 
-def open_store(storage: ObjectStorage, multiparts: Multiparts | None) -> ObjectStore:
+@asynccontextmanager
+async def connected_store(settings: Settings, multiparts: Multiparts) -> AsyncIterator[ObjectStore]:
+    """The store uploads go to, through the bandwidth relay while syncd.max_bandwidth is set;
+    closed (and the relay with it) on the way out."""
+    relay = Relay(settings.object_storage, settings.syncd) if settings.syncd.max_bandwidth else None
+    if relay is not None:
+        await relay.start()
+    store = open_store(settings.object_storage, multiparts, relay.url if relay else None)
+    try:
+        await store.connect()
+        yield store
+    finally:
+        await store.close()
+        if relay is not None:
+            await relay.close()
+
+
+def open_store(
+    storage: ObjectStorage, multiparts: Multiparts | None, proxy: str | None = None
+) -> ObjectStore:
     """`multiparts` journals unfinished multipart uploads so that they resume; None for a
-    store that only probes the bucket."""
+    store that only probes the bucket. `proxy`: the bandwidth relay's URL, if any."""
     if storage.use_transfer_acceleration and storage.endpoint_url is not None:
         logger.warning(
             "use_transfer_acceleration is ignored with endpoint_url {}: acceleration exists "
@@ -32,7 +55,7 @@ def open_store(storage: ObjectStorage, multiparts: Multiparts | None) -> ObjectS
             storage.endpoint_url,
         )
     if not storage.use_rust_client:
-        return S3fsStore(storage, multiparts)
+        return S3fsStore(storage, multiparts, proxy)
     # obstore hides the ids of its multipart uploads: an s3fs client sends those (and cleans
     # up), built on first use: botocore's S3 model costs ~30 MB.
-    return ObstoreStore(storage, multipart=S3fsStore(storage, multiparts))
+    return ObstoreStore(storage, S3fsStore(storage, multiparts, proxy), proxy)

@@ -37,7 +37,9 @@ class ObstoreStore:
     """obstore's S3Store: Rust, async. `multipart` (the s3fs adapter) sends the files of more
     than RESUMABLE_PARTS parts and aborts unfinished uploads, which obstore cannot list."""
 
-    def __init__(self, storage: ObjectStorage, multipart: S3fsStore) -> None:
+    def __init__(
+        self, storage: ObjectStorage, multipart: S3fsStore, proxy: str | None = None
+    ) -> None:
         from obstore.store import S3Store
 
         self.storage = storage
@@ -65,6 +67,8 @@ class ObstoreStore:
         }
         if (storage.endpoint_url or "").startswith("http:"):
             client["allow_http"] = True
+        if proxy is not None:  # the bandwidth relay
+            client["proxy_url"] = proxy
         self.store = S3Store(
             storage.bucket, config=config, client_options=client, retry_config=CLIENT_RETRIES
         )

@@ -35,10 +35,13 @@ class Differs(Exception):
 class S3fsStore:
     """s3fs/aiobotocore on the running event loop; one PutObject or multipart per file."""
 
-    def __init__(self, storage: ObjectStorage, multiparts: Multiparts | None) -> None:
+    def __init__(
+        self, storage: ObjectStorage, multiparts: Multiparts | None, proxy: str | None = None
+    ) -> None:
         """`multiparts`: where unfinished multipart uploads are journaled; None (`syncd check`)
-        for a store that uploads nothing."""
+        for a store that uploads nothing. `proxy`: the bandwidth relay, if any."""
         self.storage = storage
+        self.proxy = proxy
         self.multiparts = multiparts
         self.description = f"{location(storage)} via s3fs"
         # As with obstore: a file of up to one part goes as one PutObject, a larger one in
@@ -64,6 +67,8 @@ class S3fsStore:
             }
             if storage.accelerated:
                 config["s3"] = {"use_accelerate_endpoint": True}
+            if self.proxy is not None:
+                config["proxies"] = {"http": self.proxy, "https": self.proxy}
             if storage.endpoint_url:
                 # botocore >= 1.36 sends CRC32 checksums that some S3-compatible servers reject.
                 config["request_checksum_calculation"] = "when_required"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from syncd.budget import PARTS_PER_FILE
+from syncd.budget import PARTS_PER_FILE, SLOWEST_RATE
 
 # A few quick retries inside the client absorb a single failed request (rclone serve s3 fails
 # one now and then); longer outages are the daemon's to retry, with backoff, per result.
@@ -21,10 +21,6 @@ CLIENT_RETRIES: Any = {
 }
 
 
-# The slowest link a request must still get through, in bytes per second per request. A
-# request is failed only once it has taken longer than its bytes need at this rate (plus a
-# minute), so a slow uplink shared by many transfers never fails one that is moving.
-SLOWEST_RATE = 16 * 1024
 CONNECT_TIMEOUT = 10.0
 # Silence after a request was sent before it is retried: a store may work on an answer for a
 # while (CompleteMultipartUpload of GiBs), and S3 sends whitespace meanwhile.
