@@ -263,3 +263,29 @@ def test_a_cap_beside_a_proxy_of_the_environment_is_refused(moto_workspace):
     assert (check.returncode, check.stderr) == (2, error)
     assert sync.returncode == 2 and sync.stderr.endswith(error)
     assert ws.objects() == {}
+
+
+def test_a_stop_during_a_capped_upload_is_clean_and_the_result_resumes(moto_workspace):
+    ws = moto_workspace
+    with Proxy(ws.server.port) as proxy:
+        ws.settings["object_storage"]["endpoint_url"] = proxy.endpoint
+        ws.settings["syncd"]["max_bandwidth"] = "64K"
+        ws.settings["syncd"]["stop_grace"] = 1
+        ws.result("exec_1_abcdef01", {"big": os.urandom(3 * MiB), "small": b"s"})
+        daemon = ws.daemon()
+        daemon.wait_log("syncd watching")
+        ws.mark("exec_1_abcdef01")
+        wait_until(lambda: proxy.sent > 100_000, what="the capped upload under way")
+
+        assert daemon.terminate() == 0
+        assert (
+            daemon.log()
+            .splitlines()[-1]
+            .endswith("syncd stopped; 1 results left for the next start")
+        )
+        assert "ERROR" not in daemon.log() and "Traceback" not in daemon.log()
+
+        ws.settings["syncd"]["max_bandwidth"] = "8M"
+        again = ws.daemon()
+        wait_until(lambda: ws.recorded("exec_1_abcdef01"), timeout=60, what="published")
+        assert again.terminate() == 0

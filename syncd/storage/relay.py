@@ -112,6 +112,8 @@ class Relay:
             await self._relay(reader, writer)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             pass  # a client that went away or spoke no HTTP: its request fails and is retried
+        except asyncio.CancelledError:
+            pass  # the relay closes; asyncio would log a handler that ends cancelled as an error
         finally:
             self.connections.discard(task)
             writer.close()
