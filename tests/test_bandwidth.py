@@ -174,13 +174,15 @@ def test_the_relay_reaches_only_the_store():
                 await ask(relay, b"CONNECT example.com:443 HTTP/1.1\r\n\r\n"),
                 await ask(relay, b"GET http://127.0.0.1:22/ HTTP/1.1\r\nHost: x\r\n\r\n"),
                 await ask(relay, b"CONNECT 127.0.0.1:9 HTTP/1.1\r\n\r\n"),
+                await ask(relay, b"CONNECT 127.0.0.1:9 HTTP/1.1\r\n"),  # and no more
             ]
         finally:
             await relay.close()
 
-    refused, elsewhere, down = asyncio.run(run())
+    refused, elsewhere, down, silent = asyncio.run(run())
     assert refused == elsewhere == b"HTTP/1.1 403 Forbidden\r\n"
     assert down == b"HTTP/1.1 502 Bad Gateway\r\n"  # the store's own port, where nothing listens
+    assert silent == b""  # closed after 10 s without a whole head
 
 
 @pytest.mark.parametrize("rust", [True, False], ids=["obstore", "s3fs"])

@@ -26,7 +26,8 @@ from syncd.config import ConfigError, DaemonSettings, ObjectStorage
 HEAD_LIMIT = 64 * 1024
 # What one burst may send beyond the cap: this many seconds of it.
 BURST = 0.05
-# Seconds to reach the store before the relay answers the client with 502.
+# Seconds to reach the store before the relay answers the client with 502, and for a client
+# to send its request's head (a connection that sends nothing holds nothing for long).
 CONNECT_TIMEOUT = 10.0
 
 
@@ -110,7 +111,13 @@ class Relay:
         self.connections.add(task)
         try:
             await self._relay(reader, writer)
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+        except (
+            OSError,
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ValueError,
+        ):
             pass  # a client that went away or spoke no HTTP: its request fails and is retried
         except asyncio.CancelledError:
             pass  # the relay closes; asyncio would log a handler that ends cancelled as an error
@@ -119,7 +126,8 @@ class Relay:
             writer.close()
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            head = await reader.readuntil(b"\r\n\r\n")
         method, target, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
         tunnel = method == "CONNECT"
         host, port = address(target, tunnel)
