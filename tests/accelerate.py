@@ -12,7 +12,9 @@ import shlex
 import ssl
 import sys
 from pathlib import Path
+from typing import Any
 
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -80,6 +82,19 @@ do sleep 0.05; done
 export SSL_CERT_FILE="$1/ca.pem" AWS_CA_BUNDLE="$1/ca.pem"
 bash -c "$3"
 """
+
+
+def at_aws_defaults(folder: Path, rust: bool, **syncd: Any) -> tuple[Path, Path]:
+    """A one-file result `exec_1_aaaaaaaa` and a config for the bucket `results` at AWS's
+    defaults (acceleration on), in `folder`: the result's folder and the config file."""
+    outputs = folder / "outputs"
+    (outputs / "exec_1_aaaaaaaa").mkdir(parents=True)
+    (outputs / "exec_1_aaaaaaaa" / "a.bin").write_bytes(b"a")
+    config = folder / "config.yaml"
+    settings = {"outputs_dir": str(outputs), "state_dir": str(folder / "state"), **syncd}
+    storage = {"enabled": True, "bucket": "results", "use_rust_client": rust}
+    config.write_text(yaml.safe_dump({"object_storage": storage, "syncd": settings}))
+    return outputs / "exec_1_aaaaaaaa", config
 
 
 def reach(bucket: str, folder: Path, script: str) -> list[str]:

@@ -189,24 +189,8 @@ def test_the_relay_reaches_only_the_store():
 def test_a_capped_upload_to_aws_goes_through_a_tls_tunnel(tmp_path, rust):
     """At AWS's defaults (the accelerate endpoint over HTTPS, tests/accelerate.py) the relay
     tunnels TLS: the store's own answer reaches syncd, worded as without a cap."""
-    outputs = tmp_path / "outputs"
-    (outputs / "exec_1_aaaaaaaa").mkdir(parents=True)
-    (outputs / "exec_1_aaaaaaaa" / "a.bin").write_bytes(b"a")
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "object_storage": {"enabled": True, "bucket": "results", "use_rust_client": rust},
-                "syncd": {
-                    "outputs_dir": str(outputs),
-                    "state_dir": str(tmp_path / "state"),
-                    "max_bandwidth": "1M",
-                },
-            }
-        )
-    )
-    sync = [*SYNCD, "sync", "--config", str(config), "--log-level", "DEBUG"]
-    sync.append(str(outputs / "exec_1_aaaaaaaa"))
+    result, config = accelerate.at_aws_defaults(tmp_path, rust, max_bandwidth="1M")
+    sync = [*SYNCD, "sync", "--config", str(config), "--log-level", "DEBUG", str(result)]
     folder = tmp_path / "aws"
     folder.mkdir()
 

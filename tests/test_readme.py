@@ -408,21 +408,10 @@ def test_the_status_example_is_laid_out_as_syncd_lays_it_out(moto_workspace):
 def test_a_bucket_without_acceleration_is_one_line_with_the_remedy(tmp_path, rust):
     """At the defaults, against AWS's accelerate endpoint for a bucket that has no acceleration
     (tests/accelerate.py): `syncd check` and `syncd sync` say what to do, in one line each."""
-    outputs = tmp_path / "outputs"
-    (outputs / "exec_1_aaaaaaaa").mkdir(parents=True)
-    (outputs / "exec_1_aaaaaaaa" / "a.bin").write_bytes(b"a")
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "object_storage": {"enabled": True, "bucket": "results", "use_rust_client": rust},
-                "syncd": {"outputs_dir": str(outputs), "state_dir": str(tmp_path / "state")},
-            }
-        )
-    )
+    result, config = accelerate.at_aws_defaults(tmp_path, rust)
     script = f"""
 {shlex.join([*SYNCD, "check", "--config", str(config)])} > /dev/null; echo "check exit $?"
-{shlex.join([*SYNCD, "sync", "--config", str(config), str(outputs / "exec_1_aaaaaaaa")])}
+{shlex.join([*SYNCD, "sync", "--config", str(config), str(result)])}
 echo "sync exit $?"
 """
     folder = tmp_path / "aws"
