@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -200,7 +201,7 @@ async def run_sync(
             match await attempts.attempt(result, by_hand=True, again=again):
                 case Recorded():
                     remote = f"s3://{settings.object_storage.bucket}/{result.remote_path}"
-                    print(f"{result.tree} -> {remote}")
+                    print(printable(f"{result.tree} -> {remote}"))
                     continue
                 case Held(by):
                     logger.error(
@@ -233,15 +234,23 @@ def run_mark(settings: Settings, exec_dirs: list[Path]) -> int:
     except NotAResult as exc:
         raise LayoutError(str(exc)) from None
     for result in results:
+        # A stop signal waits for the marker in the making: none is left half made.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             made = mark_finished(result.tree, layout.marker_suffix)
         except OSError as exc:
+            remedy = (
+                "a folder is in its place: remove it"
+                if exc.errno == errno.EISDIR
+                else "run syncd mark as the user that writes the results, where their folder "
+                "is writable and has space"
+            )
             raise SyncdError(
-                f"cannot write {printable(str(result.marker))} ({exc.strerror or exc}): run "
-                "syncd mark as the user that writes the results, where their folder is "
-                "writable and has space",
+                f"cannot write {printable(str(result.marker))} ({exc.strerror or exc}): {remedy}",
                 Kind.OPERATOR,
             ) from None
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         print(made)
     return 0
 

@@ -113,6 +113,7 @@ class Daemon:
         self.rechecking: set[str] = set()
         self.progress_at = 0.0  # loop time of the last finished attempt
         self.unhealthy: str | None = None
+        self.said_ended: set[asyncio.Task[None]] = set()  # ended tasks whose end was logged
         self.stopping = asyncio.Event()
         self.aborting = asyncio.Event()
         self.reloading = asyncio.Event()
@@ -365,6 +366,15 @@ class Daemon:
     def health(self, watcher: ResultWatcher) -> str | None:
         """None while the pipeline works; otherwise what is wrong with it."""
         ended = [t for t in self.tasks if t.done() and t is not asyncio.current_task()]
+        for task in ended:
+            if task not in self.said_ended:  # a bug: its traceback is what a fix needs
+                self.said_ended.add(task)
+                exc = None if task.cancelled() else task.exception()
+                logger.opt(exception=exc).error(
+                    "{} ended: {}",
+                    getattr(task.get_coro(), "__qualname__", task.get_name()),
+                    classify(exc) if exc else "cancelled",
+                )
         if ended:
             return f"{len(ended)} of its tasks ended"
         if not watcher.alive:

@@ -131,7 +131,7 @@ class Layout:
             rel = PurePosixPath(fields["workflow"], fields["exec"])
         else:
             return None  # the template does not say which workflow (config refuses this)
-        if not result_path(rel):
+        if not result_path(rel) or not self.nameable(rel):
             return None
         result = self.result(rel)
         return result if result.metadata == normalized(path) else None
@@ -142,7 +142,7 @@ class Layout:
             rel = PurePosixPath(normalized(path).relative_to(self.outputs_dir).as_posix())
         except ValueError:
             return None
-        return self.result(rel) if result_path(rel) else None
+        return self.result(rel) if result_path(rel) and self.nameable(rel) else None
 
     def for_marker(self, marker: Path) -> Result | None:
         """The result a marker file finishes, or None if the path is not a marker."""
@@ -151,24 +151,64 @@ class Layout:
             return None
         return self.for_folder(marker.with_name(exec_name))
 
+    def nameable(self, rel: PurePosixPath) -> bool:
+        """Whether the result `rel` has a name it can be published under; one that has not is
+        said once, as an input error, and left alone."""
+        problem = name_problem(self.outputs_dir / rel, rel)
+        if problem is None:
+            return True
+        if f"name:{rel}" not in self.reported:
+            self.reported.add(f"name:{rel}")
+            logger.error("{}", problem)
+        return False
+
     def for_tree(self, tree: Path) -> Result:
-        """The result for an exec folder given on the command line."""
+        """The result for an exec folder given on the command line: one the daemon would
+        publish, or a LayoutError that says why not."""
+        given = printable(str(tree))
         path = normalized(tree)
-        try:
-            rel = PurePosixPath(path.relative_to(self.outputs_dir).as_posix())
-        except ValueError:
+        rel = self.under_outputs_dir(path)
+        if rel is None:
             raise LayoutError(
-                f"{tree} is not under outputs_dir {self.outputs_dir}: "
+                f"{given} is not under outputs_dir {self.outputs_dir}: "
                 "set syncd.outputs_dir (SYNCD_OUTPUTS_DIR or --outputs-dir)"
-            ) from None
-        if not rel.name.startswith(EXEC_PREFIX) or len(rel.parts) > 2:
-            raise LayoutError(
-                f"{tree} is not a result folder: expected {self.outputs_dir}/exec_* "
-                f"or {self.outputs_dir}/<workflow>/exec_*"
             )
+        if not result_path(rel):
+            raise LayoutError(
+                f"{given} is not a result folder: expected {self.outputs_dir}/exec_* "
+                f"or {self.outputs_dir}/<workflow>/exec_* (not in a folder whose name starts "
+                "with . or exec_)"
+            )
+        if (problem := name_problem(self.outputs_dir / rel, rel)) is not None:
+            raise LayoutError(problem)
+        workflow = self.outputs_dir / rel.parent
+        if len(rel.parts) == 2 and workflow.is_symlink():
+            raise LayoutError(
+                f"workflow folder {printable(str(workflow))} is a symlink; syncd never follows "
+                f"one, so its results are not published: move the folder itself into "
+                f"{self.outputs_dir}"
+            )
+        path = self.outputs_dir / rel
         if not path.is_dir():
-            raise LayoutError(f"{tree} {'is not a folder' if path.exists() else 'does not exist'}")
+            raise LayoutError(f"{given} {'is not a folder' if path.exists() else 'does not exist'}")
         return self.result(rel)
+
+    def under_outputs_dir(self, path: Path) -> PurePosixPath | None:
+        """`path` (absolute, folded) as a path under outputs_dir, also when one of them was
+        reached through a symlink (a shell's working folder is the real one); None if it is
+        not under it."""
+        for folder, base in (
+            (path, self.outputs_dir),
+            (
+                Path(os.path.realpath(path.parent)) / path.name,
+                Path(os.path.realpath(self.outputs_dir)),
+            ),
+        ):
+            try:
+                return PurePosixPath(folder.relative_to(base).as_posix())
+            except ValueError:
+                continue
+        return None
 
     def remote(self, remote_path: str) -> str:
         """A result's remote_path as given on the command line (`syncd sign`), checked to name
@@ -256,6 +296,22 @@ class Layout:
                     self.outputs_dir,
                 )
         return sorted(folders)
+
+
+def name_problem(tree: Path, rel: PurePosixPath) -> str | None:
+    """Why the result `rel` (its folder `tree`) cannot be published under its name, which is
+    part of every key, of remote_path and of what syncd says; or None."""
+    name = rel.as_posix()
+    if name != name.encode("utf-8", "surrogateescape").decode("utf-8", "replace"):
+        problem = "its name is not valid UTF-8, which S3 keys must be"
+    elif CONTROL.search(name):
+        problem = "its name holds control characters"
+    else:
+        return None
+    return (
+        f"result folder {printable(str(tree))} cannot be uploaded: {problem}: rename the folder "
+        "(the result is published once it is fixed)"
+    )
 
 
 def result_path(rel: PurePosixPath) -> bool:
@@ -482,6 +538,8 @@ def no_folder(result: Result) -> SyncdError:
 def check_name(result: Result, rel: str) -> None:
     """Refuse a file whose key a store would refuse or a reader would misread (the names of
     its workflow and result folders are part of the key too)."""
+    if (folder := name_problem(result.tree, result.rel)) is not None:
+        raise SyncdError(folder, Kind.INPUT)  # the result's own name (or its workflow's)
     problem = None
     key = result.key(rel)
     try:
@@ -494,15 +552,8 @@ def check_name(result: Result, rel: str) -> None:
         elif key_bytes > MAX_KEY_BYTES:
             problem = f"its key would be {key_bytes} bytes, above S3's limit of {MAX_KEY_BYTES}"
     if problem:
-        folder = result.rel.as_posix()
-        if CONTROL.search(folder) or folder != folder.encode("utf-8", "replace").decode():
-            # The fault is the result's own folder name (or its workflow's), not the file's.
-            what, remedy = f"result folder {printable(str(result.tree))}", "rename the folder"
-            problem = problem.replace("its path", "its name")
-        else:
-            what, remedy = f"file {printable(str(result.tree / rel))}", "rename it"
         raise SyncdError(
-            f"{what} cannot be uploaded: {problem}: {remedy} (the result is published once it "
-            "is fixed)",
+            f"file {printable(str(result.tree / rel))} cannot be uploaded: {problem}: rename it "
+            "(the result is published once it is fixed)",
             Kind.INPUT,
         )

@@ -12,6 +12,7 @@ import secrets
 import stat
 from pathlib import Path
 
+from syncd.errors import printable
 from syncd.folders import adopt
 
 # What a result folder's name starts with (`exec_<epoch>_<hex8>`).
@@ -21,6 +22,18 @@ MARKER_SUFFIX = ".done"
 # The end of every temporary file syncd makes beside results (markers, metadata): a daemon
 # removes those a stopped process left.
 TEMP_SUFFIX = ".syncd.tmp"
+# The longest file name of the filesystems results live on (ext4, xfs, tmpfs).
+NAME_MAX = 255
+
+
+def temp_name(name: str) -> str:
+    """A new temporary file's name for the file `name`, beside it, no longer than a name may
+    be (the file's own name, cut short where it would not fit)."""
+    tail = f".{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    room = NAME_MAX - 1 - len(tail)
+    while len(os.fsencode(name)) > room:
+        name = name[:-1]
+    return f".{name}{tail}"
 
 
 class NotAResult(ValueError):
@@ -35,11 +48,14 @@ def mark_finished(path: str | os.PathLike[str], marker_suffix: str = MARKER_SUFF
     symlink to one is not), OSError when the marker cannot be written."""
     folder = result_folder(path)
     marker = folder.with_name(f"{folder.name}{marker_suffix}")
-    parent = os.open(folder.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        _create(parent, marker.name)
-    finally:
-        os.close(parent)
+        parent = os.open(folder.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            _create(parent, marker.name)
+        finally:
+            os.close(parent)
+    except OSError as exc:  # about the marker, not the temporary file it was being made as
+        raise type(exc)(exc.errno, exc.strerror, str(marker)) from None
     return marker
 
 
@@ -47,23 +63,24 @@ def result_folder(path: str | os.PathLike[str]) -> Path:
     """`path` made absolute, once it is known to be an existing `exec_*` folder, not a
     symlink; else NotAResult."""
     folder = Path(os.path.normpath(os.path.abspath(path)))
+    given = printable(os.fspath(path))
     if not folder.name.startswith(EXEC_PREFIX) or folder.name == EXEC_PREFIX:
-        raise NotAResult(f"{path} is not a result folder: its name must start with {EXEC_PREFIX}")
+        raise NotAResult(f"{given} is not a result folder: its name must start with {EXEC_PREFIX}")
     try:
         info = os.lstat(folder)
     except (FileNotFoundError, NotADirectoryError):
-        raise NotAResult(f"{path} does not exist: give the folder of a written result") from None
+        raise NotAResult(f"{given} does not exist: give the folder of a written result") from None
     if stat.S_ISLNK(info.st_mode):
         raise NotAResult(
-            f"{path} is a symlink: syncd publishes only a real folder; mark the folder itself"
+            f"{given} is a symlink: syncd publishes only a real folder; mark the folder itself"
         )
     if not stat.S_ISDIR(info.st_mode):
-        raise NotAResult(f"{path} is not a folder: give the folder of a written result")
+        raise NotAResult(f"{given} is not a folder: give the folder of a written result")
     return folder
 
 
 def _create(parent: int, marker: str) -> None:
-    tmp = f".{marker}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    tmp = temp_name(marker)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(tmp, flags, 0o644, dir_fd=parent)
     try:

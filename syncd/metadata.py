@@ -15,7 +15,6 @@ import errno
 import json
 import math
 import os
-import secrets
 import stat
 import time
 from dataclasses import dataclass
@@ -260,7 +259,7 @@ def _write(folder: int, path: Path, data: bytes) -> Stamp:
         old = None
     if old is not None and not stat.S_ISREG(old.st_mode):
         raise not_a_file(path, "a symlink" if stat.S_ISLNK(old.st_mode) else "not a file")
-    tmp = f".{path.name}.{secrets.token_hex(4)}{marker.TEMP_SUFFIX}"
+    tmp = marker.temp_name(path.name)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(tmp, flags, 0o600, dir_fd=folder)
     try:

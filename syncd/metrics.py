@@ -56,8 +56,12 @@ class Metrics:
         self.serving: threading.Thread | None = None
         self.file_error: str | None = None  # the last one logged
         self.started = False
+        # syncd's own metrics, in the textfile too; served over HTTP with the process's (in a
+        # textfile they would be node_exporter's own names, which it refuses to collect twice).
         registry = self.registry = CollectorRegistry()
-        ProcessCollector(registry=registry)
+        self.served = CollectorRegistry()
+        ProcessCollector(registry=self.served)
+        self.served.register(registry)
         self.results = Gauge(
             "syncd_results", "Results this daemon knows, by state", ["state"], registry=registry
         )
@@ -120,7 +124,7 @@ class Metrics:
         if self.address is not None:
             host, port = listen_address(self.address)
             try:
-                self.server, self.serving = start_http_server(port, host, registry=self.registry)
+                self.server, self.serving = start_http_server(port, host, registry=self.served)
             except OSError as exc:
                 raise ConfigError(
                     f"syncd.metrics_address {self.address}: cannot listen ({exc.strerror or exc}); "

@@ -12,6 +12,8 @@ import os
 import socket
 import time
 
+from syncd.errors import printable
+
 
 class Notifier:
     def __init__(self, environ: os._Environ[str] | dict[str, str] = os.environ) -> None:
@@ -53,4 +55,4 @@ class Notifier:
         self.send("WATCHDOG=1", wait=0)
 
     def status(self, status: str) -> None:
-        self.send(f"STATUS={status}", wait=0)
+        self.send(f"STATUS={printable(status)}", wait=0)  # one line, whatever names it holds

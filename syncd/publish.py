@@ -212,7 +212,7 @@ class Publisher:
             await self._abort_unfinished(result, {result.key(f.rel) for f in files})
         stream = sys.stderr if self.show_progress else None
         progress = self.uploads[result.rel.as_posix()] = Progress(
-            result.name, len(files), total, stream
+            printable(result.name), len(files), total, stream
         )
         md5: dict[str, str] = {}
         try:

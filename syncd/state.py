@@ -298,12 +298,20 @@ class StateStore:
             )
 
     def progress(self, rel: str, sent: int, total: int, rate: float) -> None:
-        """How far the upload of `rel` has come, while it is uploading."""
+        """How far the upload of `rel` has come, while it is uploading. Never waits for
+        another process's lock: a second later it is worth nothing, and the next one follows."""
         with self.errors():
-            self.db.execute(
-                "UPDATE results SET sent = ?, bytes = ?, rate = ? WHERE rel = ? AND state = ?",
-                (sent, total, rate, rel, State.UPLOADING.value),
-            )
+            self.db.execute("PRAGMA busy_timeout = 0")
+            try:
+                self.db.execute(
+                    "UPDATE results SET sent = ?, bytes = ?, rate = ? WHERE rel = ? AND state = ?",
+                    (sent, total, rate, rel, State.UPLOADING.value),
+                )
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+            finally:
+                self.db.execute(f"PRAGMA busy_timeout = {int(LOCK_TIMEOUT * 1000)}")
 
     def keep_record(self, rel: str, kept: str | None) -> None:
         """Keep (or, with None, drop) the record syncd made: JSON {remote_path, output_files}."""
@@ -447,11 +455,20 @@ def _stamp(text: str | None) -> Stamp | None:
     return (ino, size, mtime_ns)
 
 
+def _state(text: str) -> State:
+    """A row's state; one only another version of syncd knows is looked at again as pending
+    (the metadata says what is published, and the attempt finds it out)."""
+    try:
+        return State(text)
+    except ValueError:
+        return State.PENDING
+
+
 def _record(row: tuple[Any, ...]) -> Record:
     rel, state, attempts, last_error, permanent, next_try, files, size, updated, *rest = row
     return Record(
         rel,
-        State(state),
+        _state(state),
         attempts,
         last_error,
         bool(permanent),

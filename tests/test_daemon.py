@@ -3,6 +3,7 @@ logged while the others are served; SIGTERM exits 0."""
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import time
 
@@ -293,3 +294,31 @@ def test_status_into_a_closed_pipe_ends_quietly(moto_workspace):
     )
     assert done.stdout == "["
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
+
+
+def test_a_state_another_version_wrote_is_looked_at_again(moto_workspace):
+    """A row whose state this version does not know (a newer syncd's, then a downgrade):
+    `syncd status` shows it pending, and the daemon publishes it as it would a pending one."""
+    ws = moto_workspace
+    ws.result("exec_1_abcdef01", {"a": b"a"})
+    ws.mark("exec_1_abcdef01")
+    (ws.root / "state").mkdir()
+    db = sqlite3.connect(ws.root / "state" / "state.db")
+    db.execute(
+        "CREATE TABLE results (rel TEXT PRIMARY KEY, state TEXT NOT NULL, attempts INTEGER NOT "
+        "NULL DEFAULT 0, last_error TEXT, permanent INTEGER NOT NULL DEFAULT 0, next_try REAL, "
+        "files INTEGER, bytes INTEGER, updated REAL NOT NULL, uploaded TEXT)"
+    )
+    db.execute(
+        "INSERT INTO results VALUES ('exec_1_abcdef01', 'paused', 0, NULL, 0, NULL, "
+        "NULL, NULL, 0, NULL)"
+    )
+    db.commit()
+    db.close()
+
+    assert status_of(ws)["exec_1_abcdef01"]["state"] == "pending"
+    daemon = ws.daemon()
+    wait_until(lambda: ws.recorded("exec_1_abcdef01"), what="published")
+    assert daemon.terminate() == 0
+    assert "ERROR" not in daemon.log()
+    assert status_of(ws)["exec_1_abcdef01"]["state"] == "done"

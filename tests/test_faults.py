@@ -115,7 +115,7 @@ def test_status_shows_pending_results_before_any_daemon_ran(moto_workspace):
     ws.mark("exec_4_abcdef04")
     done = ws.syncd("status", "--config", str(ws.config))
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[1].split() == ["exec_4_abcdef04", "pending", "0", "-", "-"]
+    assert done.stdout.splitlines()[1].split() == ["exec_4_abcdef04", "pending", "0", "-", "-", "-"]
     assert done.stdout.splitlines()[-1] == "1 results: 1 pending"
 
 

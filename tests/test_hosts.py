@@ -307,10 +307,10 @@ def test_names_no_store_takes_are_named_safely_on_one_line(moto_workspace):
 
     tabbed = ws.result("exec_19_ab\tcd", {"a": b"5"})  # the result folder's own name
     done = ws.sync("exec_19_ab\tcd")
-    assert done.returncode == 1
-    assert (
-        f"result folder {ws.outputs}/exec_19_ab\\tcd cannot be uploaded: its name holds control "
-        "characters: rename the folder" in only_error(done.stderr)
+    assert done.returncode == 2  # no result syncd can publish, as a path outside outputs_dir
+    assert done.stderr.splitlines()[-1] == (
+        f"syncd: error: result folder {ws.outputs}/exec_19_ab\\tcd cannot be uploaded: its name "
+        "holds control characters: rename the folder (the result is published once it is fixed)"
     )
     assert tabbed.is_dir()
     assert ws.objects() == {}
@@ -414,7 +414,7 @@ def test_a_marker_removed_while_its_result_waits_forgets_the_result(moto_workspa
     )
     table = ws.syncd("status", "--config", str(ws.config)).stdout
     row = next(line for line in table.splitlines() if line.startswith("exec_16_abcdef16"))
-    assert row.split() == ["exec_16_abcdef16", "forgotten", "0", "-", "marker", "removed"]
+    assert row.split() == ["exec_16_abcdef16", "forgotten", "0", "-", "-", "marker", "removed"]
     assert daemon.terminate() == 0
     assert "exec_16_abcdef16: its marker was removed; forgotten" in daemon.log()
 
@@ -622,3 +622,47 @@ def test_sync_of_a_tree_written_after_its_marker_says_when_to_run_it_again(moto_
         done.stderr,
     )
     assert ws.objects() == {}
+
+
+def test_result_names_no_key_can_hold_are_said_once_and_the_others_are_served(
+    moto_workspace, notify_socket
+):
+    """Workflows name their folders: one that is not UTF-8 (a workflow's or a result's), or
+    an empty result whose name holds a newline, never stops the daemon, never reaches the
+    journal, and never splits what it tells systemd."""
+    ws = moto_workspace
+    workflow = ws.outputs / os.fsdecode(b"wf\xff")
+    (workflow / "exec_1_abcdef01").mkdir(parents=True)
+    (workflow / "exec_1_abcdef01.done").touch()
+    (ws.outputs / os.fsdecode(b"exec_2_\xff")).mkdir()
+    (ws.outputs / os.fsdecode(b"exec_2_\xff.done")).touch()
+    ws.settings["syncd"]["rescan_interval"] = 0.5
+    daemon = ws.daemon(env=ws.env(NOTIFY_SOCKET=notify_socket.address))
+    daemon.wait_log("syncd watching")
+    (ws.outputs / "exec_3_\nWATCHDOG=trigger").mkdir()
+    (ws.outputs / "exec_3_\nWATCHDOG=trigger.done").touch()
+    ws.result("exec_4_abcdef04", {"a": b"a"})
+    ws.mark("exec_4_abcdef04")
+
+    wait_until(lambda: ws.recorded("exec_4_abcdef04"), what="the good result published")
+    daemon.wait_log("exec_3_\\nWATCHDOG=trigger cannot be uploaded")
+    notify_socket.receive(
+        lambda _: "last published exec_4_abcdef04" in "".join(notify_socket.statuses())
+    )
+    time.sleep(1.5)  # three rescans more: each is said once still
+
+    assert daemon.terminate() == 0
+    log = daemon.log()
+    for name in ("wf\\xff/exec_1_abcdef01", "exec_2_\\xff", "exec_3_\\nWATCHDOG=trigger"):
+        assert log.count(f"ERROR   result folder {ws.outputs}/{name} cannot be uploaded: ") == 1
+    assert "not healthy" not in log and "Traceback" not in log
+    fields = [line for message in notify_socket.messages for line in message.splitlines()]
+    assert {field.partition("=")[0] for field in fields} <= {
+        "READY",
+        "STATUS",
+        "STOPPING",
+        "WATCHDOG",
+    }
+    assert {field for field in fields if field.startswith("WATCHDOG")} == {"WATCHDOG=1"}
+    assert list(ws.objects()) == ["outputs/exec_4_abcdef04/a"]
+    assert [r["rel"] for r in status_of(ws).values()] == ["exec_4_abcdef04"]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import SYNCD
 from tests.servers import wait_until
 from tests.test_client import WITHOUT_DAEMON
 
@@ -132,3 +133,86 @@ def test_mark_finished_works_with_the_client_alone_and_the_daemon_publishes(moto
     wait_until(lambda: ws.recorded("wf/exec_3_abcdef03"), what="published")
     assert ws.objects() == {"outputs/wf/exec_3_abcdef03/c": b"c"}
     assert daemon.terminate() == 0
+
+
+def test_only_a_folder_the_daemon_would_publish_is_marked(moto_workspace, tmp_path):
+    """Inside another result, in a hidden folder, in a workflow folder that is a symlink, a
+    name no key can hold: refused in one line, escaped, with nothing created anywhere."""
+    ws = moto_workspace
+    ws.result("exec_1_abcdef01", {"exec_2_abcdef02/a": b"a"})
+    ws.result(".hidden/exec_3_abcdef03", {"a": b"a"}, metadata=None)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "exec_4_abcdef04").mkdir(parents=True)
+    (ws.outputs / "wflink").symlink_to(elsewhere)
+    (ws.outputs / "exec_5_\x1b[31mred\nline").mkdir()
+    (ws.outputs / os.fsdecode(b"exec_6_\xff")).mkdir()
+    config = str(ws.config)
+    before = listing(ws.root), listing(elsewhere)
+
+    for path, error in (
+        ("exec_1_abcdef01/exec_2_abcdef02", "is not a result folder: expected"),
+        (".hidden/exec_3_abcdef03", "is not a result folder: expected"),
+        (
+            "wflink/exec_4_abcdef04",
+            f"workflow folder {ws.outputs}/wflink is a symlink; syncd never follows one",
+        ),
+        (
+            "exec_5_\x1b[31mred\nline",
+            f"result folder {ws.outputs}/exec_5_\\x1b[31mred\\nline cannot be uploaded: its name "
+            "holds control characters: rename the folder",
+        ),
+        (
+            os.fsdecode(b"exec_6_\xff"),
+            f"result folder {ws.outputs}/exec_6_\\xff cannot be uploaded: its name is not valid "
+            "UTF-8",
+        ),
+    ):
+        done = ws.syncd("mark", "--config", config, str(ws.outputs / path))
+        assert done.returncode == 2, done.stderr
+        (line,) = done.stderr.splitlines()
+        assert line.startswith("syncd: error: ") and error in line, line
+        assert (listing(ws.root), listing(elsewhere)) == before
+
+
+def test_a_relative_path_through_a_symlinked_outputs_dir_is_marked(moto_workspace, tmp_path):
+    """The shell's working folder is the real one; outputs_dir may be set as a symlink."""
+    ws = moto_workspace
+    ws.result("wf/exec_1_abcdef01", {"a": b"a"})
+    link = tmp_path / "outlink"
+    link.symlink_to(ws.outputs)
+    ws.settings["syncd"]["outputs_dir"] = str(link)
+
+    done = subprocess.run(
+        [*SYNCD, "mark", "--config", str(ws.config), "exec_1_abcdef01"],
+        cwd=link / "wf",
+        env=ws.env(),
+        capture_output=True,
+        text=True,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{link}/wf/exec_1_abcdef01.done\n"
+    assert (ws.outputs / "wf/exec_1_abcdef01.done").is_file()
+
+
+def test_a_marker_with_the_longest_name_or_a_folder_in_its_place(moto_workspace):
+    ws = moto_workspace
+    longest = "exec_1_" + "a" * (255 - len("exec_1_.done"))  # the marker's name is 255 bytes
+    ws.result(longest, {"a": b"a"})
+    ws.result("exec_2_abcdef02", {"a": b"a"})
+    (ws.outputs / "exec_2_abcdef02.done").mkdir()
+
+    made = ws.syncd("mark", "--config", str(ws.config), f"outputs/{longest}")
+    folder = ws.syncd("mark", "--config", str(ws.config), "outputs/exec_2_abcdef02")
+
+    assert made.returncode == 0, made.stderr
+    assert (ws.outputs / f"{longest}.done").is_file()
+    synced = ws.sync(longest)  # its metadata's name is 255 bytes too
+    assert synced.returncode == 0, synced.stderr
+    assert ws.recorded(longest)
+    assert folder.returncode == 1
+    assert folder.stderr == (
+        f"syncd: error: cannot write {ws.outputs}/exec_2_abcdef02.done (Is a directory): a "
+        "folder is in its place: remove it\n"
+    )
+    assert not [p for p in ws.outputs.iterdir() if p.name.endswith(".syncd.tmp")]

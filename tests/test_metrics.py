@@ -8,6 +8,7 @@ import json
 import os
 import re
 import socket
+import sqlite3
 import time
 
 import pytest
@@ -108,6 +109,8 @@ def test_metrics_while_results_flow_and_fail(moto_workspace, tmp_path):
         requests.get(f"http://{address}/metrics", timeout=5)  # stopped with the daemon
     last = samples(prom.read_text())
     assert value(last, "syncd_published_results_total") == 1
+    # node_exporter has process_* of its own, and refuses a textfile that names them again.
+    assert {name for name, _ in last} == {name for name, _ in found if name.startswith("syncd_")}
     assert not [p for p in prom.parent.iterdir() if p != prom]  # no temp file left
 
 
@@ -243,3 +246,33 @@ def test_an_upload_shows_its_bytes_and_rate_in_status_and_the_status_line(
         assert daemon.terminate() == 0  # though the notify socket is read no more
     (record,) = json.loads(ws.syncd("status", "--config", str(ws.config), "--json").stdout)
     assert (record["state"], record["sent"], record["rate"]) == ("done", None, None)
+
+
+def test_a_lock_held_on_the_journal_does_not_hold_up_the_progress(moto_workspace, notify_socket):
+    """Another process holding the state file's write lock (a `syncd sync` recording, an
+    operator's sqlite3) while an upload runs: the daemon goes on saying how far it is."""
+    ws = moto_workspace
+    with Proxy(ws.server.port, rate=1_000_000) as proxy:
+        ws.settings["object_storage"]["endpoint_url"] = proxy.endpoint
+        ws.settings["object_storage"]["max_concurrency"] = 1
+        ws.result("exec_1_abcdef01", {f"c/{i}": os.urandom(250_000) for i in range(40)})
+        daemon = ws.daemon(env=ws.env(NOTIFY_SOCKET=notify_socket.address))
+        daemon.wait_log("syncd watching")
+        ws.mark("exec_1_abcdef01")
+        notify_socket.receive(
+            lambda _: re.search(
+                r"uploading \([1-9]\d*/10 MB", (notify_socket.statuses() or [""])[-1]
+            )
+        )
+
+        lock = sqlite3.connect(ws.root / "state" / "state.db", isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        before = len(notify_socket.statuses())
+        held = time.monotonic()
+        notify_socket.receive(lambda _: time.monotonic() > held + 4)
+        lock.execute("ROLLBACK")
+        lock.close()
+
+        assert len(notify_socket.statuses()) - before >= 3  # one a second, lock or not
+        wait_until(lambda: ws.recorded("exec_1_abcdef01"), timeout=60, what="published")
+    assert daemon.terminate() == 0
