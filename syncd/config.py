@@ -238,9 +238,12 @@ def not_a_flag(value: object) -> object:
 
 
 # A rate as operators write it: bytes, or K, M, G (1024-based, as rclone's --bwlimit and the
-# aws cli's max_bandwidth: 40M, 40MiB and 40MB/s are all 41943040 bytes a second).
-RATE = re.compile(r"(\d+(?:\.\d+)?) *(?:([KMG])(?:i?B)?)?(?:/s)?", re.IGNORECASE)
+# aws cli's max_bandwidth: 40M, 40MiB and 40MB/s are all 41943040 bytes a second). A lower-case
+# b is bits (40Mb/s): refused, not taken for bytes.
+RATE = re.compile(r"(\d{1,15}(?:\.\d{1,6})?) *(?:([KkMmGg])(?:i?B)?)?(?:/s)?")
 RATE_UNITS = {None: 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+# The largest cap: above it a cap is no cap (and numbers stay within a float's reach).
+MAX_BANDWIDTH = 1024**4
 
 
 def bytes_per_second(value: object) -> object:
@@ -250,7 +253,7 @@ def bytes_per_second(value: object) -> object:
         if match is None:
             raise ValueError(
                 "must be bytes per second: a number, or one with K, M or G (1024-based), "
-                "e.g. 41943040, 40M or 40MiB"
+                "e.g. 41943040, 40M or 40MiB (not bits: 40Mbit/s is 5M)"
             )
         unit = match[2].upper() if match[2] else None
         return int(float(match[1]) * RATE_UNITS[unit])
@@ -405,10 +408,11 @@ class DaemonSettings(BaseModel):
     @field_validator("max_bandwidth")
     @classmethod
     def _feeds_a_file(cls, value: int | None) -> int | None:
-        if value is not None and value < MIN_BANDWIDTH:
+        if value is not None and not MIN_BANDWIDTH <= value <= MAX_BANDWIDTH:
             raise ValueError(
                 f"must be at least {MIN_BANDWIDTH} ({MIN_BANDWIDTH // 1024}K: the parts of one "
-                f"file at the slowest rate a request may go), or unset for no cap"
+                f"file at the slowest rate a request may go) and at most {MAX_BANDWIDTH} (1024G), "
+                "or unset for no cap"
             )
         return value
 

@@ -123,16 +123,18 @@ def test_the_cap_reads_as_operators_write_it(given, meant):
     ("given", "error"),
     [
         (
-            "40Mbit",
+            "40Mb/s",
             "must be bytes per second: a number, or one with K, M or G (1024-based), "
-            "e.g. 41943040, 40M or 40MiB",
+            "e.g. 41943040, 40M or 40MiB (not bits: 40Mbit/s is 5M)",
         ),
         (
             "16K",
             "must be at least 32768 (32K: the parts of one file at the slowest rate a "
-            "request may go), or unset for no cap",
+            "request may go) and at most 1099511627776 (1024G), or unset for no cap",
         ),
         ("-1", "must be bytes per second"),
+        ("9" * 400 + ".5", "must be bytes per second"),
+        (str(2**41), "must be at least 32768"),
     ],
 )
 def test_a_cap_that_cannot_work_is_one_line_naming_it(moto_workspace, given, error):
@@ -183,6 +185,24 @@ def test_the_relay_reaches_only_the_store():
     assert refused == elsewhere == b"HTTP/1.1 403 Forbidden\r\n"
     assert down == b"HTTP/1.1 502 Bad Gateway\r\n"  # the store's own port, where nothing listens
     assert silent == b""  # closed after 10 s without a whole head
+
+    async def at_aws() -> list[bytes]:
+        """AWS's hosts are many people's servers: only the bucket's S3 hosts and STS."""
+        relay = Relay(ObjectStorage(bucket="results", region="eu-west-1"), DaemonSettings())
+        await relay.start()
+        try:
+            return [
+                await ask(relay, f"CONNECT {host}:443 HTTP/1.1\r\n\r\n".encode())
+                for host in (
+                    "other-bucket.s3.amazonaws.com",
+                    "ec2-203-0-113-5.compute-1.amazonaws.com",
+                    "results.s3.eu-west-1.amazonaws.com.evil.example",
+                )
+            ]
+        finally:
+            await relay.close()
+
+    assert asyncio.run(at_aws()) == [b"HTTP/1.1 403 Forbidden\r\n"] * 3
 
 
 @pytest.mark.parametrize("rust", [True, False], ids=["obstore", "s3fs"])
@@ -275,3 +295,36 @@ def test_a_stop_during_a_capped_upload_is_clean_and_the_result_resumes(moto_work
         again = ws.daemon()
         wait_until(lambda: ws.recorded("exec_1_abcdef01"), timeout=60, what="published")
         assert again.terminate() == 0
+
+
+@pytest.mark.parametrize("rust", [True, False], ids=["obstore", "s3fs"])
+def test_a_request_given_up_never_reaches_the_store_later(moto_workspace, rust):
+    """At a low cap a client hands a whole file to the kernel long before the relay sends it.
+    An attempt given up (here: a file gone while others were on their way) cuts its requests
+    at once: the old bytes of a file rewritten since never land after the new ones."""
+    ws = moto_workspace
+    with Proxy(ws.server.port) as proxy:
+        ws.settings["object_storage"]["endpoint_url"] = proxy.endpoint
+        ws.settings["object_storage"]["use_rust_client"] = rust
+        ws.settings["syncd"]["max_bandwidth"] = "64K"  # two files in flight
+        # b takes 48 s at the cap: longer than the retry waits for the tree to be quiet.
+        tree = ws.result("exec_1_abcdef01", {"a": os.urandom(100_000), "b": os.urandom(3 * MiB)})
+        (tree / "c").write_bytes(b"c")  # waits for a slot behind a and b
+        daemon = ws.daemon()
+        daemon.wait_log("syncd watching")
+        ws.mark("exec_1_abcdef01")
+        wait_until(lambda: proxy.sent > 50_000, what="a and b on their way")
+
+        (tree / "c").unlink()
+        new = os.urandom(100_000)
+        (tree / "b").write_bytes(new)
+        wait_until(lambda: ws.recorded("exec_1_abcdef01"), timeout=90, what="published")
+
+        def quiet() -> bool:  # nothing more goes to the store for 2 s
+            before = proxy.sent
+            time.sleep(2)
+            return proxy.sent == before
+
+        wait_until(quiet, timeout=90, what="the link quiet")
+        assert ws.objects()["outputs/exec_1_abcdef01/b"] == new
+        assert daemon.terminate() == 0

@@ -20,7 +20,7 @@ from syncd.config import ObjectStorage, Settings
 from syncd.storage.base import Multiparts, ObjectStore
 from syncd.storage.body import Body
 from syncd.storage.obstore_client import ObstoreStore
-from syncd.storage.relay import Relay
+from syncd.storage.relay import Relay, RelayedStore
 from syncd.storage.s3fs_client import S3fsStore
 
 __all__ = ["Body", "ObjectStore", "connected_store", "open_store"]
@@ -34,6 +34,8 @@ async def connected_store(settings: Settings, multiparts: Multiparts) -> AsyncIt
     if relay is not None:
         await relay.start()
     store = open_store(settings.object_storage, multiparts, relay.url if relay else None)
+    if relay is not None:
+        store = RelayedStore(store, relay)
     try:
         await store.connect()
         yield store

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
+import struct
 import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -21,9 +23,14 @@ from urllib.parse import urlsplit
 from loguru import logger
 
 from syncd.config import ConfigError, DaemonSettings, ObjectStorage
+from syncd.objects import ObjectHeaders
+from syncd.storage.base import ObjectStore
+from syncd.storage.body import Body
 
 # The longest request head the relay reads (S3 heads are well below 8 KiB).
-HEAD_LIMIT = 64 * 1024
+HEAD_LIMIT = 16 * 1024
+# What the kernel takes from a client before the relay reads it (Linux doubles it).
+RECEIVE_WINDOW = 16 * 1024
 # What one burst may send beyond the cap: this many seconds of it.
 BURST = 0.05
 # Seconds to reach the store before the relay answers the client with 502, and for a client
@@ -64,7 +71,14 @@ class Throttle:
 
 
 # The proxy the environment may give both clients; the relay connects straight to the store.
-PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")
+PROXY_VARIABLES = (
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+)
 
 
 def require_no_proxy(environ: os._Environ[str] | dict[str, str] = os.environ) -> None:
@@ -79,6 +93,22 @@ def require_no_proxy(environ: os._Environ[str] | dict[str, str] = os.environ) ->
             )
 
 
+class Link:
+    """One client's connection through the relay to the store."""
+
+    def __init__(self, client: asyncio.StreamWriter, store: asyncio.StreamWriter) -> None:
+        self.client, self.store = client, store
+        self.asking = False  # bytes went to the store since its last answer
+
+    def reset(self) -> None:
+        for writer in (self.client, self.store):
+            with contextlib.suppress(OSError):
+                sock = writer.get_extra_info("socket")
+                if sock is not None:  # a reset, not a close that sends what is buffered
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+
+
 class Relay:
     """The proxy both clients use while the cap is set; `url` once started."""
 
@@ -88,13 +118,22 @@ class Relay:
         self.allowed = destination(storage)
         self.server: asyncio.Server | None = None
         self.connections: set[asyncio.Task[None]] = set()
+        self.links: set[Link] = set()
         self.url = ""
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(
-            self._serve, "127.0.0.1", 0, limit=HEAD_LIMIT, reuse_address=True
-        )
-        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # A small window: a client hands over no more than the relay is about to send, so a
+        # request it gives up (a timeout, a cancelled upload) ends here at once, instead of
+        # reaching the store whole minutes later from the buffers, and its clock for an
+        # answer starts once its body is really on its way.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_WINDOW)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+        listener.setblocking(False)
+        self.server = await asyncio.start_server(self._serve, sock=listener, limit=HEAD_LIMIT)
+        self.url = f"http://127.0.0.1:{listener.getsockname()[1]}"
 
     async def close(self) -> None:
         if self.server is not None:
@@ -141,8 +180,12 @@ class Relay:
                 store_r, store_w = await asyncio.open_connection(host, port)
         except (OSError, TimeoutError) as exc:
             # In S3's words, so that either client reports why (the relay is in the way).
-            errno = getattr(exc, "errno", None)
-            reason = os.strerror(errno) if errno else "no answer"
+            if isinstance(exc, socket.gaierror):
+                reason = f"its name does not resolve: {exc.strerror}"
+            elif isinstance(exc, OSError) and exc.errno:
+                reason = os.strerror(exc.errno)
+            else:
+                reason = "no answer"
             body = (
                 "<Error><Code>Unreachable</Code><Message>"
                 f"the store at {host}:{port} cannot be reached ({reason})</Message></Error>"
@@ -157,15 +200,18 @@ class Relay:
         logger.debug(
             "bandwidth relay: {} to {}:{}", "a tunnel" if tunnel else "requests", host, port
         )
+        link = Link(writer, store_w)
+        self.links.add(link)
         try:
             if tunnel:
                 writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 await writer.drain()
             else:
                 await self.throttle.take(len(head))
+                link.asking = True
                 store_w.write(head)
-            up = asyncio.ensure_future(self._pipe(reader, store_w, paced=True))
-            down = asyncio.ensure_future(self._pipe(store_r, writer, paced=False))
+            up = asyncio.ensure_future(self._pipe(reader, store_w, link, upstream=True))
+            down = asyncio.ensure_future(self._pipe(store_r, writer, link, upstream=False))
             try:
                 await asyncio.wait([up, down], return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -173,19 +219,34 @@ class Relay:
                 down.cancel()
                 await asyncio.gather(up, down, return_exceptions=True)
         finally:
+            self.links.discard(link)
             store_w.close()
 
     async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, paced: bool
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        link: Link,
+        upstream: bool,
     ) -> None:
         with contextlib.suppress(OSError):
-            while data := await reader.read(self.throttle.piece() if paced else 65536):
-                if paced:
+            while data := await reader.read(self.throttle.piece() if upstream else 65536):
+                if upstream:
                     await self.throttle.take(len(data))
+                link.asking = upstream
                 writer.write(data)
                 await writer.drain()
             if writer.can_write_eof():
                 writer.write_eof()
+
+    def cut(self) -> None:
+        """End at once, with a reset both ways, every connection whose request the store has
+        not begun to answer: syncd gave up some upload, and a request it gave up must never
+        reach the store later from the buffers (its bytes may be older than the file's now).
+        The clients send again those of the others, as after any dropped connection."""
+        for link in list(self.links):
+            if link.asking:
+                link.reset()
 
 
 def address(target: str, tunnel: bool) -> tuple[str, int]:
@@ -200,10 +261,62 @@ def address(target: str, tunnel: bool) -> tuple[str, int]:
 
 
 def destination(storage: ObjectStorage) -> Callable[[str, int], bool]:
-    """Where the relay may connect: the endpoint's host and port, or AWS's https hosts."""
+    """Where the relay may connect: the endpoint's host and port; at AWS, the bucket's S3
+    hosts (virtual-hosted, path-style, accelerated) and STS (credentials of a web identity),
+    over https."""
     if storage.endpoint_url:
         url = urlsplit(storage.endpoint_url)
         port = url.port or (443 if url.scheme == "https" else 80)
         host = (url.hostname or "").lower()
         return lambda h, p: (h.lower(), p) == (host, port)
-    return lambda h, p: p == 443 and (h.lower().endswith(".amazonaws.com"))
+    bucket, region = (storage.bucket or "").lower(), storage.region.lower()
+    hosts = {
+        f"{bucket}.s3.amazonaws.com",
+        f"{bucket}.s3.{region}.amazonaws.com",
+        f"{bucket}.s3-accelerate.amazonaws.com",
+        "s3.amazonaws.com",
+        f"s3.{region}.amazonaws.com",
+        "sts.amazonaws.com",
+        f"sts.{region}.amazonaws.com",
+    }
+    return lambda h, p: p == 443 and h.lower() in hosts
+
+
+class RelayedStore:
+    """A store reached through the relay: an upload that ends in anything but success (a
+    failure, a timeout, a cancelled attempt) cuts the requests the store has not answered."""
+
+    def __init__(self, store: ObjectStore, relay: Relay) -> None:
+        self.store, self.relay = store, relay
+        self.description = store.description
+
+    async def connect(self) -> None:
+        await self.store.connect()
+
+    async def put(self, body: Body, key: str, headers: ObjectHeaders) -> None:
+        try:
+            await self.store.put(body, key, headers)
+        except BaseException:
+            self.relay.cut()
+            raise
+
+    def held(self, size: int) -> int:
+        return self.store.held(size)
+
+    def deadline(self, size: int) -> float:
+        return self.store.deadline(size)
+
+    async def delete(self, keys: list[str]) -> None:
+        await self.store.delete(keys)
+
+    async def sizes(self, prefix: str) -> dict[str, int]:
+        return await self.store.sizes(prefix)
+
+    async def probe(self) -> None:
+        await self.store.probe()
+
+    async def abort_uploads(self, prefix: str, keep: set[str]) -> int:
+        return await self.store.abort_uploads(prefix, keep)
+
+    async def close(self) -> None:
+        await self.store.close()

@@ -16,7 +16,7 @@ from typing import Any
 
 from loguru import logger
 
-from syncd.budget import PARTS_PER_FILE, requests_in_flight
+from syncd.budget import PARTS_PER_FILE, SLOWEST_RATE, requests_in_flight
 from syncd.config import ObjectStorage, without_userinfo
 from syncd.errors import store_errors
 from syncd.objects import ObjectHeaders
@@ -63,7 +63,10 @@ class S3fsStore:
                 # Runs only while botocore waits for bytes of an answer, never while a slow body
                 # is sent (measured). s3fs sets 15 s; a CompleteMultipartUpload of 2 GiB took
                 # moto 26 s here, and a retry racing the first completion fails it (500).
-                "read_timeout": READ_TIMEOUT,
+                # Through the bandwidth relay the kernel takes a body whole long before the
+                # relay has sent it: the wait for an answer begins that much earlier.
+                "read_timeout": READ_TIMEOUT
+                + (storage.multipart_chunksize / SLOWEST_RATE if self.proxy is not None else 0),
             }
             if storage.accelerated:
                 config["s3"] = {"use_accelerate_endpoint": True}
