@@ -183,15 +183,17 @@ class Layout:
             raise LayoutError(problem)
         workflow = self.outputs_dir / rel.parent
         if len(rel.parts) == 2 and workflow.is_symlink():
-            raise LayoutError(
-                f"workflow folder {printable(str(workflow))} is a symlink; syncd never follows "
-                f"one, so its results are not published: move the folder itself into "
-                f"{self.outputs_dir}"
-            )
+            raise LayoutError(self.symlinked_workflow(workflow))
         path = self.outputs_dir / rel
         if not path.is_dir():
             raise LayoutError(f"{given} {'is not a folder' if path.exists() else 'does not exist'}")
         return self.result(rel)
+
+    def symlinked_workflow(self, folder: Path) -> str:
+        return (
+            f"workflow folder {printable(str(folder))} is a symlink; syncd never follows one, "
+            f"so its results are not uploaded: move the folder itself into {self.outputs_dir}"
+        )
 
     def under_outputs_dir(self, path: Path) -> PurePosixPath | None:
         """`path` (absolute, folded) as a path under outputs_dir, also when one of them was
@@ -289,12 +291,7 @@ class Layout:
                 folders.append(Path(entry.path))
             elif entry.is_symlink() and entry.is_dir() and entry.path not in self.reported:
                 self.reported.add(entry.path)
-                logger.error(
-                    "workflow folder {} is a symlink; syncd never follows one, so its results "
-                    "are not uploaded: move the folder itself into {}",
-                    printable(entry.path),
-                    self.outputs_dir,
-                )
+                logger.error("{}", self.symlinked_workflow(Path(entry.path)))
         return sorted(folders)
 
 
