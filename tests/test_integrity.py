@@ -108,6 +108,38 @@ def test_a_byte_flipped_on_the_way_is_refused_and_sent_again(rclone_workspace, r
     assert "exec_2_abcdef02: uploaded 1 files" in log
 
 
+@pytest.mark.parametrize("size", [MiB, 20 * MiB], ids=["one-put", "multipart"])
+@pytest.mark.parametrize("rust", [True, False], ids=["obstore", "s3fs"])
+def test_a_byte_flipped_on_the_way_to_a_store_that_checks_nothing_is_never_recorded(
+    moto_workspace, rust, size
+):
+    """moto verifies no checksum and stores what it gets: the ETag it answers (a PUT's, or a
+    multipart upload's, made of its parts' MD5s) differs from what syncd sent, so the file is
+    sent again and the bucket ends with the model's bytes."""
+    ws = moto_workspace
+    ws.settings["syncd"]["retry_min_delay"] = 0.2
+    data = os.urandom(size)
+    ws.result("exec_4_abcdef04", {"a.bin": data})
+    ws.mark("exec_4_abcdef04")
+    # Connection 0 is the start-up probe's (a listing); the first upload rides on it or on 1.
+    with Proxy(ws.server.port, corrupt_at=600_000, corrupt_connections=2) as proxy:
+        ws.settings["object_storage"]["endpoint_url"] = proxy.endpoint
+        ws.settings["object_storage"]["use_rust_client"] = rust
+        daemon = ws.daemon()
+        wait_until(lambda: ws.recorded("exec_4_abcdef04"), what="the result recorded")
+        assert daemon.terminate() == 0
+
+    assert ws.objects() == {"outputs/exec_4_abcdef04/a.bin": data}
+    assert ws.metadata("exec_4_abcdef04")["output_files"] == [
+        {"path": "exec_4_abcdef04/a.bin", "size": size, "md5": md5(data)}
+    ]
+    log = daemon.log()
+    assert (
+        "exec_4_abcdef04: upload of outputs/exec_4_abcdef04/a.bin failed: the store holds other "
+        "bytes than were sent" in log
+    )
+
+
 def test_a_store_whose_etags_are_not_md5s_is_found_out_once(moto_workspace):
     """An encrypting store answers ETags that are not the MD5 of the bytes: obstore's uploads
     read the first object back, find the bytes right, and stop comparing ETags."""

@@ -38,23 +38,28 @@ class Body:
         self.md5 = hashlib.md5(data)
         return data
 
-    async def parts(self, part_size: int) -> AsyncIterator[bytes]:
-        """The file in pieces of `part_size` (the last one shorter), in order."""
+    async def parts(
+        self, part_size: int, digests: list[bytes] | None = None
+    ) -> AsyncIterator[bytes]:
+        """The file in pieces of `part_size` (the last one shorter), in order; each piece's own
+        MD5 appended to `digests` if given (a multipart ETag is made of them)."""
         self.md5 = hashlib.md5()
         with open(self.path, "rb") as f:
             left = self.size
             while left > 0:
-                piece = await asyncio.to_thread(self._read_piece, f, min(part_size, left))
+                piece = await asyncio.to_thread(self._read_piece, f, min(part_size, left), digests)
                 left -= len(piece)
                 yield piece
             if await asyncio.to_thread(f.read, 1):
                 raise self.changed
 
-    def _read_piece(self, f: BinaryIO, size: int) -> bytes:
+    def _read_piece(self, f: BinaryIO, size: int, digests: list[bytes] | None) -> bytes:
         data = f.read(size)
         if len(data) != size:
             raise self.changed
         self.md5.update(data)
+        if digests is not None:
+            digests.append(hashlib.md5(data).digest())
         return data
 
     def hexdigest(self) -> str:

@@ -1,25 +1,23 @@
 """The obstore adapter (Rust `object_store`): PutObject up to multipart_chunksize, with
-x-amz-checksum-sha256. A store that may only keep that header (a custom endpoint) has the ETag
-of each PutObject compared with the MD5 syncd computed while reading; a store whose ETags are
-not MD5s is found out once, by reading one object back. Files above it go as obstore's
-multipart uploads, but those of more than RESUMABLE_PARTS parts: they go as the s3fs adapter's,
-which resume after a restart (obstore's cannot: it hides their ids). Multipart ETags are not
-checked: that would cost a second MD5 pass over every large file."""
+x-amz-checksum-sha256. Files above it go as obstore's multipart uploads, but those of more than
+RESUMABLE_PARTS parts: they go as the s3fs adapter's, which resume after a restart (obstore's
+cannot: it hides their ids). On a store that may only keep the checksum header (a custom
+endpoint) every answered ETag is checked (`etags`): a multipart one against the MD5s of the
+parts, taken as each part is read."""
 
 from __future__ import annotations
 
-import hashlib
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from loguru import logger
-
 from syncd.budget import PARTS_PER_FILE
 from syncd.config import ObjectStorage
-from syncd.errors import damaged, store_errors
+from syncd.errors import store_errors
 from syncd.objects import ObjectHeaders
 from syncd.storage.base import location
 from syncd.storage.body import Body
+from syncd.storage.etags import Sent
 from syncd.storage.s3fs_client import S3fsStore
 from syncd.storage.timeouts import CLIENT_RETRIES, CONNECT_TIMEOUT, file_deadline, request_timeout
 
@@ -72,9 +70,8 @@ class ObstoreStore:
         self.store = S3Store(
             storage.bucket, config=config, client_options=client, retry_config=CLIENT_RETRIES
         )
-        # S3 verifies the checksum header; another store may only keep it (rclone, moto).
-        self.check_etags = storage.endpoint_url is not None
         self.multipart = multipart
+        self.etags = multipart.etags  # one finding per store, whichever client made it
 
     async def put(self, body: Body, key: str, headers: ObjectHeaders) -> None:
         import obstore
@@ -92,44 +89,31 @@ class ObstoreStore:
                 answer = await obstore.put_async(
                     self.store, key, data, attributes=attributes, use_multipart=False
                 )
-                if self.check_etags:
-                    await self._check_etag(body, key, (answer.get("e_tag") or "").strip('"'))
-                return
-            await obstore.put_async(
-                self.store,
-                key,
-                body.parts(part_size),
-                attributes=attributes,
-                chunk_size=part_size,
-                max_concurrency=PARTS_PER_FILE,
-            )
+                sent = Sent.whole(body.md5.digest())
+            else:
+                digests: list[bytes] | None = [] if self.etags.checking else None
+                answer = await obstore.put_async(
+                    self.store,
+                    key,
+                    body.parts(part_size, digests),
+                    attributes=attributes,
+                    chunk_size=part_size,
+                    max_concurrency=PARTS_PER_FILE,
+                )
+                if digests is None:
+                    return
+                sent = Sent.parts(digests, part_size)
+            await self.etags.check(key, answer.get("e_tag"), sent, self._read)
 
     def resumable(self, size: int) -> bool:
         return size > RESUMABLE_PARTS * self.storage.multipart_chunksize
 
-    async def _check_etag(self, body: Body, key: str, etag: str) -> None:
-        """The store answered `etag` for `body`: unless it is the MD5 syncd expects, the
-        object's bytes decide whether they were damaged on the way (a SyncdError) or the store's
-        ETags are not MD5s (then they are not checked again)."""
+    async def _read(self, key: str) -> AsyncIterator[bytes]:
         import obstore
 
-        if not etag or etag == body.hexdigest():
-            return
         stored = await obstore.get_async(self.store, key)
-        digest = hashlib.md5()
         async for piece in stored.stream():
-            digest.update(piece)
-        if digest.hexdigest() == body.hexdigest():
-            if not self.check_etags:
-                return  # another upload found it out meanwhile
-            self.check_etags = False
-            logger.info(
-                "{} answers ETags that are not MD5s (encryption?): relying on its own checks of "
-                "the x-amz-checksum-sha256 header",
-                self.description,
-            )
-            return
-        raise damaged(key, stored=digest.hexdigest(), sent=body.hexdigest())
+            yield bytes(piece)
 
     def held(self, size: int) -> int:
         if self.resumable(size):

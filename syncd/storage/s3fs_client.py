@@ -1,6 +1,7 @@
 """The s3fs adapter (aiobotocore on the running loop): PutObject up to multipart_chunksize,
 else syncd's own multipart (s3fs's cannot take a header per part); Content-MD5 on every
-request, which S3, MinIO and rclone verify. Its multipart uploads resume: each one is
+request, which S3, MinIO and rclone verify; on a custom endpoint each answered ETag is checked
+too (`etags`), for a store that verifies nothing. Its multipart uploads resume: each one is
 journaled (`Multiparts`) from its start to its end, and a later attempt asks the store which
 parts it holds (ListParts), keeps those whose size and MD5 match the local bytes and sends
 only the rest. It also sends the obstore adapter's multipart uploads (obstore hides their ids,
@@ -12,6 +13,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 from loguru import logger
@@ -22,6 +24,7 @@ from syncd.errors import store_errors
 from syncd.objects import ObjectHeaders
 from syncd.storage.base import Multiparts, location
 from syncd.storage.body import Body
+from syncd.storage.etags import Etags, Sent
 from syncd.storage.timeouts import CONNECT_TIMEOUT, READ_TIMEOUT, file_deadline
 
 # The parts a store holds of an upload: part number -> (MD5 hex of its bytes, size).
@@ -48,6 +51,8 @@ class S3fsStore:
         # parts (s3fs's own put waits for two parts; syncd sends its parts itself).
         self.single_put_below = storage.multipart_chunksize + 1
         self.fs: Any = None
+        # S3 verifies Content-MD5; a custom endpoint's store may only keep it (moto).
+        self.etags = Etags(self.description, checking=storage.endpoint_url is not None)
 
     async def _client(self) -> Any:
         if self.fs is None:
@@ -105,7 +110,7 @@ class S3fsStore:
             # file (type guessing, checks, callbacks), the bottleneck here.
             data = await body.whole()
             md5 = base64.b64encode(body.md5.digest()).decode()
-            await fs._call_s3(
+            answer = await fs._call_s3(
                 "put_object",
                 Bucket=self.storage.bucket,
                 Key=key,
@@ -113,6 +118,9 @@ class S3fsStore:
                 CacheControl=headers.cache_control,
                 Body=data,
                 ContentMD5=md5,
+            )
+            await self.etags.check(
+                key, answer.get("ETag"), Sent.whole(body.md5.digest()), self._read
             )
 
     async def multipart(self, body: Body, key: str, headers: ObjectHeaders) -> None:
@@ -157,8 +165,8 @@ class S3fsStore:
         """Send the parts the store does not hold and complete the upload; returns the bytes
         it held already."""
         try:
-            parts, kept = await self._parts(fs, body, upload, stored)
-            await fs._call_s3(
+            parts, digests, kept = await self._parts(fs, body, upload, stored)
+            answer = await fs._call_s3(
                 "complete_multipart_upload", **upload, MultipartUpload={"Parts": parts}
             )
         except Differs:
@@ -170,7 +178,16 @@ class S3fsStore:
             raise
         if self.multiparts is not None:
             self.multiparts.ended(upload["Key"])
+        sent = Sent.parts(digests, self.storage.multipart_chunksize)
+        await self.etags.check(upload["Key"], answer.get("ETag"), sent, self._read)
         return kept
+
+    async def _read(self, key: str) -> AsyncIterator[bytes]:
+        fs = await self._client()
+        answer = await fs._call_s3("get_object", Bucket=self.storage.bucket, Key=key)
+        async with answer["Body"] as stream:
+            while piece := await stream.read(1 << 20):
+                yield piece
 
     async def _abort(self, fs: Any, upload: dict[str, Any], forget: bool = True) -> bool:
         """Abort `upload` and, if `forget`, its journal entry; one the store does not know any
@@ -212,18 +229,21 @@ class S3fsStore:
 
     async def _parts(
         self, fs: Any, body: Body, upload: dict[str, Any], stored: Stored
-    ) -> tuple[list[dict[str, Any]], int]:
+    ) -> tuple[list[dict[str, Any]], list[bytes], int]:
         """Send the parts of `body`, PARTS_PER_FILE at a time, each with its Content-MD5; a
         part the store holds with the same size and MD5 is not sent again, one that differs
-        raises Differs. Returns the parts and the bytes not sent again."""
+        raises Differs. Returns the parts, their MD5s and the bytes not sent again."""
         parts: list[dict[str, Any]] = []
+        digests: dict[int, bytes] = {}
         kept = 0
         slots = asyncio.Semaphore(PARTS_PER_FILE)
 
         async def send(number: int, data: bytes) -> None:
             nonlocal kept
             try:
-                digest = await asyncio.to_thread(lambda: hashlib.md5(data).digest())  # off the loop
+                digest = digests[number] = await asyncio.to_thread(
+                    lambda: hashlib.md5(data).digest()  # off the loop
+                )
                 if number in stored:
                     if stored[number] != (digest.hex(), len(data)):
                         raise Differs
@@ -247,7 +267,8 @@ class S3fsStore:
                     group.create_task(send(number, data))
         except* Exception as errors:
             raise errors.exceptions[0] from None
-        return sorted(parts, key=lambda part: part["PartNumber"]), kept
+        ordered = sorted(parts, key=lambda part: part["PartNumber"])
+        return ordered, [digests[n] for n in sorted(digests)], kept
 
     def deadline(self, size: int) -> float:
         part = self.storage.multipart_chunksize
