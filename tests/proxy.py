@@ -30,6 +30,9 @@ class Proxy:
         corrupt_connections: int | None = None,  # ...of the first this many connections only
         delay_listings: float = 0.0,  # seconds before each GET (a listing) reaches the server
         lie_etags: bool = False,  # answer every MD5 ETag as another one (an encrypting store)
+        # From a PUT on (PutObject, UploadPart), a connection takes every byte and answers
+        # nothing, not even "100 Continue": a store that hangs.
+        swallow_puts: bool = False,
         # Sees every piece forwarded: (connection number, towards the server?, bytes).
         observer: Callable[[int, bool, bytes], None] | None = None,
         port: int = 0,  # where it listens: a free port unless given
@@ -44,6 +47,8 @@ class Proxy:
         self.delay_listings = delay_listings
         self.observer = observer
         self.lie_etags = lie_etags
+        self.swallow_puts = swallow_puts
+        self.swallowed = 0  # PUT requests taken and never answered
         self.connections = itertools.count()
         self.port = port
         self.sent = 0  # bytes forwarded to the server, all connections
@@ -126,6 +131,7 @@ class Proxy:
         # An answer's first byte reaching the client ends the request in flight.
         arrived = None if upstream else functools.partial(self.requests.answered, number)
         line = DelayLine(writer, self.rtt / 2, arrived) if self.rtt else None
+        swallowing = False
         try:
             while True:
                 data = await reader.read(self._piece(upstream))
@@ -134,6 +140,10 @@ class Proxy:
                         await line.drain()
                     writer.write_eof()
                     return
+                if upstream and (swallowing or (self.swallow_puts and data.startswith(b"PUT "))):
+                    self.swallowed += not swallowing
+                    swallowing = True
+                    continue
                 if upstream:
                     self.requests.asked(number)
                     if self.delay:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import status_of
+from tests.proxy import Proxy
 from tests.readme import as_quoted, log_example
 from tests.servers import S3Server, wait_until
 
@@ -465,3 +466,29 @@ def test_wrong_credentials_are_a_permanent_error_with_the_remedy(rclone_workspac
     )
     assert "WARNING" not in done.stderr.replace("WARNING CloudFront", "")
     assert status(ws)["exec_18_abcdef18"]["permanent"] is True
+
+
+@pytest.mark.parametrize("rust", [True, False], ids=["obstore", "s3fs"])
+def test_a_store_that_takes_an_upload_and_never_answers_is_given_up_in_a_minute(
+    moto_workspace, rust
+):
+    """Each PUT is taken, body and all, and never answered, not even with "100 Continue" (which
+    botocore asks for): the README's bound for a request that carries a file's bytes, a minute
+    plus those bytes at 16 kB/s, ends it, whichever client."""
+    ws = moto_workspace
+    ws.result("exec_5_abcdef05", {"a.bin": os.urandom(16384)})
+    with Proxy(ws.server.port, swallow_puts=True) as proxy:
+        ws.settings["object_storage"]["endpoint_url"] = proxy.endpoint
+        ws.settings["object_storage"]["use_rust_client"] = rust
+        started = time.monotonic()
+        done = ws.sync("exec_5_abcdef05")
+        took = time.monotonic() - started
+        assert proxy.swallowed >= 1
+
+    assert done.returncode == 1, done.stderr
+    assert (
+        "exec_5_abcdef05: upload of outputs/exec_5_abcdef05/a.bin failed: no answer within 61 s"
+        in done.stderr
+    )
+    assert 61 <= took < 75
+    assert ws.metadata("exec_5_abcdef05").get("storage_type") != "s3"

@@ -230,6 +230,10 @@ def unit_setting(name: str) -> str:
     return value
 
 
+def minutes(seconds: float) -> str:
+    return f"{seconds // 60:.0f} min {seconds % 60:.0f} s"
+
+
 def test_the_numbers_the_readme_gives_are_the_codes():
     daemon, storage = DaemonSettings(), ObjectStorage()
     chunk = storage.multipart_chunksize
@@ -239,7 +243,10 @@ def test_the_numbers_the_readme_gives_are_the_codes():
     phrases = [
         f"no byte of an answer comes for {timeouts.READ_TIMEOUT:.0f} s "
         f"(connect timeouts: {timeouts.CONNECT_TIMEOUT:.0f} s)",
-        f"needs at {budget.SLOWEST_RATE // 1024} kB/s plus a minute",
+        f"a minute, plus the time its bytes take at {budget.SLOWEST_RATE // 1024} kB/s",
+        f"(a 1 MiB file: {minutes(timeouts.request_timeout(MiB))}; an 8 MiB part: "
+        f"{minutes(timeouts.request_timeout(chunk))})",
+        f"no answer within {timeouts.request_timeout(budget.SLOWEST_RATE):.0f} s",
         f"({cli.CHECK_TIMEOUT:.0f} s at most)",
         f"gives up after {cli.CHECK_TIMEOUT:.0f} s",
         f"a tree more than {layout.MAX_DEPTH} folders deep",

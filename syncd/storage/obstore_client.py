@@ -19,7 +19,13 @@ from syncd.storage.base import location
 from syncd.storage.body import Body
 from syncd.storage.etags import Sent
 from syncd.storage.s3fs_client import S3fsStore
-from syncd.storage.timeouts import CLIENT_RETRIES, CONNECT_TIMEOUT, file_deadline, request_timeout
+from syncd.storage.timeouts import (
+    CLIENT_RETRIES,
+    CONNECT_TIMEOUT,
+    answered,
+    file_deadline,
+    request_timeout,
+)
 
 # Files of more parts resume after a restart. Resuming saves at most a file's bytes, and sending
 # parts through botocore costs two CPU-seconds more per GB than obstore (SigV4 hashes each
@@ -86,9 +92,10 @@ class ObstoreStore:
         with store_errors(f"upload of {key}"):
             if body.size <= part_size:
                 data = await body.whole()
-                answer = await obstore.put_async(
-                    self.store, key, data, attributes=attributes, use_multipart=False
-                )
+                async with answered(key, body.size):
+                    answer = await obstore.put_async(
+                        self.store, key, data, attributes=attributes, use_multipart=False
+                    )
                 sent = Sent.whole(body.md5.digest())
             else:
                 digests: list[bytes] | None = [] if self.etags.checking else None

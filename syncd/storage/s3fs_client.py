@@ -25,7 +25,7 @@ from syncd.objects import ObjectHeaders
 from syncd.storage.base import Multiparts, location
 from syncd.storage.body import Body
 from syncd.storage.etags import Etags, Sent
-from syncd.storage.timeouts import CONNECT_TIMEOUT, READ_TIMEOUT, file_deadline
+from syncd.storage.timeouts import CONNECT_TIMEOUT, READ_TIMEOUT, answered, file_deadline
 
 # The parts a store holds of an upload: part number -> (MD5 hex of its bytes, size).
 Stored = dict[int, tuple[str, int]]
@@ -110,15 +110,16 @@ class S3fsStore:
             # file (type guessing, checks, callbacks), the bottleneck here.
             data = await body.whole()
             md5 = base64.b64encode(body.md5.digest()).decode()
-            answer = await fs._call_s3(
-                "put_object",
-                Bucket=self.storage.bucket,
-                Key=key,
-                ContentType=headers.content_type,
-                CacheControl=headers.cache_control,
-                Body=data,
-                ContentMD5=md5,
-            )
+            async with answered(key, body.size):
+                answer = await fs._call_s3(
+                    "put_object",
+                    Bucket=self.storage.bucket,
+                    Key=key,
+                    ContentType=headers.content_type,
+                    CacheControl=headers.cache_control,
+                    Body=data,
+                    ContentMD5=md5,
+                )
             await self.etags.check(
                 key, answer.get("ETag"), Sent.whole(body.md5.digest()), self._read
             )
@@ -251,9 +252,10 @@ class S3fsStore:
                     kept += len(data)
                     return
                 md5 = base64.b64encode(digest).decode()
-                answer = await fs._call_s3(
-                    "upload_part", **upload, PartNumber=number, Body=data, ContentMD5=md5
-                )
+                async with answered(f"{upload['Key']} (part {number})", len(data)):
+                    answer = await fs._call_s3(
+                        "upload_part", **upload, PartNumber=number, Body=data, ContentMD5=md5
+                    )
                 parts.append({"PartNumber": number, "ETag": answer["ETag"]})
             finally:
                 slots.release()

@@ -3,10 +3,14 @@ carry, so a slow link never fails a transfer that moves and a hung one is given 
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
 from syncd.budget import PARTS_PER_FILE, SLOWEST_RATE
+from syncd.errors import SyncdError
 
 # A few quick retries inside the client absorb a single failed request (rclone serve s3 fails
 # one now and then); longer outages are the daemon's to retry, with backoff, per result.
@@ -30,6 +34,23 @@ READ_TIMEOUT = 120.0
 def request_timeout(request_bytes: int) -> float:
     """Seconds a request carrying `request_bytes` may take."""
     return 60.0 + request_bytes / SLOWEST_RATE
+
+
+@asynccontextmanager
+async def answered(key: str, request_bytes: int) -> AsyncIterator[None]:
+    """Bounds a request that carries `request_bytes` of `key`, the client's quick retries of it
+    included, by `request_timeout`: a store that takes it and never answers (not even "100
+    Continue", which botocore asks for and then waits on with no timeout) is a transient
+    SyncdError then, not a worker held until the file's deadline."""
+    limit = request_timeout(request_bytes)
+    try:
+        async with asyncio.timeout(limit):
+            yield
+    except TimeoutError:
+        raise SyncdError(
+            f"upload of {key} failed: no answer within {limit:.0f} s (a minute, and its "
+            "bytes at 16 kB/s): the store takes requests but does not answer them"
+        ) from None
 
 
 def file_deadline(size: int, single_below: int, part_bytes: int, retries: int) -> float:
