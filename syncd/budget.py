@@ -23,9 +23,16 @@ are and however many results upload at once.
 from __future__ import annotations
 
 import asyncio
+import math
 import resource
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+
+# While a store pushes back: the window is halved at most this often when no file gets through,
+# and grows fast again once it has not pushed back for RECOVERED seconds.
+PUSHBACK_EVERY = 2.0
+RECOVERED = 10.0
 
 # Parts of one multipart file in flight at once; the rest of the parallelism is across files.
 # Two keep a loopback upload as fast as four did, at half the memory per file (measured).
@@ -76,6 +83,12 @@ def requests_in_flight(max_concurrency: int) -> int:
 
 
 class TransferBudget:
+    """Transfer slots and held bytes, shared by every result. A store that pushes back (503
+    SlowDown) narrows the slots as TCP narrows its window: halved at most once a window of
+    files (or every PUSHBACK_EVERY seconds while none gets through), widened by one each
+    window of files acknowledged, and doubled each window once the store has not pushed back
+    for RECOVERED seconds; never below one or above `transfers`."""
+
     def __init__(self, transfers: Callable[[], int], limit: int) -> None:
         """`transfers`: files in flight at most, asked at each admission (a reload may
         change it); `limit`: bytes held at most."""
@@ -84,10 +97,42 @@ class TransferBudget:
         self.active = 0
         self.used = 0
         self.changed = asyncio.Condition()
+        self.window = math.inf  # files in flight the store takes now
+        self.pushed_at = -math.inf  # when the store last pushed back (monotonic)
+        self.narrowed_at = -math.inf  # when the window was last halved
+        self.since_narrowed = 0  # files acknowledged since
 
     @property
     def transfers(self) -> int:
-        return self.most()
+        most = self.most()
+        return most if self.window >= most else max(1, int(self.window))
+
+    @property
+    def narrowed(self) -> bool:
+        return self.window < self.most()
+
+    def pushed_back(self) -> bool:
+        """The store refused a file for the rate of requests; True if the window was halved."""
+        now = time.monotonic()
+        self.pushed_at = now
+        width = min(self.window, self.most())
+        if self.since_narrowed < width and now - self.narrowed_at < PUSHBACK_EVERY:
+            return False  # a refusal of the same window: halved for it already
+        self.window = max(1.0, min(width, self.active) / 2)
+        self.narrowed_at, self.since_narrowed = now, 0
+        return True
+
+    def acknowledged(self) -> bool:
+        """A file was stored; True if that ended a narrowing (the window is whole again)."""
+        self.since_narrowed += 1
+        if not self.narrowed:
+            return False
+        calm = time.monotonic() - self.pushed_at > RECOVERED
+        self.window += 1.0 if calm else 1.0 / self.window
+        if self.window < self.most():
+            return False
+        self.window = math.inf
+        return True
 
     @asynccontextmanager
     async def hold(self, amount: int) -> AsyncIterator[None]:

@@ -45,6 +45,12 @@ class SyncdError(Exception):
         """True when retrying alone cannot fix it."""
         return self.kind is not Kind.TRANSIENT
 
+    @property
+    def throttled(self) -> bool:
+        """The store refused a request for the rate of them (S3's 503 SlowDown): fewer at once
+        fixes it, not a wait for the whole result."""
+        return self.code in THROTTLING
+
 
 # The user and password of a URL (`http://user:pass@host`), as endpoint_url may hold them.
 USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
@@ -82,6 +88,19 @@ def printable(text: str) -> str:
 
 
 SURROGATE = re.compile("[\ud800-\udfff]")
+
+# S3 error codes that say "too many requests": S3's for a prefix written too fast, and what
+# S3-compatible stores answer for the same.
+THROTTLING = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "TooManyRequests",
+        "RequestLimitExceeded",
+        "ServiceUnavailable",
+    }
+)
 
 # S3 error codes a retry cannot fix, with the remedy (the seed's Troubleshooting section).
 CHECK_CREDENTIALS = (

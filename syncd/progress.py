@@ -20,8 +20,8 @@ class Progress:
         self.started = self.drawn = time.monotonic()
         self.tenths = 0
 
-    def advance(self, size: int) -> None:
-        self.done_files += 1
+    def advance(self, size: int, files: int = 1) -> None:
+        self.done_files += files
         self.done_bytes += size
         if self.stream is None:
             return

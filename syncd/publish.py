@@ -23,6 +23,7 @@ import hashlib
 import itertools
 import json
 import os
+import random
 import shutil
 import stat
 import sys
@@ -51,6 +52,11 @@ DELETING = ".deleting"  # suffix of a tree moved aside to be deleted
 HASH_READ = 8 * 1024 * 1024  # bytes read at a time to compare a file with what was published
 # Seconds a tree written after its signal must be left alone before it is published.
 QUIET = 30.0
+# A file the store refuses for the rate of requests is sent again within the attempt, after a
+# pause from PUSHED_BACK_PAUSE doubling to PUSHED_BACK_MAX_PAUSE, this many times.
+PUSHED_BACK_TRIES = 10
+PUSHED_BACK_PAUSE = 0.25
+PUSHED_BACK_MAX_PAUSE = 16.0
 
 
 def changed() -> SyncdError:
@@ -166,6 +172,9 @@ class Publisher:
         self.acknowledged_at = time.monotonic()  # the last file the store acknowledged
         self.deadlines: dict[str, float] = {}  # key -> when its transfer must have ended
         self.uploads: dict[str, Progress] = {}  # rel -> its upload, while it runs
+        # result rel -> the files the store acknowledged in an attempt that failed, with their
+        # MD5: the next attempt does not send them again while they stay the same.
+        self.stored_before: dict[str, dict[LocalFile, str]] = {}
         # One bound for every result this publisher uploads.
         self.budget = TransferBudget(
             lambda: files_in_flight(self.storage.max_concurrency, settings.syncd.max_bandwidth),
@@ -182,6 +191,7 @@ class Publisher:
     ) -> Uploaded:
         """Upload the tree. `interrupted`: an earlier attempt may have left parts and objects.
         `acknowledged`: what the state kept of a tree an earlier attempt uploaded whole."""
+        stored = self.stored_before.pop(result.rel.as_posix(), {})
         files = await asyncio.to_thread(self._list_tree, result)
         await asyncio.to_thread(settled, result, files)
         started = time.monotonic()
@@ -214,13 +224,26 @@ class Publisher:
         progress = self.uploads[result.rel.as_posix()] = Progress(
             printable(result.name), len(files), total, stream
         )
-        md5: dict[str, str] = {}
+        md5 = {f.rel: stored[f] for f in files if f in stored}
+        if md5:
+            logger.info(
+                "{}: {} files the store acknowledged in an earlier attempt are not sent again",
+                result.name,
+                len(md5),
+            )
+            progress.advance(sum(f.size for f in files if f.rel in md5), len(md5))
         try:
             # Zarr metadata documents only once every chunk is stored.
-            chunks = [f for f in files if not is_zarr_metadata(f.rel)]
+            unsent = [f for f in files if f.rel not in md5]
+            chunks = [f for f in unsent if not is_zarr_metadata(f.rel)]
             await self._upload(result, chunks, md5, progress)
-            documents = [f for f in files if is_zarr_metadata(f.rel)]
+            documents = [f for f in unsent if is_zarr_metadata(f.rel)]
             await self._upload(result, documents, md5, progress)
+        except BaseException:
+            self.stored_before[result.rel.as_posix()] = {
+                f: md5[f.rel] for f in files if f.rel in md5
+            }
+            raise
         finally:
             self.uploads.pop(result.rel.as_posix(), None)
         if not await asyncio.to_thread(self._unchanged, result, files):
@@ -374,11 +397,7 @@ class Publisher:
         async def worker() -> None:
             # Workers pull from one iterator, so memory does not grow with the file count.
             for file in pending:
-                async with self.budget.hold(self.store.held(file.size)):
-                    with open_listed(result, file) as path:
-                        body = Body(path, file.size, changed())
-                        await self._put(body, result.key(file.rel), file.rel)
-                md5[file.rel] = body.hexdigest()
+                md5[file.rel] = await self._send(result, file)
                 self.acknowledged_at = time.monotonic()
                 progress.advance(file.size)
 
@@ -389,6 +408,35 @@ class Publisher:
                     group.create_task(worker())
         except* SyncdError as errors:
             raise errors.exceptions[0] from None
+
+    async def _send(self, result: Result, file: LocalFile) -> str:
+        """Upload one file, sent again while the store pushes back (fewer files in flight each
+        time, after a pause that grows); returns its MD5 once the store acknowledged it."""
+        for refusals in itertools.count(1):
+            try:
+                async with self.budget.hold(self.store.held(file.size)):
+                    with open_listed(result, file) as path:
+                        body = Body(path, file.size, changed())
+                        await self._put(body, result.key(file.rel), file.rel)
+            except SyncdError as exc:
+                if not exc.throttled or refusals > PUSHED_BACK_TRIES:
+                    raise
+                if self.budget.pushed_back():
+                    logger.info(
+                        "{}: the store pushes back (SlowDown): at most {} files in flight now",
+                        result.name,
+                        self.budget.transfers,
+                    )
+                pause = min(PUSHED_BACK_PAUSE * 2**refusals, PUSHED_BACK_MAX_PAUSE)
+                await asyncio.sleep(random.uniform(pause / 2, pause))
+                continue
+            if self.budget.acknowledged():
+                logger.info(
+                    "the store takes requests again: up to {} files in flight",
+                    self.budget.transfers,
+                )
+            return body.hexdigest()
+        raise AssertionError("unreachable")
 
     async def _put(self, body: Body, key: str, rel: str) -> None:
         """One file, within a deadline the client's own timeouts should never reach: a

@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import status_of
 from tests.proxy import Proxy
+from tests.pushback import PushBack
 from tests.readme import as_quoted, log_example
 from tests.servers import S3Server, wait_until
 
@@ -492,3 +493,37 @@ def test_a_store_that_takes_an_upload_and_never_answers_is_given_up_in_a_minute(
     )
     assert 61 <= took < 75
     assert ws.metadata("exec_5_abcdef05").get("storage_type") != "s3"
+
+
+@pytest.mark.parametrize("rust", [True, False], ids=["obstore", "s3fs"])
+def test_a_store_that_pushes_back_gets_each_file_once_and_every_result_in_time(
+    moto_workspace, rust
+):
+    """The store answers 503 SlowDown to writes above 40 a second, as S3 does to a prefix
+    written too fast: syncd sends fewer at once, never sends a file the store acknowledged
+    again, and records every result in about the time that rate allows."""
+    ws = moto_workspace
+    ws.settings["syncd"]["retry_min_delay"] = 0.5
+    names = [f"exec_6_abcdef{i:02d}" for i in range(4)]
+    for name in names:
+        ws.result(name, {f"results.zarr/t2m/{i}.0": os.urandom(2048) for i in range(100)})
+    with PushBack(ws.server.port, rate=40) as store:
+        ws.settings["object_storage"]["endpoint_url"] = store.endpoint
+        ws.settings["object_storage"]["use_rust_client"] = rust
+        daemon = ws.daemon()
+        started = time.monotonic()
+        for name in names:
+            ws.mark(name)
+        wait_until(
+            lambda: all(ws.recorded(n) for n in names), timeout=120, what="every result recorded"
+        )
+        took = time.monotonic() - started
+        assert daemon.terminate() == 0
+        refused, puts = store.refused, store.puts()
+
+    assert refused > 0  # it did push back
+    assert len(puts) == 400 and set(puts.values()) == {1}, puts.most_common(3)
+    assert took < 400 / 40 * 3
+    for name in names:
+        assert len(ws.metadata(name)["output_files"]) == 100
+    assert "the store pushes back (SlowDown)" in daemon.log()

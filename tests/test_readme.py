@@ -247,6 +247,9 @@ def test_the_numbers_the_readme_gives_are_the_codes():
         f"(a 1 MiB file: {minutes(timeouts.request_timeout(MiB))}; an 8 MiB part: "
         f"{minutes(timeouts.request_timeout(chunk))})",
         f"no answer within {timeouts.request_timeout(budget.SLOWEST_RATE):.0f} s",
+        f"once it has not pushed back for {budget.RECOVERED:.0f} s",
+        f"doubles from up to {publish.PUSHED_BACK_PAUSE * 2:g} s to up to "
+        f"{publish.PUSHED_BACK_MAX_PAUSE:.0f} s, {publish.PUSHED_BACK_TRIES} times",
         f"({cli.CHECK_TIMEOUT:.0f} s at most)",
         f"gives up after {cli.CHECK_TIMEOUT:.0f} s",
         f"a tree more than {layout.MAX_DEPTH} folders deep",

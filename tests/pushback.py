@@ -1,0 +1,163 @@
+"""A front on 127.0.0.1 for a real S3 server that pushes back as S3 does when a prefix gets more
+writes than it takes: a write (PUT, POST, DELETE) above `rate` a second is answered 503
+SlowDown and never reaches the server; everything else is forwarded. Counts the writes it let
+through, per path, so a test sees whether a file was sent to the store twice.
+
+`with PushBack(port, rate) as front:` starts it in its own thread and stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from types import TracebackType
+
+SLOWDOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+
+
+class PushBack:
+    def __init__(self, target_port: int, rate: float) -> None:
+        self.target_port = target_port
+        self.rate = rate  # writes a second it lets through, all connections together
+        self.tokens = 1.0
+        self.last = time.monotonic()
+        self.refused = 0
+        self.forwarded: Counter[str] = Counter()  # "METHOD /path?query" -> times let through
+        self.port = 0
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> PushBack:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    def puts(self) -> Counter[str]:
+        """PutObject and UploadPart requests let through, by path and query."""
+        return Counter({k: n for k, n in self.forwarded.items() if k.startswith("PUT ")})
+
+    async def _start(self) -> None:
+        self.server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in list(self.writers):
+            writer.close()
+        await self.server.wait_closed()
+
+    def _admit(self) -> bool:
+        """A token bucket of `rate` a second, holding a tenth of a second's worth at most."""
+        now = time.monotonic()
+        self.tokens = min(max(1.0, self.rate / 10), self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+    async def _connection(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter):
+        try:
+            server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            client_w.close()
+            return
+        self.writers |= {client_w, server_w}
+        up = asyncio.ensure_future(self._requests(client_r, client_w, server_w))
+        down = asyncio.ensure_future(self._answers(server_r, client_w))
+        await asyncio.wait([up, down], return_when=asyncio.FIRST_COMPLETED)
+        for writer in (client_w, server_w):
+            writer.close()
+            self.writers.discard(writer)
+        await asyncio.gather(up, down, return_exceptions=True)
+
+    async def _answers(self, server_r: asyncio.StreamReader, client_w: asyncio.StreamWriter):
+        with _gone():
+            while data := await server_r.read(65536):
+                client_w.write(data)
+                await client_w.drain()
+
+    async def _requests(
+        self,
+        client_r: asyncio.StreamReader,
+        client_w: asyncio.StreamWriter,
+        server_w: asyncio.StreamWriter,
+    ) -> None:
+        """One request after another (a client sends the next only once it has the answer to
+        the last, so a refusal written here never cuts into a forwarded answer)."""
+        with _gone():
+            while True:
+                try:
+                    head = await client_r.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    return
+                method, target = head.split(b" ", 2)[:2]
+                headers = dict(
+                    (name.strip().lower(), value.strip())
+                    for name, _, value in (
+                        line.partition(b":") for line in head.split(b"\r\n")[1:] if line
+                    )
+                )
+                length = int(headers.get(b"content-length", b"0"))
+                waits = headers.get(b"expect", b"").lower() == b"100-continue"
+                write = method in (b"PUT", b"POST", b"DELETE")
+                if write and not self._admit():
+                    self.refused += 1
+                    if waits:  # the body never comes: say no, and end the connection
+                        client_w.write(_answer(close=True))
+                        await client_w.drain()
+                        return
+                    await client_r.readexactly(length)
+                    client_w.write(_answer(close=False))
+                    await client_w.drain()
+                    continue
+                if write:
+                    self.forwarded[f"{method.decode()} {target.decode()}"] += 1
+                server_w.write(head)
+                left = length
+                while left:
+                    piece = await client_r.read(min(left, 65536))
+                    if not piece:
+                        return
+                    server_w.write(piece)
+                    await server_w.drain()
+                    left -= len(piece)
+
+
+def _answer(close: bool) -> bytes:
+    return (
+        b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+        + f"Content-Length: {len(SLOWDOWN)}\r\n".encode()
+        + (b"Connection: close\r\n" if close else b"")
+        + b"\r\n"
+        + SLOWDOWN
+    )
+
+
+class _gone:
+    """Ends a pipe quietly when either side went away."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: object, tb: object) -> bool:
+        return kind is not None and issubclass(kind, (ConnectionError, OSError))
