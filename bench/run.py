@@ -6,6 +6,7 @@ on loopback and through a distant link.
     .venv/bin/python -m bench.run --rtt-ms 40 --link-mbps 40       # loopback and one such link
     .venv/bin/python -m bench.run --reps 1 --profiles mixed --servers rclone   # a quick look
     .venv/bin/python -m bench.run --scale     # also 2,000 marked results, 100,000 files, backlog
+    .venv/bin/python -m bench.run --pushback 50   # also 10 results to a store taking 50 writes/s
 
 Trees come from ../shared/bench/gen_tree.py; rclone serve s3 and moto start on 127.0.0.1. A link
 (`40ms@40MBps`: 40 ms round trips, 40 MB/s each way shared by all connections) is
@@ -40,6 +41,7 @@ from typing import IO, NamedTuple
 
 import yaml
 
+from tests.pushback import PushBack
 from tests.servers import KEY, SECRET, S3Server, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +54,7 @@ SYNCD_CLIENTS = {"syncd-obstore": True, "syncd-s3fs": False}  # name: use_rust_c
 PEERS = ["msc_server", "msc_best", "obstore_async64", "s5cmd", "rclone_tuned"]
 SKIPS_DOTFILES = {"msc_server"}  # StorageClient.sync_from does
 BACKLOG, WIDE = 2000, 100_000  # results marked before start; files in one result
+PUSHED, PUSHED_FILES = 10, 200  # results sent to a store that pushes back, and their files
 TIMEOUT = 240.0  # seconds any one upload may take here before it counts as hung
 
 
@@ -238,6 +241,12 @@ class Syncd:
         records = [json.loads(line)["record"] for line in lines if line.startswith("{")]
         return [r["time"]["timestamp"] for r in records if text in r["message"]]
 
+    def messages(self, text: str) -> list[str]:
+        """Every message it logged that holds `text`."""
+        lines = self.log.read_text().splitlines()
+        records = [json.loads(line)["record"] for line in lines if line.startswith("{")]
+        return [r["message"] for r in records if text in r["message"]]
+
     def metric(self, name: str) -> float | None:
         text = self.metrics.read_text() if self.metrics.exists() else ""
         values = [line.split()[1] for line in text.splitlines() if line.startswith(f"{name} ")]
@@ -406,6 +415,45 @@ def backlog(work: Path, server: S3Server, via: S3Server, prefix: str, label: str
     )
 
 
+def pushback(work: Path, server: S3Server, prefix: str, rate: float, rust: bool) -> str:
+    """PUSHED results of PUSHED_FILES small files each, marked before the daemon starts, to a
+    store that answers 503 SlowDown to writes above `rate` a second (tests/pushback.py), as S3
+    does to a prefix written too fast: how near the time that rate allows, how many refusals,
+    how many files sent to the store more than once."""
+    outputs = DATA / "pushback"
+    shutil.rmtree(outputs, ignore_errors=True)
+    names = [f"exec_{1769570000 + i}_{i:08x}" for i in range(PUSHED)]
+    files = {f"results.zarr/t2m/{i}.0": 16 * 1024 for i in range(PUSHED_FILES)}
+    write_files(outputs, {f"{name}/{rel}": size for name in names for rel, size in files.items()})
+    write_files(outputs, {f"{name}.done": 0 for name in names})
+    client = "syncd-obstore" if rust else "syncd-s3fs"
+    with PushBack(server.port, rate) as front:
+        via = replace(server, port=front.port)
+        with Syncd(work, via, outputs, f"{prefix}pushback/{client}/", rust=rust) as daemon:
+            wait_until(
+                lambda: len(daemon.said("; recorded in ")) >= PUSHED,
+                timeout=5 * TIMEOUT,
+                what=f"{PUSHED} results recorded",
+            )
+            cpu, rss = process_figures(daemon.process.pid)
+            last = max(daemon.said("; recorded in ")) - daemon.started
+            narrowest = min(
+                (int(m.split("at most ")[1].split()[0]) for m in daemon.messages("pushes back")),
+                default=0,
+            )
+        refused, puts = front.refused, front.puts()
+    expected = {f"{n}/{rel}": size for n in names for rel, size in files.items()}
+    ok = verified(server, f"{prefix}pushback/{client}/", expected)
+    floor = len(expected) / rate
+    return (
+        f"- {client}: {PUSHED} results of {PUSHED_FILES} files to a store taking {rate:g} "
+        f"writes/s: all recorded after {last:.1f} s ({last / floor:.2f} x the {floor:.0f} s that "
+        f"rate allows), {refused} requests refused, narrowest {narrowest} files in flight, "
+        f"{sum(n > 1 for n in puts.values())} files sent to the store more than once, cpu "
+        f"{cpu:.1f} s, peak rss {rss:.0f} MB" + ("" if ok else " NOT VERIFIED")
+    )
+
+
 def wide(work: Path, server: S3Server, prefix: str, tree: Path) -> str:
     """One result of WIDE files."""
     f = measure_syncd(work, server, tree, f"{prefix}wide/", rust=True)
@@ -499,6 +547,9 @@ def main() -> int:
     parser.add_argument("--clients", default=",".join([*SYNCD_CLIENTS, *PEERS]))
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--scale", action="store_true", help="also: 2,000 results, 100,000 files")
+    parser.add_argument(
+        "--pushback", type=float, help="also: to a store taking this many writes/s (503 above)"
+    )
     args = parser.parse_args()
     profiles, names = args.profiles.split(","), args.servers.split(",")
     cases = [Case.parse(spec) for spec in args.links.split(",")]
@@ -567,6 +618,12 @@ def main() -> int:
                 wide(work, first, f"{run_id}/", root / "wide" / "exec_wide"),
             ]
             report += ["\n### scale (syncd-obstore)\n", *scaled]
+        if args.pushback:
+            first = servers[names[0]]
+            report += ["\n### a store that pushes back (503 SlowDown)\n"] + [
+                pushback(work, first, f"{run_id}/", args.pushback, rust)
+                for rust in SYNCD_CLIENTS.values()
+            ]
         report.append(
             "\nsyncd overhead on a one-file result (marker dropped -> metadata written, minus "
             f"the upload itself): median {statistics.median(overheads) * 1000:.0f} ms over "

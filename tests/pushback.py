@@ -75,7 +75,9 @@ class PushBack:
         self.tokens -= 1
         return True
 
-    async def _connection(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter):
+    async def _connection(
+        self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter
+    ) -> None:
         try:
             server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
@@ -90,7 +92,9 @@ class PushBack:
             self.writers.discard(writer)
         await asyncio.gather(up, down, return_exceptions=True)
 
-    async def _answers(self, server_r: asyncio.StreamReader, client_w: asyncio.StreamWriter):
+    async def _answers(
+        self, server_r: asyncio.StreamReader, client_w: asyncio.StreamWriter
+    ) -> None:
         with _gone():
             while data := await server_r.read(65536):
                 client_w.write(data)
