@@ -57,6 +57,8 @@ QUIET = 30.0
 PUSHED_BACK_TRIES = 10
 PUSHED_BACK_PAUSE = 0.25
 PUSHED_BACK_MAX_PAUSE = 16.0
+# Results whose acknowledged files are remembered after a failed attempt (the last to fail).
+REMEMBERED = 256
 
 
 def changed() -> SyncdError:
@@ -239,15 +241,13 @@ class Publisher:
             await self._upload(result, chunks, md5, progress)
             documents = [f for f in unsent if is_zarr_metadata(f.rel)]
             await self._upload(result, documents, md5, progress)
+            if not await asyncio.to_thread(self._unchanged, result, files):
+                raise changed()
         except BaseException:
-            self.stored_before[result.rel.as_posix()] = {
-                f: md5[f.rel] for f in files if f.rel in md5
-            }
+            self._remember(result, files, md5)
             raise
         finally:
             self.uploads.pop(result.rel.as_posix(), None)
-        if not await asyncio.to_thread(self._unchanged, result, files):
-            raise changed()
         if interrupted:
             await self._remove_strays(result, files)
         seconds = time.monotonic() - started
@@ -357,6 +357,13 @@ class Publisher:
             return
         if aborted:
             logger.info("{}: aborted {} unfinished multipart uploads", result.name, aborted)
+
+    def _remember(self, result: Result, files: list[LocalFile], md5: dict[str, str]) -> None:
+        """Keep what the store acknowledged of an attempt that failed, for the next one; of the
+        REMEMBERED results that failed last (one removed meanwhile is never tried again)."""
+        self.stored_before[result.rel.as_posix()] = {f: md5[f.rel] for f in files if f.rel in md5}
+        while len(self.stored_before) > REMEMBERED:
+            del self.stored_before[next(iter(self.stored_before))]
 
     async def _remove_strays(self, result: Result, files: list[LocalFile]) -> None:
         """Delete objects under the result's prefix that are not files of the tree (left by an

@@ -9,21 +9,21 @@ through, per path, so a test sees whether a file was sent to the store twice.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections import Counter
 from types import TracebackType
 
-SLOWDOWN = (
-    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
-    b"<Message>Please reduce your request rate.</Message></Error>"
-)
-
 
 class PushBack:
-    def __init__(self, target_port: int, rate: float) -> None:
+    def __init__(
+        self, target_port: int, rate: float = math.inf, broken: str = "", broken_times: int = 0
+    ) -> None:
         self.target_port = target_port
         self.rate = rate  # writes a second it lets through, all connections together
+        self.broken = broken  # writes whose path holds this are failed...
+        self.broken_times = broken_times  # ...this many times
         self.tokens = 1.0
         self.last = time.monotonic()
         self.refused = 0
@@ -67,6 +67,8 @@ class PushBack:
 
     def _admit(self) -> bool:
         """A token bucket of `rate` a second, holding a tenth of a second's worth at most."""
+        if self.rate == math.inf:
+            return True
         now = time.monotonic()
         self.tokens = min(max(1.0, self.rate / 10), self.tokens + (now - self.last) * self.rate)
         self.last = now
@@ -124,14 +126,22 @@ class PushBack:
                 length = int(headers.get(b"content-length", b"0"))
                 waits = headers.get(b"expect", b"").lower() == b"100-continue"
                 write = method in (b"PUT", b"POST", b"DELETE")
-                if write and not self._admit():
+                broken = write and self.broken and self.broken.encode() in target
+                if broken and self.broken_times > 0:
+                    self.broken_times -= 1
+                    refusal = _answer(500, "InternalError", waits)
+                elif write and not self._admit():
                     self.refused += 1
+                    refusal = _answer(503, "SlowDown", waits)
+                else:
+                    refusal = b""
+                if refusal:
                     if waits:  # the body never comes: say no, and end the connection
-                        client_w.write(_answer(close=True))
+                        client_w.write(refusal)
                         await client_w.drain()
                         return
                     await client_r.readexactly(length)
-                    client_w.write(_answer(close=False))
+                    client_w.write(refusal)
                     await client_w.drain()
                     continue
                 if write:
@@ -147,13 +157,17 @@ class PushBack:
                     left -= len(piece)
 
 
-def _answer(close: bool) -> bytes:
+def _answer(status: int, code: str, close: bool) -> bytes:
+    body = (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+        f"<Message>{code} (tests/pushback.py)</Message></Error>"
+    ).encode()
     return (
-        b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
-        + f"Content-Length: {len(SLOWDOWN)}\r\n".encode()
+        f"HTTP/1.1 {status} {code}\r\nContent-Type: application/xml\r\n".encode()
+        + f"Content-Length: {len(body)}\r\n".encode()
         + (b"Connection: close\r\n" if close else b"")
         + b"\r\n"
-        + SLOWDOWN
+        + body
     )
 
 

@@ -527,3 +527,30 @@ def test_a_store_that_pushes_back_gets_each_file_once_and_every_result_in_time(
     for name in names:
         assert len(ws.metadata(name)["output_files"]) == 100
     assert "the store pushes back (SlowDown)" in daemon.log()
+
+
+@pytest.mark.parametrize("rust", [True, False], ids=["obstore", "s3fs"])
+def test_the_next_attempt_sends_only_what_the_store_has_not_acknowledged(moto_workspace, rust):
+    """One file's writes fail with 500 past every retry of the client's: the attempt fails,
+    and the next ones send that file alone, not the 19 the store had acknowledged."""
+    ws = moto_workspace
+    ws.settings["syncd"]["retry_min_delay"] = 0.2
+    files = {f"results.zarr/t2m/{i}.0": os.urandom(4096) for i in range(20)}
+    ws.result("exec_7_abcdef07", files)
+    with PushBack(ws.server.port, broken="t2m/7.0", broken_times=12) as store:
+        ws.settings["object_storage"]["endpoint_url"] = store.endpoint
+        ws.settings["object_storage"]["use_rust_client"] = rust
+        daemon = ws.daemon()
+        ws.mark("exec_7_abcdef07")
+        wait_until(lambda: ws.recorded("exec_7_abcdef07"), timeout=120, what="the result recorded")
+        assert daemon.terminate() == 0
+        puts = store.puts()
+
+    assert ws.objects() == {f"outputs/exec_7_abcdef07/{k}": v for k, v in files.items()}
+    assert len(puts) == 20 and set(puts.values()) == {1}, puts.most_common(3)
+    log = daemon.log()
+    assert "exec_7_abcdef07: upload of outputs/exec_7_abcdef07/results.zarr/t2m/7.0 failed" in log
+    assert (
+        "exec_7_abcdef07: 19 files the store acknowledged in an earlier attempt are not sent again"
+        in log
+    )
