@@ -14,11 +14,78 @@ import itertools
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from types import TracebackType
+from typing import Any, Self
 
 
-class Proxy:
+class Front:
+    """A TCP server on 127.0.0.1 in front of a real server, on its own event loop in a thread;
+    `with` starts and stops it. Subclasses handle each connection."""
+
+    def __init__(self, target_port: int, port: int = 0) -> None:
+        self.target_port = target_port
+        self.port = port  # where it listens: a free port unless given
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    async def _start(self) -> None:
+        self.server = await asyncio.start_server(self._connection, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in list(self.writers):  # each connection then ends by itself
+            writer.close()
+        await self.server.wait_closed()
+
+    async def _connection(
+        self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter
+    ) -> None:
+        try:
+            server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            client_w.close()
+            return
+        self.writers |= {client_w, server_w}
+        up, down = map(asyncio.ensure_future, self._pipes(client_r, client_w, server_r, server_w))
+        await asyncio.wait([up, down], return_when=asyncio.FIRST_COMPLETED)
+        for writer in (client_w, server_w):
+            writer.close()
+            self.writers.discard(writer)
+        await asyncio.gather(up, down, return_exceptions=True)
+
+    def _pipes(
+        self,
+        client_r: asyncio.StreamReader,
+        client_w: asyncio.StreamWriter,
+        server_r: asyncio.StreamReader,
+        server_w: asyncio.StreamWriter,
+    ) -> tuple[Coroutine[Any, Any, None], Coroutine[Any, Any, None]]:
+        """What carries the client's bytes to the server, and what carries the answers back."""
+        raise NotImplementedError
+
+
+class Proxy(Front):
     def __init__(
         self,
         target_port: int,
@@ -37,7 +104,7 @@ class Proxy:
         observer: Callable[[int, bool, bytes], None] | None = None,
         port: int = 0,  # where it listens: a free port unless given
     ) -> None:
-        self.target_port = target_port
+        super().__init__(target_port, port)
         self.rate = rate
         self.delay = delay
         self.rtt = rtt
@@ -50,60 +117,28 @@ class Proxy:
         self.swallow_puts = swallow_puts
         self.swallowed = 0  # PUT requests taken and never answered
         self.connections = itertools.count()
-        self.port = port
         self.sent = 0  # bytes forwarded to the server, all connections
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.allowance = 0.0
         self.last = time.monotonic()
         self.lock: asyncio.Lock | None = None
-        self.server: asyncio.Server | None = None
-        self.writers: set[asyncio.StreamWriter] = set()
         self.requests = InFlight()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> Proxy:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
     async def _start(self) -> None:
         self.lock = asyncio.Lock()
-        self.server = await asyncio.start_server(self._connection, "127.0.0.1", self.port)
-        self.port = self.server.sockets[0].getsockname()[1]
+        await super()._start()
 
-    async def _stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for writer in list(self.writers):  # each connection then ends by itself
-            writer.close()
-        await self.server.wait_closed()
-
-    async def _connection(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter):
-        try:
-            server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            client_w.close()
-            return
-        self.writers |= {client_w, server_w}
+    def _pipes(
+        self,
+        client_r: asyncio.StreamReader,
+        client_w: asyncio.StreamWriter,
+        server_r: asyncio.StreamReader,
+        server_w: asyncio.StreamWriter,
+    ) -> tuple[Coroutine[Any, Any, None], Coroutine[Any, Any, None]]:
         number = next(self.connections)
-        up = asyncio.ensure_future(self._pipe(client_r, server_w, number, upstream=True))
-        down = asyncio.ensure_future(self._pipe(server_r, client_w, number, upstream=False))
-        await asyncio.wait([up, down], return_when=asyncio.FIRST_COMPLETED)
-        for writer in (client_w, server_w):
-            writer.close()
-            self.writers.discard(writer)
-        await asyncio.gather(up, down, return_exceptions=True)
+        return (
+            self._pipe(client_r, server_w, number, upstream=True),
+            self._pipe(server_r, client_w, number, upstream=False),
+        )
 
     async def _pipe(
         self,

@@ -1,26 +1,29 @@
 """A front on 127.0.0.1 for a real S3 server that pushes back as S3 does when a prefix gets more
 writes than it takes: a write (PUT, POST, DELETE) above `rate` a second is answered 503
-SlowDown and never reaches the server; everything else is forwarded. Counts the writes it let
-through, per path, so a test sees whether a file was sent to the store twice.
+SlowDown and never reaches the server; everything else is forwarded. It can also fail the writes
+to one key with 500 InternalError a number of times. Counts the writes it let through, per
+path, so a test sees whether a file was sent to the store twice.
 
-`with PushBack(port, rate) as front:` starts it in its own thread and stops it.
+`with PushBack(port, rate) as front:` starts it on its own event loop and stops it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-import threading
 import time
 from collections import Counter
-from types import TracebackType
+from collections.abc import Coroutine
+from typing import Any
+
+from tests.proxy import Front
 
 
-class PushBack:
+class PushBack(Front):
     def __init__(
         self, target_port: int, rate: float = math.inf, broken: str = "", broken_times: int = 0
     ) -> None:
-        self.target_port = target_port
+        super().__init__(target_port)
         self.rate = rate  # writes a second it lets through, all connections together
         self.broken = broken  # writes whose path holds this are failed...
         self.broken_times = broken_times  # ...this many times
@@ -28,42 +31,10 @@ class PushBack:
         self.last = time.monotonic()
         self.refused = 0
         self.forwarded: Counter[str] = Counter()  # "METHOD /path?query" -> times let through
-        self.port = 0
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.server: asyncio.Server | None = None
-        self.writers: set[asyncio.StreamWriter] = set()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> PushBack:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
     def puts(self) -> Counter[str]:
         """PutObject and UploadPart requests let through, by path and query."""
         return Counter({k: n for k, n in self.forwarded.items() if k.startswith("PUT ")})
-
-    async def _start(self) -> None:
-        self.server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def _stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for writer in list(self.writers):
-            writer.close()
-        await self.server.wait_closed()
 
     def _admit(self) -> bool:
         """A token bucket of `rate` a second, holding a tenth of a second's worth at most."""
@@ -77,22 +48,14 @@ class PushBack:
         self.tokens -= 1
         return True
 
-    async def _connection(
-        self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter
-    ) -> None:
-        try:
-            server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            client_w.close()
-            return
-        self.writers |= {client_w, server_w}
-        up = asyncio.ensure_future(self._requests(client_r, client_w, server_w))
-        down = asyncio.ensure_future(self._answers(server_r, client_w))
-        await asyncio.wait([up, down], return_when=asyncio.FIRST_COMPLETED)
-        for writer in (client_w, server_w):
-            writer.close()
-            self.writers.discard(writer)
-        await asyncio.gather(up, down, return_exceptions=True)
+    def _pipes(
+        self,
+        client_r: asyncio.StreamReader,
+        client_w: asyncio.StreamWriter,
+        server_r: asyncio.StreamReader,
+        server_w: asyncio.StreamWriter,
+    ) -> tuple[Coroutine[Any, Any, None], Coroutine[Any, Any, None]]:
+        return self._requests(client_r, client_w, server_w), self._answers(server_r, client_w)
 
     async def _answers(
         self, server_r: asyncio.StreamReader, client_w: asyncio.StreamWriter
