@@ -112,15 +112,17 @@ class TransferBudget:
         return self.window < self.most()
 
     def pushed_back(self) -> bool:
-        """The store refused a file for the rate of requests; True if the window was halved."""
+        """The store refused a file for the rate of requests; True if that narrowed the window
+        (at one file it cannot narrow further)."""
         now = time.monotonic()
         self.pushed_at = now
         width = min(self.window, self.most())
         if self.since_narrowed < width and now - self.narrowed_at < PUSHBACK_EVERY:
             return False  # a refusal of the same window: halved for it already
+        before = self.transfers
         self.window = max(1.0, min(width, self.active) / 2)
         self.narrowed_at, self.since_narrowed = now, 0
-        return True
+        return self.transfers != before
 
     def acknowledged(self) -> bool:
         """A file was stored; True if that ended a narrowing (the window is whole again)."""

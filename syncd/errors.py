@@ -120,7 +120,10 @@ STORE_REMEDIES = {
     "InvalidBucketName": CHECK_BUCKET,
     "PermanentRedirect": CHECK_BUCKET,
     "AuthorizationHeaderMalformed": CHECK_BUCKET,
-    "InvalidRequest": "if use_transfer_acceleration is on, ensure it is enabled on the bucket",
+    "InvalidRequest": "the bucket refuses this kind of request (its message says why): check the "
+    "bucket's settings",
+    "RequestTimeTooSkewed": "this host's clock is off: set it right (NTP: timedatectl "
+    "set-ntp true)",
 }
 # What AWS answers on the accelerate endpoint for a bucket without acceleration (InvalidRequest:
 # "S3 Transfer Acceleration is not configured on this bucket"); acceleration is on by default.

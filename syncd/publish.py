@@ -22,6 +22,7 @@ import errno
 import hashlib
 import itertools
 import json
+import math
 import os
 import random
 import shutil
@@ -177,6 +178,7 @@ class Publisher:
         # result rel -> the files the store acknowledged in an attempt that failed, with their
         # MD5: the next attempt does not send them again while they stay the same.
         self.stored_before: dict[str, dict[LocalFile, str]] = {}
+        self.narrowest_said: float = math.inf  # the narrowest window said, while narrowed
         # One bound for every result this publisher uploads.
         self.budget = TransferBudget(
             lambda: files_in_flight(self.storage.max_concurrency, settings.syncd.max_bandwidth),
@@ -208,12 +210,14 @@ class Publisher:
                 return Uploaded(files, earlier, total, 0.0, done, sent=False)
             logger.warning(
                 "{}: the bucket lacks {} of the {} files an earlier attempt uploaded (first: "
-                "{}); sending the tree again",
+                "{}); sending them again",
                 result.name,
                 len(lacking),
                 len(files),
                 result.key(lacking[0].rel),
             )
+            missing = set(lacking)
+            stored |= {f: earlier[f.rel] for f in files if f not in missing and f.rel in earlier}
             interrupted = True
         if not files:
             logger.warning(
@@ -271,7 +275,7 @@ class Publisher:
             return await asyncio.to_thread(self._record, result, kept, replaceable)
         # A listing costs little on S3, but some servers hash every object to answer it
         # (rclone: ~0.7 s per 500 MB), so it is paid only where it guards the last copy.
-        await self._verify(result, uploaded.files)
+        await self._verify(result, uploaded)
         aside = await asyncio.to_thread(move_aside, result, uploaded.files)
         try:
             stamp = await asyncio.to_thread(self._record, result, kept, replaceable)
@@ -428,19 +432,22 @@ class Publisher:
             except SyncdError as exc:
                 if not exc.throttled or refusals > PUSHED_BACK_TRIES:
                     raise
-                if self.budget.pushed_back():
+                if self.budget.pushed_back() and self.budget.transfers < self.narrowest_said:
+                    # Said at each new low, not at each swing of the window around it.
+                    self.narrowest_said = self.budget.transfers
                     logger.info(
-                        "{}: the store pushes back (SlowDown): at most {} files in flight now",
+                        "{}: the store pushes back (SlowDown): at most {} in flight now",
                         result.name,
-                        self.budget.transfers,
+                        files(self.budget.transfers),
                     )
                 pause = min(PUSHED_BACK_PAUSE * 2**refusals, PUSHED_BACK_MAX_PAUSE)
                 await asyncio.sleep(random.uniform(pause / 2, pause))
                 continue
             if self.budget.acknowledged():
+                self.narrowest_said = math.inf
                 logger.info(
-                    "the store takes requests again: up to {} files in flight",
-                    self.budget.transfers,
+                    "the store takes requests again: up to {} in flight",
+                    files(self.budget.transfers),
                 )
             return body.hexdigest()
         raise AssertionError("unreachable")
@@ -472,15 +479,22 @@ class Publisher:
         listed = await self.store.sizes(f"{result.remote_path}/")
         return [f for f in files if listed.get(result.key(f.rel)) != f.size], listed
 
-    async def _verify(self, result: Result, files: list[LocalFile]) -> None:
+    async def _verify(self, result: Result, uploaded: Uploaded) -> None:
+        files = uploaded.files
         wrong, listed = await self._lacking(result, files)
         if wrong:
+            # The files it lists are not sent again: only those it lacks.
+            held = set(files) - set(wrong)
+            self._remember(result, [f for f in files if f in held], uploaded.md5)
             first = wrong[0]
+            there = listed.get(result.key(first.rel))
             raise SyncdError(
                 f"after upload the bucket lacks {len(wrong)} of {len(files)} files "
                 f"or holds other sizes (first: {result.key(first.rel)}, "
-                f"{first.size} bytes locally, {listed.get(result.key(first.rel))} in the bucket); "
-                "the local tree is kept"
+                f"{first.size} bytes locally, "
+                f"{'absent from the bucket' if there is None else f'{there} in the bucket'}); "
+                "the local tree is kept and they are sent again; if this repeats, the store "
+                "does not keep what it acknowledges: check it"
             )
 
     def _record(
@@ -501,6 +515,10 @@ class Publisher:
         return metadata.write_atomic(
             result, metadata.recorded(latest, result, kept.output_files, signed_url)
         )
+
+
+def files(count: int) -> str:
+    return f"{count} file{'' if count == 1 else 's'}"
 
 
 @contextlib.contextmanager

@@ -97,6 +97,9 @@ class Proxy(Front):
         corrupt_connections: int | None = None,  # ...of the first this many connections only
         delay_listings: float = 0.0,  # seconds before each GET (a listing) reaches the server
         lie_etags: bool = False,  # answer every MD5 ETag as another one (an encrypting store)
+        # Every listing says there is more, and the next page is always the first: a store
+        # that pages forever.
+        endless_listings: bool = False,
         # From a PUT on (PutObject, UploadPart), a connection takes every byte and answers
         # nothing, not even "100 Continue": a store that hangs.
         swallow_puts: bool = False,
@@ -114,6 +117,8 @@ class Proxy(Front):
         self.delay_listings = delay_listings
         self.observer = observer
         self.lie_etags = lie_etags
+        self.endless_listings = endless_listings
+        self.listings = 0  # listing requests seen
         self.swallow_puts = swallow_puts
         self.swallowed = 0  # PUT requests taken and never answered
         self.connections = itertools.count()
@@ -185,6 +190,13 @@ class Proxy(Front):
                         await asyncio.sleep(self.delay)
                     if self.delay_listings and data.startswith(b"GET "):
                         await asyncio.sleep(self.delay_listings)
+                    if (
+                        self.endless_listings
+                        and data.startswith(b"GET /")
+                        and b"list-type=2" in data
+                    ):
+                        self.listings += 1
+                        data = re.sub(rb"&?continuation-token=[^& ]*", b"", data, count=1)
                     if self.rate:
                         await self._throttle(len(data))
                     if corrupt and offset <= self.corrupt_at < offset + len(data):  # type: ignore[operator]
@@ -196,6 +208,8 @@ class Proxy(Front):
                     self.sent += len(data)
                 elif self.lie_etags:
                     data = re.sub(rb'(?i)(etag: *"?)[0-9a-f]{32}', rb"\g<1>" + b"e" * 32, data)
+                elif self.endless_listings:
+                    data = endless(await whole_answer(reader, data))
                 if self.observer is not None:
                     self.observer(number, upstream, data)
                 if line is not None:
@@ -226,6 +240,32 @@ class Proxy(Front):
             self.allowance -= size
             if self.allowance < 0:
                 await asyncio.sleep(-self.allowance / self.rate)
+
+
+async def whole_answer(reader: asyncio.StreamReader, data: bytes) -> bytes:
+    """`data` and what follows it up to the end of the answer it begins (by Content-Length)."""
+    while data.startswith(b"HTTP/") and b"\r\n\r\n" not in data:
+        data += await reader.read(65536)
+    found = re.search(rb"(?i)\r\ncontent-length: *(\d+)", data.partition(b"\r\n\r\n")[0])
+    if not data.startswith(b"HTTP/") or found is None:
+        return data
+    while len(data.partition(b"\r\n\r\n")[2]) < int(found.group(1)):
+        more = await reader.read(65536)
+        if not more:
+            break
+        data += more
+    return data
+
+
+def endless(answer: bytes) -> bytes:
+    """A listing's whole answer, saying there is a next page."""
+    if b"<IsTruncated>false</IsTruncated>" not in answer:
+        return answer
+    more = b"<IsTruncated>true</IsTruncated><NextContinuationToken>AAAA</NextContinuationToken>"
+    head, _, body = answer.partition(b"\r\n\r\n")
+    body = body.replace(b"<IsTruncated>false</IsTruncated>", more)
+    head = re.sub(rb"(?i)content-length: *\d+", b"Content-Length: %d" % len(body), head)
+    return head + b"\r\n\r\n" + body
 
 
 class InFlight:

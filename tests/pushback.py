@@ -1,8 +1,8 @@
 """A front on 127.0.0.1 for a real S3 server that pushes back as S3 does when a prefix gets more
 writes than it takes: a write (PUT, POST, DELETE) above `rate` a second is answered 503
-SlowDown and never reaches the server; everything else is forwarded. It can also fail the writes
-to one key with 500 InternalError a number of times. Counts the writes it let through, per
-path, so a test sees whether a file was sent to the store twice.
+SlowDown and never reaches the server; everything else is forwarded. It can also answer the
+writes to one key with an error of its choice (or an empty 200) a number of times. Counts the
+writes it let through, per path, so a test sees whether a file was sent to the store twice.
 
 `with PushBack(port, rate) as front:` starts it on its own event loop and stops it.
 """
@@ -21,12 +21,18 @@ from tests.proxy import Front
 
 class PushBack(Front):
     def __init__(
-        self, target_port: int, rate: float = math.inf, broken: str = "", broken_times: int = 0
+        self,
+        target_port: int,
+        rate: float = math.inf,
+        broken: str = "",
+        broken_times: int = 0,
+        broken_answer: tuple[int, str] = (500, "InternalError"),
     ) -> None:
         super().__init__(target_port)
         self.rate = rate  # writes a second it lets through, all connections together
-        self.broken = broken  # writes whose path holds this are failed...
-        self.broken_times = broken_times  # ...this many times
+        self.broken = broken  # writes whose path holds this are answered...
+        self.broken_times = broken_times  # ...this many times...
+        self.broken_answer = broken_answer  # ...with this status and S3 code (200: empty, no ETag)
         self.tokens = 1.0
         self.last = time.monotonic()
         self.refused = 0
@@ -92,7 +98,7 @@ class PushBack(Front):
                 broken = write and self.broken and self.broken.encode() in target
                 if broken and self.broken_times > 0:
                     self.broken_times -= 1
-                    refusal = _answer(500, "InternalError", waits)
+                    refusal = _answer(*self.broken_answer, waits)
                 elif write and not self._admit():
                     self.refused += 1
                     refusal = _answer(503, "SlowDown", waits)
@@ -125,6 +131,8 @@ def _answer(status: int, code: str, close: bool) -> bytes:
         f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
         f"<Message>{code} (tests/pushback.py)</Message></Error>"
     ).encode()
+    if status == 200:
+        body = b""
     return (
         f"HTTP/1.1 {status} {code}\r\nContent-Type: application/xml\r\n".encode()
         + f"Content-Length: {len(body)}\r\n".encode()

@@ -6,6 +6,7 @@ uploads in flight, two daemons on one outputs dir, files changing during an uplo
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -526,7 +527,12 @@ def test_a_store_that_pushes_back_gets_each_file_once_and_every_result_in_time(
     assert took < 400 / 40 * 3
     for name in names:
         assert len(ws.metadata(name)["output_files"]) == 100
-    assert "the store pushes back (SlowDown)" in daemon.log()
+    said = [
+        int(line.split("at most ")[1].split()[0])
+        for line in daemon.log().splitlines()
+        if "pushes back" in line
+    ]
+    assert said and all(a > b for a, b in itertools.pairwise(said))  # each new low, once
 
 
 @pytest.mark.parametrize("rust", [True, False], ids=["obstore", "s3fs"])
@@ -554,3 +560,62 @@ def test_the_next_attempt_sends_only_what_the_store_has_not_acknowledged(moto_wo
         "exec_7_abcdef07: 19 files the store acknowledged in an earlier attempt are not sent again"
         in log
     )
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (
+            (403, "RequestTimeTooSkewed"),
+            "failed: RequestTimeTooSkewed: RequestTimeTooSkewed (tests/pushback.py): this host's "
+            "clock is off: set it right (NTP: timedatectl set-ntp true)",
+        ),
+        (
+            (200, ""),
+            "failed: s3://",
+        ),
+    ],
+    ids=["clock-skew", "no-etag"],
+)
+def test_a_store_answer_only_a_person_can_fix_says_what_to_fix(moto_workspace, answer, said):
+    """s3fs (whose client takes an empty 200 for a stored object) against a front that answers
+    every PUT so; the result is not recorded, and the line names the remedy."""
+    ws = moto_workspace
+    ws.result("exec_9_abcdef09", {"a.bin": os.urandom(4096)})
+    with PushBack(ws.server.port, broken="a.bin", broken_times=100, broken_answer=answer) as store:
+        ws.settings["object_storage"]["endpoint_url"] = store.endpoint
+        ws.settings["object_storage"]["use_rust_client"] = False
+        done = ws.sync("exec_9_abcdef09")
+
+    assert done.returncode == 1, done.stderr
+    assert f"exec_9_abcdef09: upload of outputs/exec_9_abcdef09/a.bin {said}" in done.stderr
+    if answer[0] == 200:
+        assert (
+            "via s3fs acknowledged it without an ETag, which no S3 store does: check that "
+            "endpoint_url is the store's S3 API" in done.stderr
+        )
+    assert ws.objects() == {}
+    assert ws.metadata("exec_9_abcdef09").get("storage_type") != "s3"
+
+
+@pytest.mark.parametrize("rust", [True, False], ids=["obstore", "s3fs"])
+def test_a_store_that_pages_a_listing_forever_is_a_failure_not_a_hang(moto_workspace, rust):
+    """With delete_local_after_upload the bucket is listed before the tree goes; a store whose
+    listing always has a next page, the first again, is named in one failure."""
+    ws = moto_workspace
+    ws.settings["syncd"]["delete_local_after_upload"] = True
+    files = {f"t2m/{i}.0": os.urandom(1024) for i in range(4)}
+    ws.result("exec_10_abcdef10", files)
+    with Proxy(ws.server.port, endless_listings=True) as proxy:
+        ws.settings["object_storage"]["endpoint_url"] = proxy.endpoint
+        ws.settings["object_storage"]["use_rust_client"] = rust
+        done = ws.sync("exec_10_abcdef10")
+        listings = proxy.listings
+
+    assert done.returncode == 1, done.stderr
+    assert (
+        "exec_10_abcdef10: listing outputs/exec_10_abcdef10/ failed: the store pages through the "
+        "same listing again and again" in done.stderr
+    )
+    assert listings <= 251  # obstore hands out 1,000 keys at a time: 250 pages of 4
+    assert (ws.outputs / "exec_10_abcdef10" / "t2m" / "0.0").read_bytes() == files["t2m/0.0"]

@@ -167,7 +167,7 @@ def test_a_full_disk_while_recording_does_not_upload_again(moto_workspace, tmpfs
         assert log.count("exec_8_abcdef08: uploading 1 files") == 2
         assert (
             "exec_8_abcdef08: the bucket lacks 1 of the 1 files an earlier attempt uploaded "
-            "(first: outputs/exec_8_abcdef08/h.bin); sending the tree again" in log
+            "(first: outputs/exec_8_abcdef08/h.bin); sending them again" in log
         )
         assert len(ws.objects()["outputs/exec_8_abcdef08/h.bin"]) == MiB
     else:

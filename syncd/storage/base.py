@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from syncd.config import ObjectStorage, redact_url
+from syncd.errors import SyncdError
 from syncd.objects import ObjectHeaders
 from syncd.storage.body import Body
 
@@ -66,6 +67,28 @@ class ObjectStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class Pages:
+    """A listing's pages as a store hands them out: one whose next page is one it handed out
+    already (a token, a marker, keys listed before) would page forever, and is a SyncdError
+    instead."""
+
+    def __init__(self, action: str) -> None:
+        self.action = action
+        self.seen: set[object] = set()
+
+    def turn(self, mark: object) -> None:
+        """The store points to its next page with `mark` (a token or a marker)."""
+        if not mark or mark in self.seen:
+            raise self.repeated()
+        self.seen.add(mark)
+
+    def repeated(self) -> SyncdError:
+        return SyncdError(
+            f"{self.action} failed: the store pages through the same listing again and again "
+            "(a continuation token, a marker or a key repeats): a fault of the store; retrying"
+        )
 
 
 def location(storage: ObjectStorage) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from loguru import logger
 
-from syncd.errors import damaged
+from syncd.errors import Kind, SyncdError, damaged
 
 # Reads an object's bytes back, in pieces of any size.
 Reader = Callable[[str], AsyncIterator[bytes]]
@@ -78,8 +78,14 @@ class Etags:
         file is sent again) or the store's ETags are not MD5s (then they are not checked
         again)."""
         etag = (answered or "").strip('"').lower()
-        if not self.checking or not etag or etag == sent.etag:
+        if not self.checking or etag == sent.etag:
             return
+        if not etag:  # every S3 store answers one: this is something else
+            raise SyncdError(
+                f"upload of {key} failed: {self.description} acknowledged it without an ETag, "
+                "which no S3 store does: check that endpoint_url is the store's S3 API",
+                Kind.OPERATOR,
+            )
         stored = await sent.of_stored(read(key))
         if stored != sent.etag:
             raise damaged(key, stored=stored, sent=sent.etag)

@@ -15,7 +15,7 @@ from syncd.budget import PARTS_PER_FILE
 from syncd.config import ObjectStorage
 from syncd.errors import store_errors
 from syncd.objects import ObjectHeaders
-from syncd.storage.base import location
+from syncd.storage.base import Pages, location
 from syncd.storage.body import Body
 from syncd.storage.etags import Sent
 from syncd.storage.s3fs_client import S3fsStore
@@ -144,8 +144,15 @@ class ObstoreStore:
         import obstore
 
         found: dict[str, int] = {}
+        listed: set[str] = set()
+        pages = Pages(f"listing {prefix}")
         with store_errors(f"listing {prefix}"):
             async for batch in obstore.list(self.store, prefix=prefix, chunk_size=1000):
+                # obstore follows the tokens itself: S3 never lists a key twice.
+                paths = [meta["path"] for meta in batch]
+                if len(listed.union(paths)) != len(listed) + len(paths):
+                    raise pages.repeated()
+                listed.update(paths)
                 for meta in batch:
                     # obstore lists by path segments; keep only keys under the exact prefix.
                     if meta["path"].startswith(prefix):

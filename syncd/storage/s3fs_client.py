@@ -22,7 +22,7 @@ from syncd.budget import PARTS_PER_FILE, SLOWEST_RATE, requests_in_flight
 from syncd.config import ObjectStorage, without_userinfo
 from syncd.errors import store_errors
 from syncd.objects import ObjectHeaders
-from syncd.storage.base import Multiparts, location
+from syncd.storage.base import Multiparts, Pages, location
 from syncd.storage.body import Body
 from syncd.storage.etags import Etags, Sent
 from syncd.storage.timeouts import CONNECT_TIMEOUT, READ_TIMEOUT, answered, file_deadline
@@ -220,13 +220,15 @@ class S3fsStore:
     async def _stored_parts(self, fs: Any, upload: dict[str, Any]) -> Stored:
         stored: Stored = {}
         marker = 0
+        pages = Pages(f"listing the parts of {upload['Key']}")
         while True:
             page = await fs._call_s3("list_parts", **upload, PartNumberMarker=marker)
             for part in page.get("Parts", []):
                 stored[part["PartNumber"]] = (part["ETag"].strip('"').lower(), part["Size"])
             if not page.get("IsTruncated"):
                 return stored
-            marker = page["NextPartNumberMarker"]
+            marker = page.get("NextPartNumberMarker")
+            pages.turn(marker)
 
     async def _parts(
         self, fs: Any, body: Body, upload: dict[str, Any], stored: Stored
@@ -304,13 +306,15 @@ class S3fsStore:
     async def sizes(self, prefix: str) -> dict[str, int]:
         found: dict[str, int] = {}
         params: dict[str, Any] = {"Prefix": prefix}
+        pages = Pages(f"listing {prefix}")
         with store_errors(f"listing {prefix}"):
             while True:
                 page = await self._list(**params)
                 found.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
                 if not page.get("IsTruncated"):
                     return found
-                params["ContinuationToken"] = page["NextContinuationToken"]
+                params["ContinuationToken"] = page.get("NextContinuationToken")
+                pages.turn(params["ContinuationToken"])
 
     async def probe(self) -> None:
         with store_errors(f"listing {self.description}"):
@@ -336,6 +340,7 @@ class S3fsStore:
                     await abort(key, upload_id)
         with store_errors(f"listing multipart uploads under {prefix}"):
             marker: dict[str, str] = {}
+            pages = Pages(f"listing multipart uploads under {prefix}")
             while True:
                 page = await fs._call_s3(
                     "list_multipart_uploads", Bucket=bucket, Prefix=prefix, **marker
@@ -346,9 +351,10 @@ class S3fsStore:
                 if not page.get("IsTruncated"):
                     return aborted
                 marker = {
-                    "KeyMarker": page["NextKeyMarker"],
-                    "UploadIdMarker": page["NextUploadIdMarker"],
+                    "KeyMarker": page.get("NextKeyMarker"),
+                    "UploadIdMarker": page.get("NextUploadIdMarker"),
                 }
+                pages.turn(tuple(marker.values()) if any(marker.values()) else None)
 
     async def close(self) -> None:
         if self.fs is not None and self.fs._s3 is not None:
