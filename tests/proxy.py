@@ -100,6 +100,7 @@ class Proxy(Front):
         # Every listing says there is more, and the next page is always the first: a store
         # that pages forever.
         endless_listings: bool = False,
+        hide_in_listings: str = "",  # listings leave out the keys that end so
         # From a PUT on (PutObject, UploadPart), a connection takes every byte and answers
         # nothing, not even "100 Continue": a store that hangs.
         swallow_puts: bool = False,
@@ -118,6 +119,7 @@ class Proxy(Front):
         self.observer = observer
         self.lie_etags = lie_etags
         self.endless_listings = endless_listings
+        self.hide_in_listings = hide_in_listings
         self.listings = 0  # listing requests seen
         self.swallow_puts = swallow_puts
         self.swallowed = 0  # PUT requests taken and never answered
@@ -210,6 +212,8 @@ class Proxy(Front):
                     data = re.sub(rb'(?i)(etag: *"?)[0-9a-f]{32}', rb"\g<1>" + b"e" * 32, data)
                 elif self.endless_listings:
                     data = endless(await whole_answer(reader, data))
+                elif self.hide_in_listings:
+                    data = hidden(await whole_answer(reader, data), self.hide_in_listings)
                 if self.observer is not None:
                     self.observer(number, upstream, data)
                 if line is not None:
@@ -255,6 +259,19 @@ async def whole_answer(reader: asyncio.StreamReader, data: bytes) -> bytes:
             break
         data += more
     return data
+
+
+def hidden(answer: bytes, ending: str) -> bytes:
+    """A listing's whole answer without the keys that end with `ending`."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    pattern = (
+        rb"<Contents>(?:(?!</Contents>).)*?" + re.escape(ending.encode()) + rb"</Key>.*?</Contents>"
+    )
+    if not answer.startswith(b"HTTP/") or not re.search(pattern, body, flags=re.S):
+        return answer
+    body = re.sub(pattern, b"", body, flags=re.S)
+    head = re.sub(rb"(?i)content-length: *\d+", b"Content-Length: %d" % len(body), head)
+    return head + b"\r\n\r\n" + body
 
 
 def endless(answer: bytes) -> bytes:

@@ -6,6 +6,7 @@ uploads in flight, two daemons on one outputs dir, files changing during an uplo
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import os
@@ -619,3 +620,39 @@ def test_a_store_that_pages_a_listing_forever_is_a_failure_not_a_hang(moto_works
     )
     assert listings <= 251  # obstore hands out 1,000 keys at a time: 250 pages of 4
     assert (ws.outputs / "exec_10_abcdef10" / "t2m" / "0.0").read_bytes() == files["t2m/0.0"]
+
+
+def test_a_bucket_that_lists_all_but_one_file_gets_that_file_again_not_the_tree(moto_workspace):
+    """With delete_local_after_upload the bucket must list every file before the tree goes; one
+    that keeps leaving one out gets that file again at each attempt, and only that one."""
+    ws = moto_workspace
+    ws.settings["syncd"]["delete_local_after_upload"] = True
+    ws.settings["syncd"]["retry_min_delay"] = 0.2
+    files = {f"t2m/{i}.0": os.urandom(1024) for i in range(12)}
+    ws.result("exec_11_abcdef11", files)
+    puts: collections.Counter[str] = collections.Counter()
+
+    def count(number: int, upstream: bool, data: bytes) -> None:
+        if upstream and data.startswith(b"PUT "):
+            puts[data.split(b" ", 2)[1].decode()] += 1
+
+    with Proxy(ws.server.port, hide_in_listings="t2m/3.0", observer=count) as proxy:
+        ws.settings["object_storage"]["endpoint_url"] = proxy.endpoint
+        daemon = ws.daemon()
+        ws.mark("exec_11_abcdef11")
+        wait_until(
+            lambda: (
+                daemon.log().count("(first: outputs/exec_11_abcdef11/t2m/3.0); sending them") >= 2
+            ),
+            what="two attempts after the first",
+        )
+        assert daemon.terminate() == 0
+
+    assert {key.rsplit("/", 1)[-1] for key, n in puts.items() if n > 1} == {"3.0"}
+    assert len(puts) == 12
+    assert (ws.outputs / "exec_11_abcdef11" / "t2m" / "0.0").exists()  # the tree is kept
+    assert (
+        "after upload the bucket lacks 1 of 12 files or holds other sizes (first: "
+        "outputs/exec_11_abcdef11/t2m/3.0, 1024 bytes locally, absent from the bucket); the "
+        "local tree is kept and they are sent again" in daemon.log()
+    )
