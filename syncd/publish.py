@@ -438,7 +438,7 @@ class Publisher:
                     logger.info(
                         "{}: the store pushes back (SlowDown): at most {} in flight now",
                         result.name,
-                        files(self.budget.transfers),
+                        file_count(self.budget.transfers),
                     )
                 pause = min(PUSHED_BACK_PAUSE * 2**refusals, PUSHED_BACK_MAX_PAUSE)
                 await asyncio.sleep(random.uniform(pause / 2, pause))
@@ -447,7 +447,7 @@ class Publisher:
                 self.narrowest_said = math.inf
                 logger.info(
                     "the store takes requests again: up to {} in flight",
-                    files(self.budget.transfers),
+                    file_count(self.budget.transfers),
                 )
             return body.hexdigest()
         raise AssertionError("unreachable")
@@ -517,7 +517,7 @@ class Publisher:
         )
 
 
-def files(count: int) -> str:
+def file_count(count: int) -> str:
     return f"{count} file{'' if count == 1 else 's'}"
 
 
