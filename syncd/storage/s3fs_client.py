@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -237,16 +236,14 @@ class S3fsStore:
         part the store holds with the same size and MD5 is not sent again, one that differs
         raises Differs. Returns the parts, their MD5s and the bytes not sent again."""
         parts: list[dict[str, Any]] = []
-        digests: dict[int, bytes] = {}
+        digests: list[bytes] = []  # each part's MD5, taken as Body reads it
         kept = 0
         slots = asyncio.Semaphore(PARTS_PER_FILE)
 
         async def send(number: int, data: bytes) -> None:
             nonlocal kept
             try:
-                digest = digests[number] = await asyncio.to_thread(
-                    lambda: hashlib.md5(data).digest()  # off the loop
-                )
+                digest = digests[number - 1]
                 if number in stored:
                     if stored[number] != (digest.hex(), len(data)):
                         raise Differs
@@ -265,14 +262,13 @@ class S3fsStore:
         try:
             async with asyncio.TaskGroup() as group:
                 number = 0
-                async for data in body.parts(self.storage.multipart_chunksize):
+                async for data in body.parts(self.storage.multipart_chunksize, digests):
                     await slots.acquire()
                     number += 1
                     group.create_task(send(number, data))
         except* Exception as errors:
             raise errors.exceptions[0] from None
-        ordered = sorted(parts, key=lambda part: part["PartNumber"])
-        return ordered, [digests[n] for n in sorted(digests)], kept
+        return sorted(parts, key=lambda part: part["PartNumber"]), digests, kept
 
     def deadline(self, size: int) -> float:
         part = self.storage.multipart_chunksize
