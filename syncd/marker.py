@@ -22,6 +22,9 @@ MARKER_SUFFIX = ".done"
 # The end of every temporary file syncd makes beside results (markers, metadata): a daemon
 # removes those a stopped process left.
 TEMP_SUFFIX = ".syncd.tmp"
+# A tree syncd moved aside to delete after upload (delete_local_after_upload) is named
+# `.exec_X.deleting` until it is deleted, or moved back when the upload must be made again.
+DELETING = ".deleting"
 # The longest file name of the filesystems results live on (ext4, xfs, tmpfs).
 NAME_MAX = 255
 
@@ -34,6 +37,16 @@ def temp_name(name: str) -> str:
     while len(os.fsencode(name)) > room:
         name = name[:-1]
     return f".{name}{tail}"
+
+
+def aside_name(name: str) -> str:
+    """The name the tree `name` has while syncd holds it aside."""
+    return f".{name}{DELETING}"
+
+
+def is_aside(name: str) -> bool:
+    """`name` is a tree syncd moved aside (no writer names a folder so)."""
+    return name.startswith(f".{EXEC_PREFIX}") and name.endswith(DELETING)
 
 
 class NotAResult(ValueError):

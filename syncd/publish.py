@@ -41,7 +41,6 @@ from syncd.budget import TransferBudget, files_in_flight
 from syncd.config import Settings
 from syncd.errors import BeingWritten, Kind, SyncdError, os_error, printable
 from syncd.layout import Layout, LocalFile, Result, tree_files
-from syncd.marker import EXEC_PREFIX
 from syncd.objects import headers_for, is_zarr_metadata
 from syncd.progress import Progress
 from syncd.signing import UrlSigner
@@ -49,7 +48,6 @@ from syncd.storage import Body, ObjectStore
 
 # Answers that mean this store or these credentials cannot clean up, while uploads may work.
 CLEANUP_REFUSED = {"AccessDenied", "NotImplemented", "MethodNotAllowed"}
-DELETING = ".deleting"  # suffix of a tree moved aside to be deleted
 HASH_READ = 8 * 1024 * 1024  # bytes read at a time to compare a file with what was published
 # Seconds a tree written after its signal must be left alone before it is published.
 QUIET = 30.0
@@ -597,7 +595,7 @@ def tree_errors(result: Result) -> Iterator[None]:
 
 
 def aside_path(result: Result) -> Path:
-    return result.tree.with_name(f".{result.name}{DELETING}")
+    return result.tree.with_name(marker.aside_name(result.name))
 
 
 @contextlib.contextmanager
@@ -695,9 +693,9 @@ def recover_leftovers(layout: Layout, deleting: bool) -> None:
         except (OSError, SyncdError):
             continue  # a folder not made yet, or not syncd's to clean
         for name, _ in entries:
-            if name.startswith(f".{EXEC_PREFIX}") and name.endswith(DELETING):
+            if marker.is_aside(name):
                 rel = PurePosixPath(place.relative_to(layout.outputs_dir).as_posix())
-                result = layout.result(rel / name[1 : -len(DELETING)])
+                result = layout.result(rel / name[1 : -len(marker.DELETING)])
                 try:
                     recorded = metadata.is_recorded(metadata.read(result), result)
                 except SyncdError:

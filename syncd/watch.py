@@ -33,7 +33,7 @@ from watchdog.observers.polling import PollingObserver
 
 from syncd.config import DaemonSettings
 from syncd.layout import Layout
-from syncd.marker import EXEC_PREFIX
+from syncd.marker import EXEC_PREFIX, is_aside
 
 Identity = tuple[int, int]  # (st_dev, st_ino) of a watched folder
 
@@ -191,8 +191,11 @@ class ResultWatcher(FileSystemEventHandler):
         self._appeared(Path(str(event.src_path)), event.is_directory)
 
     def on_moved(self, event: FileSystemEvent) -> None:
-        # Writers create markers, and often result folders, by rename.
-        self._appeared(Path(str(event.dest_path)), event.is_directory)
+        # Writers create markers, and often result folders, by rename. syncd's own move of a
+        # tree back from aside is not news: the attempt that made it knows, and its retry
+        # keeps its time.
+        if not any(is_aside(part) for part in Path(str(event.src_path)).parts):
+            self._appeared(Path(str(event.dest_path)), event.is_directory)
 
     def on_closed(self, event: FileSystemEvent) -> None:
         # inotify's IN_CLOSE_WRITE: a file written in place (the server's metadata) is whole.
