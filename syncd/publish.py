@@ -425,7 +425,7 @@ class Publisher:
             try:
                 async with self.budget.hold(self.store.held(file.size)):
                     with open_listed(result, file) as path:
-                        body = Body(path, file.size, changed())
+                        body = Body(path, file.size, changed)
                         await self._put(body, result.key(file.rel), file.rel)
             except SyncdError as exc:
                 if not exc.throttled or refusals > PUSHED_BACK_TRIES:

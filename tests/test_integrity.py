@@ -176,7 +176,7 @@ def test_a_file_cut_short_while_it_is_read_is_never_stored(moto_workspace, rust,
     async def put() -> None:
         store = open_store(storage, None)
         try:
-            body = Body(path, size, SyncdError("files changed while they were uploaded"))
+            body = Body(path, size, lambda: SyncdError("files changed while they were uploaded"))
             await store.put(body, "outputs/short.bin", headers_for("short.bin"))
         finally:
             await store.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -16,10 +16,10 @@ READ_INLINE = 256 * 1024
 
 class Body:
     """The bytes of one file as they are read, with their MD5 computed on the way (each read
-    starts it afresh); a file that does not hold exactly `size` bytes any more is a SyncdError
-    (`changed`)."""
+    starts it afresh); a file that does not hold exactly `size` bytes any more is the SyncdError
+    `changed()` makes (made only then: a read that holds is the rule)."""
 
-    def __init__(self, path: Path, size: int, changed: SyncdError) -> None:
+    def __init__(self, path: Path, size: int, changed: Callable[[], SyncdError]) -> None:
         self.path = path
         self.size = size
         self.changed = changed
@@ -34,7 +34,7 @@ class Body:
         with open(self.path, "rb") as f:
             data = f.read(self.size + 1)
         if len(data) != self.size:
-            raise self.changed
+            raise self.changed()
         self.md5 = hashlib.md5(data)
         return data
 
@@ -51,12 +51,12 @@ class Body:
                 left -= len(piece)
                 yield piece
             if await asyncio.to_thread(f.read, 1):
-                raise self.changed
+                raise self.changed()
 
     def _read_piece(self, f: BinaryIO, size: int, digests: list[bytes] | None) -> bytes:
         data = f.read(size)
         if len(data) != size:
-            raise self.changed
+            raise self.changed()
         self.md5.update(data)
         if digests is not None:
             digests.append(hashlib.md5(data).digest())
