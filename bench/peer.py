@@ -7,6 +7,9 @@ multi-storage-client ones are here:
   object_storage.py): an S3 profile with max_concurrency 16, 8 MiB parts and the Rust client,
   `StorageClient.sync_from` a local profile. It skips dotfiles (Zarr v2's `.zarray`...).
 - `msc_best`: `StorageClient.upload_files` of every file, Rust client, 64 workers.
+- `obstore_md5`: not a peer but a floor: obstore x 64 as ../shared/bench builds it, which also
+  reads each file in Python and takes its MD5 before putting its bytes, as any client must that
+  checks every byte it sends against the store's ETag and records its MD5 (syncd does both).
 
     python bench/peer.py <client> <endpoint> <tree> <prefix>
 """
@@ -72,6 +75,43 @@ def build_msc(endpoint: str, tree: Path, prefix: str, *, server: bool) -> Callab
     return lambda: target.upload_files(remotes, [str(p) for p in files], max_workers=64)
 
 
+def build_obstore_md5(bench: Any, endpoint: str, tree: Path, prefix: str) -> Callable[[], None]:
+    import asyncio
+    import hashlib
+
+    import obstore
+    from obstore.store import S3Store
+
+    store = S3Store(
+        bench.BUCKET,
+        endpoint=endpoint,
+        access_key_id=bench.KEY,
+        secret_access_key=bench.SECRET,
+        region=bench.REGION,
+        virtual_hosted_style_request=False,
+        client_options={"allow_http": True},
+    )
+
+    def read(path: Path) -> bytes:
+        data = path.read_bytes()
+        hashlib.md5(data).hexdigest()
+        return data
+
+    async def send() -> None:
+        slots = asyncio.Semaphore(64)
+
+        async def one(path: Path) -> None:
+            async with slots:
+                # As syncd: small files read on the loop, a thread costs more than the read.
+                small = path.stat().st_size <= 256 * 1024
+                data = read(path) if small else await asyncio.to_thread(read, path)
+                await obstore.put_async(store, bench._key(prefix, tree, path), data)
+
+        await asyncio.gather(*(one(path) for path in bench._files(tree)))
+
+    return lambda: asyncio.run(send())
+
+
 def build(client: str, endpoint: str, tree: Path, prefix: str) -> Callable[[], None]:
     if client in ("msc_server", "msc_best"):
         return build_msc(endpoint, tree, prefix, server=client == "msc_server")
@@ -79,6 +119,8 @@ def build(client: str, endpoint: str, tree: Path, prefix: str) -> Callable[[], N
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    if client == "obstore_md5":
+        return build_obstore_md5(bench, endpoint, tree, prefix)
     builder, options, _ = bench.PY_CLIENTS[client]
     upload: Callable[[], None] = builder(endpoint, tree, prefix, **options)
     return upload

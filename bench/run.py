@@ -9,17 +9,18 @@ on loopback and through a distant link.
     .venv/bin/python -m bench.run --pushback 50   # also 10 results to a store taking 50 writes/s
 
 Trees come from ../shared/bench/gen_tree.py; rclone serve s3 and moto start on 127.0.0.1. A link
-(`40ms@40MBps`: 40 ms round trips, 40 MB/s each way shared by all connections) is
-`bench/link.py`, a proxy every client goes through; it reports its own CPU and the requests in
-flight. Links use the first server only. Per repetition, interleaved, each tree read once untimed
-before each upload: syncd (the real daemon, at its defaults) with each client, and the peers:
-multi-storage-client as the Earth2Studio server calls it and at its best, obstore with 64 puts
-in flight, s5cmd, rclone copy tuned (`bench/peer.py`). Every upload is verified by listing, then
-deleted. One clock, this process's, from the moment a client is told to go to the moment its
+(`40ms@40MBps`: 40 ms round trips, 40 MB/s each way shared by all connections) is `bench/link.py`,
+a proxy every client goes through; it reports its own CPU and the requests in flight. Links use the
+first server only. Per repetition, interleaved, each tree read once untimed before each upload:
+syncd (the real daemon, at its defaults) with each client, and the peers: multi-storage-client as
+the Earth2Studio server calls it and at its best, obstore with 64 puts in flight, s5cmd, rclone
+copy tuned (`bench/peer.py`); and, as a floor rather than a peer, obstore with 64 puts in flight
+that also takes every file's MD5 in Python, as syncd must. Every upload is verified by listing,
+then deleted. One clock, this process's, from the moment a client is told to go to the moment its
 work is done: syncd from the marker's rename to its metadata saying s3; a Python peer, built by
-`bench/peer.py`, from `go` on its stdin to its report; s5cmd and rclone (Go binaries, they start
-in milliseconds) from their start to their exit. CPU and peak RSS are each process's own;
-syncd's other figures come from its JSON log and metrics.
+`bench/peer.py`, from `go` on its stdin to its report; s5cmd and rclone (Go binaries, they start in
+milliseconds) from their start to their exit. CPU and peak RSS are each process's own; syncd's
+other figures come from its JSON log and metrics.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ BUCKET = "bench"  # the raw-client bench's own bucket name
 PROFILES = ["small-many", "large-few", "mixed"]
 SYNCD_CLIENTS = {"syncd-obstore": True, "syncd-s3fs": False}  # name: use_rust_client
 PEERS = ["msc_server", "msc_best", "obstore_async64", "s5cmd", "rclone_tuned"]
+# Measured beside the peers, never one of them: obstore x 64 that also reads every byte in Python
+# and takes its MD5, as syncd must (the floor of a client that checks every byte).
+FLOORS = ["obstore_md5"]
 SKIPS_DOTFILES = {"msc_server"}  # StorageClient.sync_from does
 BACKLOG, WIDE = 2000, 100_000  # results marked before start; files in one result
 PUSHED, PUSHED_FILES = 10, 200  # results sent to a store that pushes back, and their files
@@ -485,7 +489,7 @@ def table(measured: list[Measurement], profile: str, server: str, case: Case, tr
     files, size = len(expected), sum(expected.values())
     rows = {
         client: figures
-        for client in [*SYNCD_CLIENTS, *PEERS]
+        for client in [*SYNCD_CLIENTS, *PEERS, *FLOORS]
         if (figures := medians(measured, (client, profile, server, str(case))))
     }
     best = best_peer(rows)
@@ -513,7 +517,7 @@ def summary(measured: list[Measurement], columns: list[tuple[str, str, str]]) ->
         "| client | " + " | ".join(head) + " |",
         "|---|" + "---:|" * len(columns),
     ]
-    cells: dict[str, list[str]] = {c: [] for c in [*SYNCD_CLIENTS, *PEERS]}
+    cells: dict[str, list[str]] = {c: [] for c in [*SYNCD_CLIENTS, *PEERS, *FLOORS]}
     for profile, server, case in columns:
         rows = {c: f for c in cells if (f := medians(measured, (c, profile, server, case)))}
         best = best_peer(rows)
@@ -544,7 +548,7 @@ def main() -> int:
     parser.add_argument("--links", default="loopback", help="e.g. loopback,40ms,40ms@40MBps")
     parser.add_argument("--rtt-ms", type=int, help="also through a link of this round trip")
     parser.add_argument("--link-mbps", type=float, default=0, help="...capped at this, each way")
-    parser.add_argument("--clients", default=",".join([*SYNCD_CLIENTS, *PEERS]))
+    parser.add_argument("--clients", default=",".join([*SYNCD_CLIENTS, *PEERS, *FLOORS]))
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--scale", action="store_true", help="also: 2,000 results, 100,000 files")
     parser.add_argument(
