@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import math
 import re
 import threading
 import time
@@ -85,6 +86,9 @@ class Front:
         raise NotImplementedError
 
 
+FLIP_INTO_BODY = 512  # where in a PUT's body `flip_puts` flips a byte
+
+
 class Proxy(Front):
     def __init__(
         self,
@@ -96,7 +100,9 @@ class Proxy(Front):
         corrupt_at: int | None = None,  # flip one byte at this offset of each connection...
         corrupt_connections: int | None = None,  # ...of the first this many connections only
         delay_listings: float = 0.0,  # seconds before each GET (a listing) reaches the server
-        lie_etags: bool = False,  # answer every MD5 ETag as another one (an encrypting store)
+        # Answer MD5 ETags as other ones: every one (True: an encrypting store), or the first N.
+        lie_etags: bool | int = False,
+        flip_puts: int = 0,  # flip one byte of the body of each of the next N PUT requests
         # Every listing says there is more, and the next page is always the first: a store
         # that pages forever.
         endless_listings: bool = False,
@@ -117,7 +123,8 @@ class Proxy(Front):
         self.corrupt_connections = corrupt_connections
         self.delay_listings = delay_listings
         self.observer = observer
-        self.lie_etags = lie_etags
+        self.etag_lies = math.inf if lie_etags is True else int(lie_etags)
+        self.flip_puts = flip_puts
         self.endless_listings = endless_listings
         self.hide_in_listings = hide_in_listings
         self.listings = 0  # listing requests seen
@@ -174,6 +181,7 @@ class Proxy(Front):
         arrived = None if upstream else functools.partial(self.requests.answered, number)
         line = DelayLine(writer, self.rtt / 2, arrived) if self.rtt else None
         swallowing = False
+        flip_in: int | None = None  # body bytes of this PUT before the one to flip
         try:
             while True:
                 data = await reader.read(self._piece(upstream))
@@ -201,6 +209,19 @@ class Proxy(Front):
                         data = re.sub(rb"&?continuation-token=[^& ]*", b"", data, count=1)
                     if self.rate:
                         await self._throttle(len(data))
+                    if self.flip_puts and data.startswith(b"PUT "):
+                        head = data.find(b"\r\n\r\n")
+                        if head >= 0:  # a body in aws-chunked framing starts with a size line
+                            self.flip_puts -= 1
+                            flip_in = head + 4 + FLIP_INTO_BODY
+                    if flip_in is not None:
+                        if flip_in < len(data):
+                            data = (
+                                data[:flip_in] + bytes([data[flip_in] ^ 0xFF]) + data[flip_in + 1 :]
+                            )
+                            flip_in = None
+                        else:
+                            flip_in -= len(data)
                     if corrupt and offset <= self.corrupt_at < offset + len(data):  # type: ignore[operator]
                         i = self.corrupt_at - offset
                         data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
@@ -208,8 +229,14 @@ class Proxy(Front):
                         return
                     offset += len(data)
                     self.sent += len(data)
-                elif self.lie_etags:
-                    data = re.sub(rb'(?i)(etag: *"?)[0-9a-f]{32}', rb"\g<1>" + b"e" * 32, data)
+                elif self.etag_lies > 0:
+                    data, lied = re.subn(
+                        rb'(?i)(etag: *"?)[0-9a-f]{32}',
+                        rb"\g<1>" + b"e" * 32,
+                        data,
+                        count=0 if math.isinf(self.etag_lies) else 1,
+                    )
+                    self.etag_lies -= lied
                 elif self.endless_listings:
                     data = endless(await whole_answer(reader, data))
                 elif self.hide_in_listings:

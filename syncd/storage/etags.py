@@ -2,8 +2,10 @@
 MD5 of the bytes, a multipart upload's the MD5 of its parts' MD5s followed by `-` and their
 count, both computed from digests syncd has already (no second pass over the bytes). A store
 that verifies no checksum (moto, some gateways) keeps a byte flipped on the way, and its answer
-shows it. A store whose ETags are not MD5s (encryption) is found out once, by reading one
-object back, and then relied on for its own checks of the checksum headers."""
+shows it. A store whose ETags are not MD5s (encryption) is found out by reading objects back:
+once NOT_MD5S in a row hold the bytes sent under other ETags, the store is relied on for its own
+checks of the checksum headers, until it answers an MD5 ETag again. One odd answer (a garbled
+header on the way) never turns the checks off."""
 
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ from syncd.errors import Kind, SyncdError, damaged
 
 # Reads an object's bytes back, in pieces of any size.
 Reader = Callable[[str], AsyncIterator[bytes]]
+# Objects read back in a row, each holding the bytes sent under an ETag that is not their MD5,
+# before the store's ETags are taken for something else than MD5s.
+NOT_MD5S = 3
 
 
 @dataclass(frozen=True)
@@ -71,14 +76,21 @@ class Etags:
     def __init__(self, description: str, checking: bool) -> None:
         self.description = description
         self.checking = checking
+        self.not_md5s = 0  # objects read back in a row that hold what was sent, ETags aside
+        self.relied = False  # found out: the store's ETags are not MD5s
 
     async def check(self, key: str, answered: str | None, sent: Sent, read: Reader) -> None:
         """The store answered `answered` for `key`: unless it is the ETag of what was sent, the
         object's bytes decide whether they were damaged on the way (a transient SyncdError: the
-        file is sent again) or the store's ETags are not MD5s (then they are not checked
-        again)."""
+        file is sent again) or this ETag is not an MD5."""
         etag = (answered or "").strip('"').lower()
-        if not self.checking or etag == sent.etag:
+        if not self.checking:
+            return
+        if etag == sent.etag:
+            self.not_md5s = 0
+            if self.relied:
+                self.relied = False
+                logger.info("{} answers MD5 ETags again: checking them", self.description)
             return
         if not etag:  # every S3 store answers one: this is something else
             raise SyncdError(
@@ -86,11 +98,16 @@ class Etags:
                 "which no S3 store does: check that endpoint_url is the store's S3 API",
                 Kind.OPERATOR,
             )
+        if self.relied:
+            return
         stored = await sent.of_stored(read(key))
         if stored != sent.etag:
+            if etag == stored:  # the ETag is the stored bytes' MD5: the store does answer MD5s
+                self.not_md5s = 0
             raise damaged(key, stored=stored, sent=sent.etag)
-        if self.checking:  # not found out by another upload meanwhile
-            self.checking = False
+        self.not_md5s += 1
+        if self.not_md5s >= NOT_MD5S and not self.relied:
+            self.relied = True
             logger.info(
                 "{} answers ETags that are not MD5s (encryption?): relying on its own checks of "
                 "the checksum headers",

@@ -50,8 +50,9 @@ class S3fsStore:
         # parts (s3fs's own put waits for two parts; syncd sends its parts itself).
         self.single_put_below = storage.multipart_chunksize + 1
         self.fs: Any = None
-        # S3 verifies Content-MD5; a custom endpoint's store may only keep it (moto).
-        self.etags = Etags(self.description, checking=storage.endpoint_url is not None)
+        # S3 verifies Content-MD5; a custom endpoint's store may only keep it (moto). Named
+        # without a client: obstore's adapter shares these findings about the store.
+        self.etags = Etags(location(storage), checking=storage.endpoint_url is not None)
 
     async def _client(self) -> Any:
         if self.fs is None:
