@@ -225,6 +225,20 @@ def state_error(exc: sqlite3.Error, path: Path) -> SyncdError:
     )
 
 
+def first_failure(
+    group: BaseExceptionGroup[BaseException], kind: type[BaseException] = SyncdError
+) -> BaseException:
+    """What a TaskGroup's failure is to say: its first leaf when every leaf is a `kind`, else
+    the whole group (a bug, raised with every traceback). Not `except*`: CPython before 3.11.4
+    wraps what such a handler raises in another group (gh-103590); Debian 12 ships 3.11.2."""
+    if group.subgroup(lambda exc: not isinstance(exc, (kind, BaseExceptionGroup))):
+        return group
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
+
+
 def classify(exc: BaseException) -> SyncdError:
     """Any exception as a SyncdError: an OSError by its errno, anything else as a transient
     failure that names the exception (a bug: it is logged, retried and shown)."""

@@ -39,7 +39,7 @@ from loguru import logger
 from syncd import folders, marker, metadata
 from syncd.budget import TransferBudget, files_in_flight
 from syncd.config import Settings
-from syncd.errors import BeingWritten, Kind, SyncdError, os_error, printable
+from syncd.errors import BeingWritten, Kind, SyncdError, first_failure, os_error, printable
 from syncd.layout import Layout, LocalFile, Result, tree_files
 from syncd.objects import headers_for, is_zarr_metadata
 from syncd.progress import Progress
@@ -415,8 +415,8 @@ class Publisher:
                 # As many workers as files could be in flight; the budget admits them.
                 for _ in range(min(self.budget.transfers, len(files))):
                     group.create_task(worker())
-        except* SyncdError as errors:
-            raise errors.exceptions[0] from None
+        except BaseExceptionGroup as errors:
+            raise first_failure(errors) from None
 
     async def _send(self, result: Result, file: LocalFile) -> str:
         """Upload one file, sent again while the store pushes back (fewer files in flight each

@@ -19,7 +19,7 @@ from loguru import logger
 
 from syncd.budget import PARTS_PER_FILE, SLOWEST_RATE, requests_in_flight
 from syncd.config import ObjectStorage, without_userinfo
-from syncd.errors import store_errors
+from syncd.errors import first_failure, store_errors
 from syncd.objects import ObjectHeaders
 from syncd.storage.base import Multiparts, Pages, location
 from syncd.storage.body import Body
@@ -267,8 +267,8 @@ class S3fsStore:
                     await slots.acquire()
                     number += 1
                     group.create_task(send(number, data))
-        except* Exception as errors:
-            raise errors.exceptions[0] from None
+        except BaseExceptionGroup as errors:
+            raise first_failure(errors, Exception) from None
         return sorted(parts, key=lambda part: part["PartNumber"]), digests, kept
 
     def deadline(self, size: int) -> float:
