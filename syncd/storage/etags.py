@@ -79,6 +79,14 @@ class Etags:
         self.not_md5s = 0  # objects read back in a row that hold what was sent, ETags aside
         self.relied = False  # found out: the store's ETags are not MD5s
 
+    def missing(self, key: str) -> SyncdError:
+        """The store acknowledged `key` without an ETag."""
+        return SyncdError(
+            f"upload of {key} failed: {self.description} acknowledged it without an ETag, "
+            "which no S3 store does: check that endpoint_url is the store's S3 API",
+            Kind.OPERATOR,
+        )
+
     async def check(self, key: str, answered: str | None, sent: Sent, read: Reader) -> None:
         """The store answered `answered` for `key`: unless it is the ETag of what was sent, the
         object's bytes decide whether they were damaged on the way (a transient SyncdError: the
@@ -93,11 +101,7 @@ class Etags:
                 logger.info("{} answers MD5 ETags again: checking them", self.description)
             return
         if not etag:  # every S3 store answers one: this is something else
-            raise SyncdError(
-                f"upload of {key} failed: {self.description} acknowledged it without an ETag, "
-                "which no S3 store does: check that endpoint_url is the store's S3 API",
-                Kind.OPERATOR,
-            )
+            raise self.missing(key)
         if self.relied:
             return
         stored = await sent.of_stored(read(key))

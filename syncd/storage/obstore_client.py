@@ -7,7 +7,8 @@ parts, taken as each part is read."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,8 @@ from syncd.storage.timeouts import (
 # part on plain HTTP, Content-MD5 a second MD5 pass): measured, large-few on loopback took
 # 4.5 s instead of 2.7. At 32 parts of 8 MiB, at most 256 MiB are sent again after a kill.
 RESUMABLE_PARTS = 32
+# object_store's words for an answer without an ETag (it needs one for its PutResult).
+NO_ETAG = "ETag Header missing"
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, S3Config
@@ -89,7 +92,7 @@ class ObstoreStore:
         part_size = self.storage.multipart_chunksize
         if self.resumable(body.size):
             return await self.multipart.multipart(body, key, headers)
-        with store_errors(f"upload of {key}"):
+        with store_errors(f"upload of {key}"), self.etag_required(key):
             if body.size <= part_size:
                 data = await body.whole()
                 async with answered(key, body.size):
@@ -111,6 +114,15 @@ class ObstoreStore:
                     return
                 sent = Sent.parts(digests, part_size)
             await self.etags.check(key, answer.get("e_tag"), sent, self._read)
+
+    @contextlib.contextmanager
+    def etag_required(self, key: str) -> Iterator[None]:
+        try:
+            yield
+        except Exception as exc:
+            if NO_ETAG in str(exc):
+                raise self.etags.missing(key) from None
+            raise
 
     def resumable(self, size: int) -> bool:
         return size > RESUMABLE_PARTS * self.storage.multipart_chunksize
