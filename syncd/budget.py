@@ -23,6 +23,7 @@ are and however many results upload at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import resource
 import time
@@ -33,6 +34,11 @@ from contextlib import asynccontextmanager
 # and grows fast again once it has not pushed back for RECOVERED seconds.
 PUSHBACK_EVERY = 2.0
 RECOVERED = 10.0
+# A store that still pushes back at one file in flight gets a pause before the next file starts,
+# doubling from FLOOR_PAUSE to FLOOR_MAX_PAUSE until a file gets through: the rate of requests
+# keeps falling, as in the AWS SDKs' adaptive retry mode, instead of one file after another.
+FLOOR_PAUSE = 0.5
+FLOOR_MAX_PAUSE = 16.0
 
 # Parts of one multipart file in flight at once; the rest of the parallelism is across files.
 # Two keep a loopback upload as fast as four did, at half the memory per file (measured).
@@ -87,7 +93,8 @@ class TransferBudget:
     SlowDown) narrows the slots as TCP narrows its window: halved at most once a window of
     files (or every PUSHBACK_EVERY seconds while none gets through), widened by one each
     window of files acknowledged, and doubled each window once the store has not pushed back
-    for RECOVERED seconds; never below one or above `transfers`."""
+    for RECOVERED seconds; never above `transfers`, and below one file as a pause between
+    files (FLOOR_PAUSE)."""
 
     def __init__(self, transfers: Callable[[], int], limit: int) -> None:
         """`transfers`: files in flight at most, asked at each admission (a reload may
@@ -101,6 +108,8 @@ class TransferBudget:
         self.pushed_at = -math.inf  # when the store last pushed back (monotonic)
         self.narrowed_at = -math.inf  # when the window was last halved
         self.since_narrowed = 0  # files acknowledged since
+        self.floor_pause = 0.0  # the pause between files at one file in flight, while pushed back
+        self.resume_at = -math.inf  # no file starts before (monotonic)
 
     @property
     def transfers(self) -> int:
@@ -116,6 +125,10 @@ class TransferBudget:
         (at one file it cannot narrow further)."""
         now = time.monotonic()
         self.pushed_at = now
+        if self.window <= 1:  # one file at a time is still too many
+            self.floor_pause = min(max(FLOOR_PAUSE, 2 * self.floor_pause), FLOOR_MAX_PAUSE)
+            self.resume_at = now + self.floor_pause
+            return False
         width = min(self.window, self.most())
         if self.since_narrowed < width and now - self.narrowed_at < PUSHBACK_EVERY:
             return False  # a refusal of the same window: halved for it already
@@ -127,6 +140,7 @@ class TransferBudget:
     def acknowledged(self) -> bool:
         """A file was stored; True if that ended a narrowing (the window is whole again)."""
         self.since_narrowed += 1
+        self.floor_pause = 0.0
         if not self.narrowed:
             return False
         calm = time.monotonic() - self.pushed_at > RECOVERED
@@ -142,9 +156,16 @@ class TransferBudget:
         than the limit still goes, alone)."""
         amount = min(amount, self.limit)
         async with self.changed:
-            await self.changed.wait_for(
-                lambda: self.active < self.transfers and self.used + amount <= self.limit
-            )
+            while True:
+                paused = self.resume_at - time.monotonic()
+                if paused > 0:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(paused):
+                            await self.changed.wait()
+                elif self.active < self.transfers and self.used + amount <= self.limit:
+                    break
+                else:
+                    await self.changed.wait()
             self.active += 1
             self.used += amount
         try:

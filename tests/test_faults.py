@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import itertools
 import json
+import math
 import os
 import shutil
 import signal
@@ -534,6 +535,33 @@ def test_a_store_that_pushes_back_gets_each_file_once_and_every_result_in_time(
         if "pushes back" in line
     ]
     assert said and all(a > b for a, b in itertools.pairwise(said))  # each new low, once
+
+
+@pytest.mark.parametrize("rust", [True, False], ids=["obstore", "s3fs"])
+def test_a_store_that_refuses_every_write_gets_ever_fewer(moto_workspace, rust):
+    """The store answers SlowDown to every write: once one file at a time is still refused, the
+    next file waits a pause that doubles, so the writes a second fall (before: one file after
+    another, 8-10 writes a second for minutes); once it takes writes again, all go through."""
+    ws = moto_workspace
+    ws.settings["syncd"]["retry_min_delay"] = 0.5
+    ws.settings["syncd"]["retry_max_delay"] = 1
+    files = {f"results.zarr/t2m/{i}.0": os.urandom(1024) for i in range(20)}
+    ws.result("exec_8_abcdef08", files)
+    with PushBack(ws.server.port, rate=0) as store:
+        ws.settings["object_storage"]["endpoint_url"] = store.endpoint
+        ws.settings["object_storage"]["use_rust_client"] = rust
+        daemon = ws.daemon()
+        ws.mark("exec_8_abcdef08")
+        daemon.wait_log("at most 1 file in flight now", timeout=60)
+        at_one = store.refused
+        time.sleep(20)  # the measure: the writes refused in these 20 s at one file in flight
+        refused = store.refused - at_one
+        store.rate = math.inf
+        wait_until(lambda: ws.recorded("exec_8_abcdef08"), timeout=120, what="the result recorded")
+        assert daemon.terminate() == 0
+
+    assert refused < 60, refused  # about 6 files of a client's 4 tries, not 160-200 writes
+    assert ws.objects() == {f"outputs/exec_8_abcdef08/{k}": v for k, v in files.items()}
 
 
 @pytest.mark.parametrize("rust", [True, False], ids=["obstore", "s3fs"])
