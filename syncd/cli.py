@@ -44,7 +44,7 @@ from syncd.publish import Publisher
 from syncd.resign import Resigner
 from syncd.signals import STOP_SIGNALS, Interrupted, hung_up_while_starting, interrupt
 from syncd.signing import UrlSigner
-from syncd.state import Multiparts, StateStore, not_a_folder
+from syncd.state import Multiparts, StateStore, unusable
 from syncd.storage import connected_store, open_store
 from syncd.storage.relay import require_no_proxy
 
@@ -297,7 +297,7 @@ async def run_check(settings: Settings, config_file: Path | None) -> int:
         require_no_proxy()
         print(f"# bandwidth: at most {rate_text(cap)} for every upload together")
     require_outputs_dir(Layout(settings))  # what `syncd run` would stop at, found here
-    if (error := not_a_folder(settings.syncd.state_dir)) is not None:
+    if (error := unusable(settings.syncd.state_dir)) is not None:
         raise error
     store = open_store(settings.object_storage, None)
     print(f"# bucket: reaching {store.description} (for {CHECK_TIMEOUT:.0f} s at most)...")

@@ -22,6 +22,7 @@ import contextlib
 import os
 import sqlite3
 import stat
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -130,6 +131,33 @@ def not_a_folder(state_dir: Path) -> ConfigError | None:
     """The error for a state_dir that is there but no folder (a file in its place)."""
     if state_dir.exists() and not state_dir.is_dir():
         return no_folder(state_dir)
+    return None
+
+
+def unusable(state_dir: Path) -> ConfigError | None:
+    """What `syncd run` would refuse about state_dir, found by making what run makes (the
+    folder and a file in it) and removing it again: `syncd check` leaves nothing behind."""
+    if (error := not_a_folder(state_dir)) is not None:
+        return error
+    made: list[Path] = []
+    try:
+        for folder in reversed([state_dir, *state_dir.parents]):
+            if not folder.is_dir():
+                folder.mkdir()
+                made.append(folder)
+        fd, probe = tempfile.mkstemp(prefix=".syncd-check-", dir=state_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return ConfigError(
+            f"state_dir {state_dir}: cannot make it or write in it ({exc.strerror}: "
+            f"{exc.filename}): make it writable by this user or set syncd.state_dir "
+            "(SYNCD_STATE_DIR)"
+        )
+    finally:
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     return None
 
 

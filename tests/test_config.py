@@ -441,6 +441,24 @@ def test_check_finds_what_would_stop_syncd_at_start(tmp_path):
             assert (done.returncode, done.stderr.splitlines()[-1:]) == (2, [line]), command
 
 
+def test_check_refuses_a_state_dir_run_cannot_use_and_leaves_nothing(moto_workspace):
+    ws = moto_workspace
+    (ws.root / "a-file").write_text("")
+    for state_dir in ("/proc/syncd-state", str(ws.root / "a-file" / "state")):
+        ws.settings["syncd"]["state_dir"] = state_dir
+        done = ws.syncd("check", "--config", str(ws.config))
+        said = done.stderr.splitlines()[-1]
+        assert done.returncode == 2, done.stderr
+        assert said.startswith(f"syncd: error: state_dir {state_dir}: cannot make it or write in")
+        assert said.endswith(
+            "make it writable by this user or set syncd.state_dir (SYNCD_STATE_DIR)"
+        )
+    ws.settings["syncd"]["state_dir"] = str(ws.root / "new" / "state")
+    done = ws.syncd("check", "--config", str(ws.config))
+    assert done.returncode == 0, done.stderr
+    assert not (ws.root / "new").exists()
+
+
 def test_an_empty_variable_counts_as_unset_and_says_so(tmp_path):
     config = write(tmp_path, {"object_storage": {"prefix": "results"}})
     environ = {"OBJECT_STORAGE_PREFIX": "", "SYNCD_MARKER_SUFFIX": "", "SYNCD_CONFIG": ""}
