@@ -16,6 +16,8 @@ from dataclasses import asdict
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from loguru import logger
+
 from syncd import claims, metadata
 from syncd.config import ConfigError, Settings
 from syncd.errors import SyncdError, printable
@@ -41,6 +43,13 @@ def records(settings: Settings) -> list[Record]:
         store = StateStore(settings.syncd.state_dir, readonly=True)
         known = {r.rel: r for r in store.all()}
         store.close()
+    else:
+        logger.warning(
+            "no state file {} yet: results are shown as the disk alone says (failures and "
+            "retries are not); if the daemon runs, this is not its state_dir: run syncd status "
+            "with its settings (sudo /opt/syncd/systemd/syncd-as-unit status)",
+            settings.syncd.state_dir / "state.db",
+        )
     layout = Layout(settings)
     for rel, record in known.items():
         if record.state == State.UPLOADING and not claimed(layout, rel, settings):

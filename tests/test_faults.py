@@ -122,6 +122,12 @@ def test_status_shows_pending_results_before_any_daemon_ran(moto_workspace):
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[1].split() == ["exec_4_abcdef04", "pending", "0", "-", "-", "-"]
     assert done.stdout.splitlines()[-1] == "1 results: 1 pending"
+    state = ws.root / "state" / "state.db"  # the workspace's state_dir: no daemon kept it yet
+    assert done.stderr.endswith(
+        f"WARNING no state file {state} yet: results are shown as the disk alone says (failures "
+        "and retries are not); if the daemon runs, this is not its state_dir: run syncd status "
+        "with its settings (sudo /opt/syncd/systemd/syncd-as-unit status)\n"
+    ), done.stderr
 
 
 @pytest.mark.parametrize("rust", [True, False], ids=["obstore", "s3fs"])
