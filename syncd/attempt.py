@@ -234,7 +234,7 @@ class Attempts:
                 result.tree,
             )
         else:
-            logger.debug("{}: {}; already published and unchanged", result.name, what)
+            logger.info("{}: {}; already published and unchanged", result.name, what)
 
     def cut_off(self, result: Result) -> None:
         """An attempt stopped in the middle: the journal says pending, not uploading, so that

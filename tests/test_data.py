@@ -146,10 +146,12 @@ def test_a_recorded_result_marked_again_after_a_change_is_said_never_republished
     daemon = ws.daemon()
     wait_until(lambda: ws.recorded("exec_6_abcdef06"))
     published = ws.metadata_path("exec_6_abcdef06").read_bytes()
+    ws.mark("exec_6_abcdef06")
+    daemon.wait_log("already published and unchanged")
 
     (tree / "t2m/0.0").write_bytes(os.urandom(5000))  # the same size, other bytes
     ws.mark("exec_6_abcdef06")
-    daemon.wait_log("marked again")
+    daemon.wait_log("marked again, but")
     (tree / "t2m/0.0").write_bytes(chunk)
     (tree / "t2m/1.0").write_bytes(b"appended")
     ws.mark("exec_6_abcdef06")
@@ -157,15 +159,16 @@ def test_a_recorded_result_marked_again_after_a_change_is_said_never_republished
 
     assert daemon.terminate() == 0
     said = [line for line in daemon.log().splitlines() if "marked again" in line]
-    assert [line.split(" ", 3)[2] for line in said] == ["WARNING", "WARNING"]
-    assert said[0].endswith(
+    assert [line.split(" ", 3)[2] for line in said] == ["INFO", "WARNING", "WARNING"]
+    assert said[0].endswith("exec_6_abcdef06: marked again; already published and unchanged")
+    assert said[1].endswith(
         "exec_6_abcdef06: marked again, but t2m/0.0 changed since the result was published to "
         "outputs/exec_6_abcdef06, and readers and CDNs may keep the published bytes for a year "
         "(Cache-Control: immutable), so they are never replaced under the same name: publish "
         "the new tree as a new result (copy the folder to a new exec_* name); it stays as "
         "published"
     )
-    assert said[1].endswith(
+    assert said[2].endswith(
         "exec_6_abcdef06: marked again, and 1 files were added or rewritten (Zarr metadata) "
         "since it was published to outputs/exec_6_abcdef06; it stays as published: "
         f"`syncd sync {tree}` publishes the change"
