@@ -362,7 +362,10 @@ def run_command(argv: list[str] | None = None) -> int:
         if args.command == "run":  # stopped while starting: nothing was taken on yet
             logger.info("{} received: stopping", sig.name)
             return 0
-        later = "; results not yet recorded are published by the next run"
+        later = (
+            "; results not yet recorded are published by the daemon if they are marked, or by "
+            "syncd sync again"
+        )
         print(
             f"syncd: interrupted by {sig.name}{later if args.command == 'sync' else ''}",
             file=sys.stderr,

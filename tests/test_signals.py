@@ -95,7 +95,8 @@ def test_sync_says_which_signal_ended_it(moto_workspace):
 
     assert sync.returncode == 128 + signal.SIGTERM
     assert stderr.splitlines()[-1] == (
-        "syncd: interrupted by SIGTERM; results not yet recorded are published by the next run"
+        "syncd: interrupted by SIGTERM; results not yet recorded are published by the daemon if "
+        "they are marked, or by syncd sync again"
     )
     assert not ws.recorded("exec_3_abcdef03")
 
