@@ -482,8 +482,8 @@ class Publisher:
         wrong, listed = await self._lacking(result, files)
         if wrong:
             # The files it lists are not sent again: only those it lacks.
-            held = set(files) - set(wrong)
-            self._remember(result, [f for f in files if f in held], uploaded.md5)
+            lacking = set(wrong)
+            self._remember(result, [f for f in files if f not in lacking], uploaded.md5)
             first = wrong[0]
             there = listed.get(result.key(first.rel))
             raise SyncdError(
