@@ -86,7 +86,14 @@ class Front:
         raise NotImplementedError
 
 
-FLIP_INTO_BODY = 512  # where in a PUT's body `flip_puts` flips a byte
+# Where in a PUT's body `flip_puts` flips a byte: past the size line a body in aws-chunked
+# framing starts with, so that the bytes of the file are damaged, not the framing.
+FLIP_INTO_BODY = 512
+
+
+def flipped(data: bytes, at: int) -> bytes:
+    """`data` with the byte at `at` inverted."""
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
 
 
 class Proxy(Front):
@@ -211,20 +218,16 @@ class Proxy(Front):
                         await self._throttle(len(data))
                     if self.flip_puts and data.startswith(b"PUT "):
                         head = data.find(b"\r\n\r\n")
-                        if head >= 0:  # a body in aws-chunked framing starts with a size line
+                        if head >= 0:
                             self.flip_puts -= 1
                             flip_in = head + 4 + FLIP_INTO_BODY
                     if flip_in is not None:
                         if flip_in < len(data):
-                            data = (
-                                data[:flip_in] + bytes([data[flip_in] ^ 0xFF]) + data[flip_in + 1 :]
-                            )
-                            flip_in = None
+                            data, flip_in = flipped(data, flip_in), None
                         else:
                             flip_in -= len(data)
                     if corrupt and offset <= self.corrupt_at < offset + len(data):  # type: ignore[operator]
-                        i = self.corrupt_at - offset
-                        data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
+                        data = flipped(data, self.corrupt_at - offset)
                     if self.drop_after is not None and offset + len(data) > self.drop_after:
                         return
                     offset += len(data)
