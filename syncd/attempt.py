@@ -30,7 +30,7 @@ from loguru import logger
 
 from syncd import claims, metadata
 from syncd.config import Settings
-from syncd.errors import BeingWritten, Kind, SyncdError, classify
+from syncd.errors import BeingWritten, InputError, SyncdError, TransientError, classify
 from syncd.layout import Result
 from syncd.metadata import Kept, Metadata, Stamp
 from syncd.publish import QUIET, Publisher, Uploaded
@@ -156,7 +156,7 @@ class Attempts:
                     return self.left_alone(result, elsewhere, stamp)
             uploaded = await self.upload(result, published_before=recorded, claim=claim)
             if not await asyncio.to_thread(claim.still_ours):
-                raise SyncdError("another daemon took over this result; leaving it")
+                raise TransientError("another daemon took over this result; leaving it")
             files = metadata.output_files(result, uploaded.files, uploaded.md5)
             kept = Kept(result.remote_path, files)
             replaces = own.remote_path if own is not None else None
@@ -178,7 +178,7 @@ class Attempts:
         changes = await self.publisher.changes(result, kept.output_files)
         refusal = changes.refusal(result)
         if refusal is not None:
-            raise SyncdError(refusal, Kind.INPUT)
+            raise InputError(refusal)
         if not changes and not again:
             logger.info(
                 "{}: already published to {} and unchanged since; nothing sent (`syncd sync "
@@ -303,7 +303,7 @@ class Attempts:
         document, stamp = await self.publisher.read_metadata(result)
         elsewhere = foreign(document, result, own)
         if elsewhere is None:  # gone again meanwhile: the change is looked at anew
-            raise SyncdError("its metadata changed while it was recorded; trying again")
+            raise TransientError("its metadata changed while it was recorded; trying again")
         return self.left_alone(result, elsewhere, stamp)
 
     def tree_gone(self, result: Result, document: Metadata | None, own: Kept) -> bool:

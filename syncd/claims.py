@@ -25,7 +25,7 @@ from typing import Any
 
 from syncd import folders
 from syncd.config import CLAIMS_FOLDER
-from syncd.errors import Kind, SyncdError, os_error
+from syncd.errors import OperatorError, SyncdError, os_error
 from syncd.layout import Result
 
 
@@ -210,9 +210,8 @@ def try_claim(result: Result, timeout: float) -> Claim | str:
     try:
         return _try_claim(result, timeout)
     except FileExistsError:  # something that is not a folder has its name
-        raise SyncdError(
-            f"{folder} is not a folder, and syncd keeps its claims there: remove it",
-            Kind.OPERATOR,
+        raise OperatorError(
+            f"{folder} is not a folder, and syncd keeps its claims there: remove it"
         ) from None
     except OSError as exc:
         raise os_error(exc, "claiming the result in", folder) from None

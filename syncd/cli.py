@@ -35,7 +35,7 @@ from syncd.config import (
     redacted,
 )
 from syncd.daemon import Daemon
-from syncd.errors import Kind, SyncdError, printable
+from syncd.errors import OperatorError, SyncdError, TransientError, printable
 from syncd.layout import Layout, LayoutError
 from syncd.marker import NotAResult, mark_finished, result_folder
 from syncd.metrics import Metrics
@@ -245,9 +245,8 @@ def run_mark(settings: Settings, exec_dirs: list[Path]) -> int:
                 else "run syncd mark as the user that writes the results, where their folder "
                 "is writable and has space"
             )
-            raise SyncdError(
-                f"cannot write {printable(str(result.marker))} ({exc.strerror or exc}): {remedy}",
-                Kind.OPERATOR,
+            raise OperatorError(
+                f"cannot write {printable(str(result.marker))} ({exc.strerror or exc}): {remedy}"
             ) from None
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
@@ -307,13 +306,13 @@ async def run_check(settings: Settings, config_file: Path | None) -> int:
         async with asyncio.timeout(CHECK_TIMEOUT):
             await store.probe()
     except TimeoutError:
-        raise SyncdError(
+        raise TransientError(
             f"{store.description} did not answer within {CHECK_TIMEOUT:.0f} s: {reachable}"
         ) from None
     except SyncdError as exc:
         if exc.permanent:  # it answered: the error names its remedy
             raise
-        raise SyncdError(f"{exc}: {reachable}") from None
+        raise TransientError(f"{exc}: {reachable}") from None
     finally:
         await store.close()
     print(f"# bucket: {store.description} reachable")

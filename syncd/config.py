@@ -39,7 +39,7 @@ from pydantic_settings import (
 )
 
 from syncd.budget import MIN_BANDWIDTH
-from syncd.errors import Kind, SyncdError
+from syncd.errors import OperatorError
 from syncd.marker import EXEC_PREFIX, MARKER_SUFFIX
 
 MiB = 1024 * 1024
@@ -51,12 +51,9 @@ DEFAULT_CONFIG_FILE = Path("/etc/syncd/config.yaml")
 LONGEST_SIGNED_URL = 10 * 365 * 86400
 
 
-class ConfigError(SyncdError):
+class ConfigError(OperatorError):
     """A configuration problem, worded for the operator who has to fix it; found at start,
     before any result is touched (exit code 2)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, Kind.OPERATOR)
 
 
 class ObjectStorage(BaseModel):

@@ -1,17 +1,19 @@
 """Every failure syncd meets, in one taxonomy: what kind it is and the one line that says what
 to do about it.
 
-- `transient`: fixes itself; retried with capped exponential backoff (a store that is down or
-  slow, a full disk, a locked database, a tree still being written).
-- `operator`: a person must fix something outside the result (credentials, bucket, region,
+- `TransientError`: fixes itself; retried with capped exponential backoff (a store that is down
+  or slow, a full disk, a locked database). Among them `Throttled` (the store pushes back),
+  `TreeChanged` (files changed while they were sent) and `BeingWritten` (its writer is at it).
+- `OperatorError`: a person must fix something outside the result (credentials, bucket, region,
   permissions, a read-only filesystem); logged once, retried every retry_permanent_delay.
-- `input`: this result's own files or metadata are unusable (a malformed metadata file, a file
-  name no store accepts); logged once, retried every retry_permanent_delay in case its writer
-  fixes it.
+- `InputError`: this result's own files or metadata are unusable (a malformed metadata file, a
+  file name no store accepts); logged once, retried every retry_permanent_delay in case its
+  writer fixes it.
 
-Each failure is translated once, at the edge where it happens: `store_error` for the object
-store clients, `os_error` for the filesystem, `state_error` for SQLite. `classify` is the last
-resort for anything else, so no task ever ends on an exception it did not expect.
+Each failure is translated once, at the edge where it happens: each storage adapter finds the
+S3 error in its client's exceptions by their type and `store_error` says what it means,
+`os_error` for the filesystem, `state_error` for SQLite. `classify` is the last resort for
+anything else, so no task ever ends on an exception it did not expect.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from __future__ import annotations
 import errno
 import re
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
+from typing import ClassVar
 
 
 class Kind(StrEnum):
@@ -33,23 +36,47 @@ class Kind(StrEnum):
 
 class SyncdError(Exception):
     """A failure worded for the person who reads it: one line, what failed and what to do.
-    Credentials in a URL never reach it (they would be logged, kept in the state, shown)."""
+    Credentials in a URL never reach it (they would be logged, kept in the state, shown).
+    Its class says its kind; `code` is the store's own name for it (the S3 error code), if any."""
 
-    def __init__(self, message: str, kind: Kind = Kind.TRANSIENT, code: str | None = None) -> None:
+    kind: ClassVar[Kind] = Kind.TRANSIENT
+
+    def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(redact(message))
-        self.kind = kind
-        self.code = code  # its short name: the S3 error code, or syncd's own (BeingWritten)
+        self.code = code
 
     @property
     def permanent(self) -> bool:
         """True when retrying alone cannot fix it."""
         return self.kind is not Kind.TRANSIENT
 
-    @property
-    def throttled(self) -> bool:
-        """The store refused a request for the rate of them (S3's 503 SlowDown): fewer at once
-        fixes it, not a wait for the whole result."""
-        return self.code in THROTTLING
+
+class TransientError(SyncdError):
+    """Fixes itself: retried with capped exponential backoff."""
+
+    kind = Kind.TRANSIENT
+
+
+class OperatorError(SyncdError):
+    """A person must fix something outside the result; retried every retry_permanent_delay."""
+
+    kind = Kind.OPERATOR
+
+
+class InputError(SyncdError):
+    """The result's own files or metadata are unusable; retried every retry_permanent_delay."""
+
+    kind = Kind.INPUT
+
+
+class Throttled(TransientError):
+    """The store refused a request for the rate of them (S3's 503 SlowDown): fewer at once
+    fixes it, not a wait for the whole result."""
+
+
+class TreeChanged(TransientError):
+    """The result's files changed while they were uploaded or after: tried again once the tree
+    is quiet."""
 
 
 # The user and password of a URL (`http://user:pass@host`), as endpoint_url may hold them.
@@ -61,12 +88,12 @@ def redact(text: str) -> str:
     return USERINFO.sub(r"\1<redacted>@", text)
 
 
-class BeingWritten(SyncdError):
+class BeingWritten(TransientError):
     """Its writer is still at it (metadata that does not parse yet, files written after the
     result's signal): not a failure; looked at again in `retry_in` seconds, quietly."""
 
     def __init__(self, message: str, retry_in: float) -> None:
-        super().__init__(message, Kind.TRANSIENT, "BeingWritten")
+        super().__init__(message)
         self.retry_in = retry_in
 
 
@@ -135,16 +162,18 @@ ENABLE_ACCELERATION = (
 )
 
 
-def store_error(exc: BaseException, action: str) -> SyncdError:
-    """A client's exception (botocore, s3fs or obstore) as one line with its S3 code."""
+def store_error(
+    exc: BaseException,
+    action: str,
+    code: str | None = None,
+    message: str | None = None,
+    unauthenticated: bool = False,
+) -> SyncdError:
+    """What a client's exception means, as one line: `code` and `message` are the S3 error the
+    adapter found in it (by its type), `unauthenticated` that the client refused the
+    credentials before any answer."""
     text = str(exc).strip() or type(exc).__name__
-    code = message = None
-    for cause in (exc, exc.__cause__, exc.__context__):
-        error = getattr(cause, "response", {}) or {}
-        if isinstance(error, dict) and error.get("Error", {}).get("Code"):
-            code, message = error["Error"]["Code"], error["Error"].get("Message")
-            break
-    else:  # obstore carries the S3 error document in its message
+    if not code:  # an S3 error document in the client's words (obstore carries it so)
         found = re.search(r"<Code>([^<]+)</Code>", text)
         if found:
             code = found.group(1)
@@ -153,16 +182,18 @@ def store_error(exc: BaseException, action: str) -> SyncdError:
     remedy = STORE_REMEDIES.get(code or "")
     if ACCELERATION_OFF in (message or ""):
         remedy = ENABLE_ACCELERATION
-    if remedy is None and type(exc).__name__ in ("PermissionDeniedError", "UnauthenticatedError"):
+    if remedy is None and unauthenticated:
         remedy = CHECK_CREDENTIALS
-    if remedy is None:
-        return SyncdError(f"{action} failed: {summary}", Kind.TRANSIENT, code)
-    return SyncdError(f"{action} failed: {summary.rstrip('.')}: {remedy}", Kind.OPERATOR, code)
+    if remedy is not None:
+        return OperatorError(f"{action} failed: {summary.rstrip('.')}: {remedy}", code)
+    transient = Throttled if code in THROTTLING else TransientError
+    return transient(f"{action} failed: {summary}", code)
 
 
 @contextmanager
-def store_errors(action: str) -> Iterator[None]:
-    """Translate a client's exception into the taxonomy, once; local read errors pass through."""
+def store_errors(action: str, translate: Callable[[Exception, str], SyncdError]) -> Iterator[None]:
+    """Translate a client's exception into the taxonomy, once, with its adapter's `translate`;
+    local read errors pass through."""
     try:
         yield
     except SyncdError:
@@ -171,32 +202,32 @@ def store_errors(action: str) -> Iterator[None]:
         # obstore raises FileNotFoundError for a missing bucket, but without a file name.
         if isinstance(exc, OSError) and exc.filename is not None:
             raise
-        raise store_error(exc, action) from exc
+        raise translate(exc, action) from exc
 
 
 def damaged(key: str, stored: str, sent: str) -> SyncdError:
     """The store holds other bytes under `key` than syncd sent (MD5s in hex)."""
-    return SyncdError(
+    return TransientError(
         f"upload of {key} failed: the store holds other bytes than were sent (MD5 {stored}, "
         f"sent {sent}): damaged on the way; sending it again"
     )
 
 
 # What to do about a filesystem error, by errno: (kind, remedy).
-OS_REMEDIES: dict[int, tuple[Kind, str]] = {
-    errno.ENOSPC: (Kind.TRANSIENT, "its filesystem is full: free space; syncd resumes by itself"),
-    errno.EDQUOT: (Kind.TRANSIENT, "the quota is used up: free space; syncd resumes by itself"),
-    errno.EACCES: (Kind.OPERATOR, "give the syncd user access to it (owner, group or mode)"),
-    errno.EPERM: (Kind.OPERATOR, "give the syncd user access to it (owner, group or mode)"),
+OS_REMEDIES: dict[int, tuple[type[SyncdError], str]] = {
+    errno.ENOSPC: (TransientError, "its filesystem is full: free space; syncd resumes by itself"),
+    errno.EDQUOT: (TransientError, "the quota is used up: free space; syncd resumes by itself"),
+    errno.EACCES: (OperatorError, "give the syncd user access to it (owner, group or mode)"),
+    errno.EPERM: (OperatorError, "give the syncd user access to it (owner, group or mode)"),
     errno.EROFS: (
-        Kind.OPERATOR,
+        OperatorError,
         "its filesystem is read-only: mount it read-write (and list it in the unit's "
         "ReadWritePaths=)",
     ),
-    errno.ELOOP: (Kind.INPUT, "it is a symlink, and syncd never follows one there"),
-    errno.ENOTDIR: (Kind.INPUT, "a part of the path is a file where a folder belongs"),
-    errno.EISDIR: (Kind.INPUT, "it is a folder where a file belongs"),
-    errno.ENAMETOOLONG: (Kind.INPUT, "its name is longer than the filesystem allows"),
+    errno.ELOOP: (InputError, "it is a symlink, and syncd never follows one there"),
+    errno.ENOTDIR: (InputError, "a part of the path is a file where a folder belongs"),
+    errno.EISDIR: (InputError, "it is a folder where a file belongs"),
+    errno.ENAMETOOLONG: (InputError, "its name is longer than the filesystem allows"),
 }
 
 
@@ -205,24 +236,21 @@ def os_error(exc: OSError, action: str, path: Path | str | None = None) -> Syncd
     where = path if path is not None else exc.filename
     subject = f"{action} {printable(str(where))}" if where is not None else action
     reason = exc.strerror or type(exc).__name__
-    kind, remedy = OS_REMEDIES.get(exc.errno or 0, (Kind.TRANSIENT, "retrying"))
-    return SyncdError(f"{subject} failed ({reason}): {remedy}", kind)
+    error, remedy = OS_REMEDIES.get(exc.errno or 0, (TransientError, "retrying"))
+    return error(f"{subject} failed ({reason}): {remedy}")
 
 
 def state_error(exc: sqlite3.Error, path: Path) -> SyncdError:
     """A SQLite error of the state database."""
     text = str(exc)
     if "locked" in text or "busy" in text:
-        return SyncdError(
+        return TransientError(
             f"state database {path} is locked by another process: stop whatever holds it "
-            "(another syncd with the same state_dir?); retrying",
-            Kind.TRANSIENT,
+            "(another syncd with the same state_dir?); retrying"
         )
     if "disk is full" in text or "disk I/O" in text:
-        return SyncdError(f"state database {path}: {text}: free space; retrying", Kind.TRANSIENT)
-    return SyncdError(
-        f"state database {path}: {text}: check state_dir and its filesystem", Kind.OPERATOR
-    )
+        return TransientError(f"state database {path}: {text}: free space; retrying")
+    return OperatorError(f"state database {path}: {text}: check state_dir and its filesystem")
 
 
 def first_failure(
@@ -248,4 +276,4 @@ def classify(exc: BaseException) -> SyncdError:
         return os_error(exc, "a file operation")
     detail = printable(str(exc).splitlines()[0]) if str(exc).strip() else ""
     name = type(exc).__name__
-    return SyncdError(f"unexpected error {name}{f': {detail}' if detail else ''}")
+    return TransientError(f"unexpected error {name}{f': {detail}' if detail else ''}")

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
-from syncd.errors import Kind, SyncdError, printable
+from syncd.errors import InputError, OperatorError, SyncdError, printable
 
 FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
@@ -27,10 +27,9 @@ class SymlinkInTheWay(OSError):
 
     def error(self, what: str) -> SyncdError:
         """This, in the taxonomy's words; `what` says which folder it is."""
-        return SyncdError(
+        return InputError(
             f"{what} {printable(str(self.filename))} is a symlink; syncd never follows one: "
-            "move the folder itself there",
-            Kind.INPUT,
+            "move the folder itself there"
         )
 
 
@@ -42,10 +41,9 @@ def parts_under(outputs_dir: Path, path: Path) -> tuple[str, ...]:
     except ValueError:
         parts = ("..",)
     if any(part in (".", "..") for part in parts):
-        raise SyncdError(
+        raise OperatorError(
             f"{path} is not inside outputs_dir {outputs_dir}; syncd writes nothing outside it: "
-            "check syncd.metadata_file",
-            Kind.OPERATOR,
+            "check syncd.metadata_file"
         )
     return parts
 

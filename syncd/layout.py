@@ -24,15 +24,18 @@ from loguru import logger
 
 from syncd import folders
 from syncd.config import Settings
-from syncd.errors import Kind, SyncdError, os_error, printable
+from syncd.errors import (
+    InputError,
+    SyncdError,
+    TransientError,
+    os_error,
+    printable,
+)
 from syncd.marker import EXEC_PREFIX
 
 
-class LayoutError(SyncdError):
+class LayoutError(InputError):
     """A path given on the command line that is not a result under outputs_dir (exit 2)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, Kind.INPUT)
 
 
 @dataclass(frozen=True)
@@ -408,12 +411,11 @@ def tree_files(result: Result, say: bool = True) -> Iterator[LocalFile]:
                 )
         for links, here in linked.values():
             if len(here) < links:
-                raise SyncdError(
+                raise InputError(
                     f"file {printable(str(result.tree / here[0]))} has a hard link "
                     "outside the result folder and another owner than the folder: syncd "
                     "uploads only the result's own files: replace it with a copy (the result is "
-                    "published once it is fixed)",
-                    Kind.INPUT,
+                    "published once it is fixed)"
                 )
 
 
@@ -440,11 +442,10 @@ def walk(
                 os.close(fd)
                 continue
             if len(stack) > MAX_DEPTH:  # entering a folder MAX_DEPTH + 1 deep
-                raise SyncdError(
+                raise InputError(
                     f"folder {printable(str(result.tree / path / name))} lies more than "
                     f"{MAX_DEPTH} folders deep in the result, deeper than syncd walks: flatten "
-                    "the tree (the result is published once it is fixed)",
-                    Kind.INPUT,
+                    "the tree (the result is published once it is fixed)"
                 )
             try:
                 child = os.open(name, FOLDER, dir_fd=fd)
@@ -520,15 +521,13 @@ def no_folder(result: Result) -> SyncdError:
         age = 0.0
     what = f"{result.signal_name} {result.signal}"
     if age < FOLDER_GRACE:
-        return SyncdError(
+        return TransientError(
             f"{what} has no result folder {result.tree} yet; published as soon as the folder "
-            "appears",
-            Kind.TRANSIENT,
+            "appears"
         )
-    return SyncdError(
+    return InputError(
         f"{what} has no result folder {result.tree}: restore the folder or remove the "
-        f"{result.signal_name}",
-        Kind.INPUT,
+        f"{result.signal_name}"
     )
 
 
@@ -536,7 +535,7 @@ def check_name(result: Result, rel: str) -> None:
     """Refuse a file whose key a store would refuse or a reader would misread (the names of
     its workflow and result folders are part of the key too)."""
     if (folder := name_problem(result.tree, result.rel)) is not None:
-        raise SyncdError(folder, Kind.INPUT)  # the result's own name (or its workflow's)
+        raise InputError(folder)  # the result's own name (or its workflow's)
     problem = None
     key = result.key(rel)
     try:
@@ -549,8 +548,7 @@ def check_name(result: Result, rel: str) -> None:
         elif key_bytes > MAX_KEY_BYTES:
             problem = f"its key would be {key_bytes} bytes, above S3's limit of {MAX_KEY_BYTES}"
     if problem:
-        raise SyncdError(
+        raise InputError(
             f"file {printable(str(result.tree / rel))} cannot be uploaded: {problem}: rename it "
-            "(the result is published once it is fixed)",
-            Kind.INPUT,
+            "(the result is published once it is fixed)"
         )

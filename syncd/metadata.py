@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from syncd import folders, marker
-from syncd.errors import BeingWritten, Kind, SyncdError, os_error
+from syncd.errors import BeingWritten, InputError, SyncdError, os_error
 from syncd.layout import LocalFile, Result
 
 Metadata = dict[str, Any]
@@ -70,10 +70,9 @@ def read_stamped(result: Result) -> tuple[Metadata | None, Stamp | None]:
         with os.fdopen(fd, "rb") as f:
             info = os.fstat(f.fileno())
             if not stat.S_ISREG(info.st_mode):
-                raise SyncdError(
+                raise InputError(
                     f"metadata {path} is not a regular file; left as it is: replace it with the "
-                    "metadata JSON, or remove it",
-                    Kind.INPUT,
+                    "metadata JSON, or remove it"
                 )
             raw = f.read()
     except OSError as exc:
@@ -81,10 +80,9 @@ def read_stamped(result: Result) -> tuple[Metadata | None, Stamp | None]:
     try:
         document = json.loads(raw, parse_float=finite, parse_constant=not_json)
     except RecursionError:
-        raise SyncdError(
+        raise InputError(
             f"metadata {path} nests its values deeper than a JSON reader follows; left as it "
-            "is: fix or remove it and the result is uploaded on the next scan",
-            Kind.INPUT,
+            "is: fix or remove it and the result is uploaded on the next scan"
         ) from None
     except ValueError as exc:  # JSON that does not parse, or a number too long to convert
         cut_short = isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError))
@@ -93,16 +91,14 @@ def read_stamped(result: Result) -> tuple[Metadata | None, Stamp | None]:
                 f"metadata {path} is not complete JSON yet ({exc}); reading it again shortly",
                 READ_AGAIN,
             ) from None
-        raise SyncdError(
+        raise InputError(
             f"metadata {path} is not valid JSON ({exc}); left as it is: fix or remove it "
-            "and the result is uploaded on the next scan",
-            Kind.INPUT,
+            "and the result is uploaded on the next scan"
         ) from None
     if not isinstance(document, dict):
-        raise SyncdError(
+        raise InputError(
             f"metadata {path} is not a JSON object; left as it is: fix or remove it "
-            "and the result is uploaded on the next scan",
-            Kind.INPUT,
+            "and the result is uploaded on the next scan"
         )
     return document, stamp_of(info)
 
@@ -138,10 +134,9 @@ def unusable(result: Result, exc: OSError, action: str) -> SyncdError:
 
 
 def not_a_file(path: Path, what: str) -> SyncdError:
-    return SyncdError(
+    return InputError(
         f"metadata {path} is {what}; left as it is: syncd never writes through one or "
-        "replaces it: put the metadata file itself there",
-        Kind.INPUT,
+        "replaces it: put the metadata file itself there"
     )
 
 
@@ -240,10 +235,9 @@ def write_atomic(result: Result, document: Metadata) -> Stamp:
     except UnicodeEncodeError:  # a lone surrogate in a value: keep it, as a JSON escape
         data = (json.dumps(document, indent=2) + "\n").encode()
     except RecursionError:
-        raise SyncdError(
+        raise InputError(
             f"metadata {path} nests its values deeper than syncd can write back; left as it is: "
-            "fix or remove it and the result is uploaded on the next scan",
-            Kind.INPUT,
+            "fix or remove it and the result is uploaded on the next scan"
         ) from None
     try:
         with folders.opened(result.outputs_dir, path.parent) as folder:

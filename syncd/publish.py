@@ -39,7 +39,17 @@ from loguru import logger
 from syncd import folders, marker, metadata
 from syncd.budget import TransferBudget, files_in_flight
 from syncd.config import Settings
-from syncd.errors import BeingWritten, Kind, SyncdError, first_failure, os_error, printable
+from syncd.errors import (
+    BeingWritten,
+    OperatorError,
+    SyncdError,
+    Throttled,
+    TransientError,
+    TreeChanged,
+    first_failure,
+    os_error,
+    printable,
+)
 from syncd.layout import Layout, LocalFile, Result, tree_files
 from syncd.objects import headers_for, is_zarr_metadata
 from syncd.progress import Progress
@@ -61,7 +71,7 @@ REMEMBERED = 256
 
 
 def changed() -> SyncdError:
-    return SyncdError(
+    return TreeChanged(
         "files changed while they were uploaded; retrying once the tree is quiet (a marker "
         "must only be dropped when the result is complete)"
     )
@@ -381,11 +391,10 @@ class Publisher:
         except SyncdError as exc:
             if exc.code not in CLEANUP_REFUSED:
                 raise
-            raise SyncdError(
+            raise OperatorError(
                 f"the bucket holds {len(strays)} objects under {result.remote_path}/ that are "
                 f"not in the tree (first: {strays[0]}) and deleting them was refused: grant "
-                "s3:DeleteObject, or delete them",
-                Kind.OPERATOR,
+                "s3:DeleteObject, or delete them"
             ) from None
         logger.info(
             "{}: deleted {} objects an earlier attempt left that are not in the tree",
@@ -428,7 +437,7 @@ class Publisher:
                         body = Body(path, file.size, changed)
                         await self._put(body, result.key(file.rel), file.rel)
             except SyncdError as exc:
-                if not exc.throttled or refusals > PUSHED_BACK_TRIES:
+                if not isinstance(exc, Throttled) or refusals > PUSHED_BACK_TRIES:
                     raise
                 if self.budget.pushed_back() and self.budget.transfers < self.narrowest_said:
                     # Said at each new low, not at each swing of the window around it.
@@ -459,7 +468,7 @@ class Publisher:
             async with asyncio.timeout(limit):
                 await self.store.put(body, key, headers_for(rel))
         except TimeoutError:
-            raise SyncdError(
+            raise TransientError(
                 f"upload of {key} did not end within {limit:.0f} s, past every timeout and retry "
                 "of its requests: the store takes them but does not answer"
             ) from None
@@ -486,7 +495,7 @@ class Publisher:
             self._remember(result, [f for f in files if f not in lacking], uploaded.md5)
             first = wrong[0]
             there = listed.get(result.key(first.rel))
-            raise SyncdError(
+            raise TransientError(
                 f"after upload the bucket lacks {len(wrong)} of {len(files)} files "
                 f"or holds other sizes (first: {result.key(first.rel)}, "
                 f"{first.size} bytes locally, "
@@ -621,10 +630,9 @@ def move_aside(result: Result, files: list[LocalFile]) -> Path:
     try:
         with tree_parent(result) as parent:
             if exists(aside.name, parent):  # never deleted unseen: it may be the only copy
-                raise SyncdError(
+                raise OperatorError(
                     f"{aside} is in the way: a stopped syncd left it; restart syncd to clean it "
-                    "up, or remove it",
-                    Kind.OPERATOR,
+                    "up, or remove it"
                 )
             os.rename(result.name, aside.name, src_dir_fd=parent, dst_dir_fd=parent)
     except OSError as exc:
@@ -636,7 +644,7 @@ def move_aside(result: Result, files: list[LocalFile]) -> Path:
         same = False
     if not same:
         move_back(result, aside)
-        raise SyncdError(
+        raise TreeChanged(
             "files appeared or changed after the upload; the local tree is kept and the "
             "result uploaded again"
         )

@@ -4,9 +4,9 @@ endpoint, region, credentials (or the standard AWS chain when none are set), tra
 acceleration (AWS only), `max_concurrency` and `multipart_chunksize`.
 
 Every file is read once, by syncd, with its MD5 computed as it is read (`Body`), and every
-request that carries its bytes carries a checksum the store can verify. Adapters translate
-their client's exceptions with `errors.store_errors` and decide nothing else: what a failure
-means is the taxonomy's.
+request that carries its bytes carries a checksum the store can verify. Adapters find the S3
+error in their client's exceptions by type (`failures`) and decide nothing else: what a failure
+means is the taxonomy's (`errors.store_error`).
 """
 
 from __future__ import annotations

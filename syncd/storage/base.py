@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from syncd.config import ObjectStorage, redact_url
-from syncd.errors import SyncdError
+from syncd.errors import SyncdError, TransientError
 from syncd.objects import ObjectHeaders
 from syncd.storage.body import Body
 
@@ -85,7 +85,7 @@ class Pages:
         self.seen.add(mark)
 
     def repeated(self) -> SyncdError:
-        return SyncdError(
+        return TransientError(
             f"{self.action} failed: the store pages through the same listing again and again "
             "(a continuation token, a marker or a key repeats): a fault of the store; retrying"
         )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from loguru import logger
 
-from syncd.errors import Kind, SyncdError, damaged
+from syncd.errors import OperatorError, SyncdError, damaged
 
 # Reads an object's bytes back, in pieces of any size.
 Reader = Callable[[str], AsyncIterator[bytes]]
@@ -81,10 +81,9 @@ class Etags:
 
     def missing(self, key: str) -> SyncdError:
         """The store acknowledged `key` without an ETag."""
-        return SyncdError(
+        return OperatorError(
             f"upload of {key} failed: {self.description} acknowledged it without an ETag, "
-            "which no S3 store does: check that endpoint_url is the store's S3 API",
-            Kind.OPERATOR,
+            "which no S3 store does: check that endpoint_url is the store's S3 API"
         )
 
     async def check(self, key: str, answered: str | None, sent: Sent, read: Reader) -> None:

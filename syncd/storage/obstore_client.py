@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractContextManager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from syncd.budget import PARTS_PER_FILE
 from syncd.config import ObjectStorage
-from syncd.errors import store_errors
+from syncd.errors import SyncdError, store_error, store_errors
 from syncd.objects import ObjectHeaders
 from syncd.storage.base import Pages, location
 from syncd.storage.body import Body
@@ -92,7 +93,7 @@ class ObstoreStore:
         part_size = self.storage.multipart_chunksize
         if self.resumable(body.size):
             return await self.multipart.multipart(body, key, headers)
-        with store_errors(f"upload of {key}"), self.etag_required(key):
+        with failures(f"upload of {key}"), self.etag_required(key):
             if body.size <= part_size:
                 data = await body.whole()
                 async with answered(key, body.size):
@@ -149,7 +150,7 @@ class ObstoreStore:
     async def delete(self, keys: list[str]) -> None:
         import obstore
 
-        with store_errors(f"deleting {len(keys)} objects"):
+        with failures(f"deleting {len(keys)} objects"):
             await obstore.delete_async(self.store, keys)
 
     async def sizes(self, prefix: str) -> dict[str, int]:
@@ -158,7 +159,7 @@ class ObstoreStore:
         found: dict[str, int] = {}
         listed: set[str] = set()
         pages = Pages(f"listing {prefix}")
-        with store_errors(f"listing {prefix}"):
+        with failures(f"listing {prefix}"):
             async for batch in obstore.list(self.store, prefix=prefix, chunk_size=1000):
                 # obstore follows the tokens itself: S3 never lists a key twice.
                 paths = [meta["path"] for meta in batch]
@@ -174,7 +175,7 @@ class ObstoreStore:
     async def probe(self) -> None:
         import obstore
 
-        with store_errors(f"listing {self.description}"):
+        with failures(f"listing {self.description}"):
             await obstore.list_with_delimiter_async(self.store, self.storage.prefix or None)
 
     async def connect(self) -> None:
@@ -185,3 +186,17 @@ class ObstoreStore:
 
     async def close(self) -> None:
         await self.multipart.close()
+
+
+def failures(action: str) -> AbstractContextManager[None]:
+    """obstore's exceptions in the taxonomy's words."""
+    return store_errors(action, translated)
+
+
+def translated(exc: Exception, action: str) -> SyncdError:
+    """obstore carries the S3 error document in its message; its types say only that the
+    credentials were refused."""
+    from obstore.exceptions import PermissionDeniedError, UnauthenticatedError
+
+    refused = isinstance(exc, (PermissionDeniedError, UnauthenticatedError))
+    return store_error(exc, action, unauthenticated=refused)

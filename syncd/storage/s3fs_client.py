@@ -13,13 +13,14 @@ import asyncio
 import base64
 import contextlib
 from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 from loguru import logger
 
 from syncd.budget import PARTS_PER_FILE, SLOWEST_RATE, requests_in_flight
 from syncd.config import ObjectStorage, without_userinfo
-from syncd.errors import first_failure, store_errors
+from syncd.errors import SyncdError, first_failure, store_error, store_errors
 from syncd.objects import ObjectHeaders
 from syncd.storage.base import Multiparts, Pages, location
 from syncd.storage.body import Body
@@ -105,7 +106,7 @@ class S3fsStore:
         if body.size >= self.single_put_below:
             return await self.multipart(body, key, headers)
         fs = await self._client()
-        with store_errors(f"upload of {key}"):
+        with failures(f"upload of {key}"):
             # Straight to s3fs's client call: its _put_file costs ~12 % more CPU per small
             # file (type guessing, checks, callbacks), the bottleneck here.
             data = await body.whole()
@@ -128,7 +129,7 @@ class S3fsStore:
         """Upload `body` in parts of multipart_chunksize, resuming the journaled upload of
         `key` if the store still holds it and every part it holds matches the file."""
         fs = await self._client()
-        with store_errors(f"upload of {key}"):
+        with failures(f"upload of {key}"):
             upload, stored = await self._resumable(fs, key)
             if upload is not None:
                 try:
@@ -277,7 +278,7 @@ class S3fsStore:
 
     async def delete(self, keys: list[str]) -> None:
         fs = await self._client()
-        with store_errors(f"deleting {len(keys)} objects"):
+        with failures(f"deleting {len(keys)} objects"):
             for start in range(0, len(keys), 1000):
                 batch = [{"Key": key} for key in keys[start : start + 1000]]
                 answer = await fs._call_s3(
@@ -304,7 +305,7 @@ class S3fsStore:
         found: dict[str, int] = {}
         params: dict[str, Any] = {"Prefix": prefix}
         pages = Pages(f"listing {prefix}")
-        with store_errors(f"listing {prefix}"):
+        with failures(f"listing {prefix}"):
             while True:
                 page = await self._list(**params)
                 found.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
@@ -314,7 +315,7 @@ class S3fsStore:
                 pages.turn(params["ContinuationToken"])
 
     async def probe(self) -> None:
-        with store_errors(f"listing {self.description}"):
+        with failures(f"listing {self.description}"):
             await self._list(Prefix=self.storage.prefix, MaxKeys=1)
 
     async def abort_uploads(self, prefix: str, keep: set[str]) -> int:
@@ -330,12 +331,12 @@ class S3fsStore:
             # Forget only this very upload: another of the same key may be the one resumed.
             aborted += await self._abort(fs, upload, forget=journaled.get(key) == upload_id)
 
-        with store_errors(f"aborting multipart uploads under {prefix}"):
+        with failures(f"aborting multipart uploads under {prefix}"):
             # Those this host journaled first: rclone cannot list them.
             for key, upload_id in journaled.items():
                 if (key, upload_id) not in resumed:
                     await abort(key, upload_id)
-        with store_errors(f"listing multipart uploads under {prefix}"):
+        with failures(f"listing multipart uploads under {prefix}"):
             marker: dict[str, str] = {}
             pages = Pages(f"listing multipart uploads under {prefix}")
             while True:
@@ -357,3 +358,21 @@ class S3fsStore:
         if self.fs is not None and self.fs._s3 is not None:
             await self.fs._s3.close()
         self.fs = None
+
+
+def failures(action: str) -> AbstractContextManager[None]:
+    """s3fs's and botocore's exceptions in the taxonomy's words."""
+    return store_errors(action, translated)
+
+
+def translated(exc: Exception, action: str) -> SyncdError:
+    """botocore's ClientError (raised, or the cause of the OSError s3fs raised from it) holds
+    the S3 error the store answered."""
+    from botocore.exceptions import ClientError
+
+    for cause in (exc, exc.__cause__, exc.__context__):
+        if isinstance(cause, ClientError):
+            error = cause.response.get("Error", {})
+            if error.get("Code"):
+                return store_error(exc, action, error["Code"], error.get("Message"))
+    return store_error(exc, action)

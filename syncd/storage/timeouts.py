@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 from syncd.budget import PARTS_PER_FILE, SLOWEST_RATE
-from syncd.errors import SyncdError
+from syncd.errors import TransientError
 
 # A few quick retries inside the client absorb a single failed request (rclone serve s3 fails
 # one now and then); longer outages are the daemon's to retry, with backoff, per result.
@@ -47,7 +47,7 @@ async def answered(key: str, request_bytes: int) -> AsyncIterator[None]:
         async with asyncio.timeout(limit):
             yield
     except TimeoutError:
-        raise SyncdError(
+        raise TransientError(
             f"upload of {key} failed: no answer within {limit:.0f} s (a minute, and its "
             "bytes at 16 kB/s): the store takes requests but does not answer them"
         ) from None
