@@ -33,8 +33,9 @@ from syncd.config import Settings
 from syncd.errors import BeingWritten, InputError, SyncdError, TransientError, classify
 from syncd.layout import Result
 from syncd.metadata import Kept, Metadata, Stamp
-from syncd.publish import QUIET, Publisher, Uploaded
+from syncd.publish import Publisher, Uploaded
 from syncd.state import Record, State, StateStore, clock
+from syncd.tree import QUIET
 
 
 @dataclass(frozen=True)

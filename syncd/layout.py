@@ -9,28 +9,17 @@ writes no marker). Objects go to `<prefix>/<exec path under outputs_dir>/<path i
 
 from __future__ import annotations
 
-import errno
 import os
 import re
-import stat
 import string
-import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from loguru import logger
 
-from syncd import folders
 from syncd.config import Settings
-from syncd.errors import (
-    InputError,
-    SyncdError,
-    TransientError,
-    os_error,
-    printable,
-)
+from syncd.errors import InputError, printable
 from syncd.marker import EXEC_PREFIX
 
 
@@ -68,21 +57,6 @@ class Result:
 
     def key(self, path_in_tree: str) -> str:
         return f"{self.remote_path}/{path_in_tree}"
-
-
-@dataclass(frozen=True, slots=True)
-class LocalFile:
-    """A regular file of a result tree: its path in the tree, its size and modification time
-    (to notice a file that changes while it is uploaded), its inode and device (to read the
-    file that was listed and no other), and whether its path is a symlink inside the tree.
-    Kept small: a tree may hold 100,000 of them."""
-
-    rel: str
-    size: int
-    mtime_ns: int
-    ino: int
-    dev: int
-    follow: bool = False
 
 
 class Layout:
@@ -347,208 +321,4 @@ def normalized(path: Path) -> Path:
     return Path(os.path.normpath(path.absolute()))
 
 
-# The longest key S3 accepts, in UTF-8 bytes.
-MAX_KEY_BYTES = 1024
 CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
-
-
-# Folders deeper than this under a result folder are not walked: no Zarr store comes near it,
-# and each level holds a descriptor while the tree is walked.
-MAX_DEPTH = 128
-
-
-def tree_files(result: Result, say: bool = True) -> Iterator[LocalFile]:
-    """Every regular file of the tree, in a stable order; symlinks only when they stay inside.
-
-    Never follows a symlink out of the tree: the result folder and its workflow folder must not
-    be symlinks, folders are walked by descriptor (a folder swapped for a symlink while it is
-    walked is not entered), and a symlink to a file is uploaded as that file only when the file
-    lies inside the tree. Each file's device and inode are kept, so that the upload reads the
-    file that was listed and nothing else. A file with a hard link outside the tree is
-    uploaded only when it belongs to the result folder's owner, who could have copied it in. A
-    name no store can take, and a tree deeper than MAX_DEPTH, are this result's input errors.
-    What is skipped is logged when `say` (the first listing of an attempt, not its re-reads).
-    """
-    log = logger.warning if say else logger.debug
-    with open_folder(result) as tree_fd:
-        root = Path(os.path.realpath(f"/proc/self/fd/{tree_fd}"))
-        owner = os.fstat(tree_fd).st_uid
-        # Files of several names and another owner: how many names each has, which are here.
-        linked: dict[tuple[int, int], tuple[int, list[str]]] = {}
-        for folder, filenames, dir_fd in walk(result, tree_fd, log):
-            for name in filenames:
-                rel = (folder / name).as_posix().removeprefix("./")
-                check_name(result, rel)
-                info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-                follow = stat.S_ISLNK(info.st_mode)
-                if follow:
-                    target = Path(os.path.realpath(root / rel))
-                    try:
-                        info = target.stat()
-                    except FileNotFoundError:
-                        log(
-                            "{}: skipping symlink {} that leads nowhere",
-                            result.name,
-                            printable(rel),
-                        )
-                        continue
-                    if not target.is_relative_to(root) or target == root:
-                        log(
-                            "{}: skipping symlink {} that leads outside the tree",
-                            result.name,
-                            printable(rel),
-                        )
-                        continue
-                if not stat.S_ISREG(info.st_mode):
-                    log("{}: skipping {}: not a regular file", result.name, printable(rel))
-                    continue
-                # A symlink is no name of its file: the file's own name in the tree is counted.
-                if info.st_nlink > 1 and info.st_uid != owner and not follow:
-                    key = (info.st_dev, info.st_ino)
-                    linked.setdefault(key, (info.st_nlink, []))[1].append(rel)
-                yield LocalFile(
-                    rel, info.st_size, info.st_mtime_ns, info.st_ino, info.st_dev, follow
-                )
-        for links, here in linked.values():
-            if len(here) < links:
-                raise InputError(
-                    f"file {printable(str(result.tree / here[0]))} has a hard link "
-                    "outside the result folder and another owner than the folder: syncd "
-                    "uploads only the result's own files: replace it with a copy (the result is "
-                    "published once it is fixed)"
-                )
-
-
-def walk(
-    result: Result, tree_fd: int, log: Callable[..., None]
-) -> Iterator[tuple[PurePosixPath, list[str], int]]:
-    """Each folder of the tree, depth first in name order, as (its path in the tree, the names
-    of its files, a descriptor of it), without recursion: a tree thousands of folders deep is
-    an input error, not a crash. Only the folders on the way down hold a descriptor."""
-    top = os.dup(tree_fd)
-    try:
-        folders, files = entries(result, PurePosixPath("."), top, log)
-    except BaseException:
-        os.close(top)
-        raise
-    stack = [(PurePosixPath("."), top, iter(folders))]
-    try:
-        yield PurePosixPath("."), files, top
-        while stack:
-            path, fd, below = stack[-1]
-            name = next(below, None)
-            if name is None:
-                stack.pop()
-                os.close(fd)
-                continue
-            if len(stack) > MAX_DEPTH:  # entering a folder MAX_DEPTH + 1 deep
-                raise InputError(
-                    f"folder {printable(str(result.tree / path / name))} lies more than "
-                    f"{MAX_DEPTH} folders deep in the result, deeper than syncd walks: flatten "
-                    "the tree (the result is published once it is fixed)"
-                )
-            try:
-                child = os.open(name, FOLDER, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    continue  # swapped for a link or a file since it was listed: not entered
-                raise
-            try:
-                folders, files = entries(result, path / name, child, log)
-            except BaseException:
-                os.close(child)
-                raise
-            stack.append((path / name, child, iter(folders)))
-            yield path / name, files, child
-    finally:
-        for _, fd, _ in stack:
-            os.close(fd)
-
-
-FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def entries(
-    result: Result, path: PurePosixPath, fd: int, log: Callable[..., None]
-) -> tuple[list[str], list[str]]:
-    """The names of the folders and of the other entries of the folder `fd`, each sorted; a
-    symlink to a folder is neither (never entered, said once per walk)."""
-    folders, files = [], []
-    with os.scandir(fd) as listing:
-        for entry in listing:
-            if entry.is_dir(follow_symlinks=False):
-                folders.append(entry.name)
-            elif entry.is_symlink() and entry.is_dir():
-                log(
-                    "{}: skipping symlinked folder {}",
-                    result.name,
-                    printable(str(path / entry.name).removeprefix("./")),
-                )
-            else:
-                files.append(entry.name)
-    return sorted(folders), sorted(files)
-
-
-@contextmanager
-def open_folder(result: Result) -> Iterator[int]:
-    """A descriptor of the result folder, opened one folder at a time from outputs_dir without
-    following a symlink, so neither the workflow folder nor the tree can lead elsewhere."""
-    with ExitStack() as stack:
-        try:
-            fd = stack.enter_context(folders.opened(result.outputs_dir, result.tree))
-        except FileNotFoundError as exc:
-            if exc.filename == str(result.outputs_dir):
-                raise
-            raise no_folder(result) from None
-        except OSError as exc:
-            what = "result folder" if exc.filename == str(result.tree) else "workflow folder"
-            if isinstance(exc, folders.SymlinkInTheWay):
-                raise exc.error(what) from None
-            raise os_error(exc, f"opening {what}", exc.filename) from None
-        yield fd
-
-
-# A marker may come a moment before its folder; one older than this has lost its folder.
-FOLDER_GRACE = 600.0
-
-
-def no_folder(result: Result) -> SyncdError:
-    """A finished result without its folder: transient while its signal (marker or metadata)
-    is new (the folder's rename may come second), then a problem for a person, logged once."""
-    try:
-        age = time.time() - os.lstat(result.signal).st_mtime
-    except OSError:
-        age = 0.0
-    what = f"{result.signal_name} {result.signal}"
-    if age < FOLDER_GRACE:
-        return TransientError(
-            f"{what} has no result folder {result.tree} yet; published as soon as the folder "
-            "appears"
-        )
-    return InputError(
-        f"{what} has no result folder {result.tree}: restore the folder or remove the "
-        f"{result.signal_name}"
-    )
-
-
-def check_name(result: Result, rel: str) -> None:
-    """Refuse a file whose key a store would refuse or a reader would misread (the names of
-    its workflow and result folders are part of the key too)."""
-    if (folder := name_problem(result.tree, result.rel)) is not None:
-        raise InputError(folder)  # the result's own name (or its workflow's)
-    problem = None
-    key = result.key(rel)
-    try:
-        key_bytes = len(key.encode("utf-8"))
-    except UnicodeEncodeError:
-        problem = "its path is not valid UTF-8, which S3 keys must be"
-    else:
-        if CONTROL.search(key):
-            problem = "its path holds control characters"
-        elif key_bytes > MAX_KEY_BYTES:
-            problem = f"its key would be {key_bytes} bytes, above S3's limit of {MAX_KEY_BYTES}"
-    if problem:
-        raise InputError(
-            f"file {printable(str(result.tree / rel))} cannot be uploaded: {problem}: rename it "
-            "(the result is published once it is fixed)"
-        )

@@ -23,7 +23,8 @@ from typing import Any
 
 from syncd import folders, marker
 from syncd.errors import BeingWritten, InputError, SyncdError, os_error
-from syncd.layout import LocalFile, Result
+from syncd.layout import Result
+from syncd.tree import LocalFile
 
 Metadata = dict[str, Any]
 Stamp = tuple[int, int, int]  # (inode, size, mtime in ns): the file as syncd last saw it

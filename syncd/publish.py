@@ -16,22 +16,16 @@ was moved is exactly what the bucket holds, records, and only then deletes it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
-import errno
 import hashlib
 import itertools
 import json
 import math
 import os
 import random
-import shutil
-import stat
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 from loguru import logger
@@ -40,27 +34,37 @@ from syncd import folders, marker, metadata
 from syncd.budget import TransferBudget, files_in_flight
 from syncd.config import Settings
 from syncd.errors import (
-    BeingWritten,
     OperatorError,
     SyncdError,
     Throttled,
     TransientError,
-    TreeChanged,
     first_failure,
     os_error,
     printable,
 )
-from syncd.layout import Layout, LocalFile, Result, tree_files
+from syncd.layout import Layout, Result
 from syncd.objects import headers_for, is_zarr_metadata
 from syncd.progress import Progress
 from syncd.signing import UrlSigner
 from syncd.storage import Body, ObjectStore
+from syncd.tree import (
+    LocalFile,
+    changed,
+    delete_aside,
+    fingerprint,
+    holds_exactly,
+    move_aside,
+    move_back,
+    open_listed,
+    recover_aside,
+    settled,
+    tree_errors,
+    tree_files,
+)
 
 # Answers that mean this store or these credentials cannot clean up, while uploads may work.
 CLEANUP_REFUSED = {"AccessDenied", "NotImplemented", "MethodNotAllowed"}
 HASH_READ = 8 * 1024 * 1024  # bytes read at a time to compare a file with what was published
-# Seconds a tree written after its signal must be left alone before it is published.
-QUIET = 30.0
 # A file the store refuses for the rate of requests is sent again within the attempt, after a
 # pause from PUSHED_BACK_PAUSE doubling to PUSHED_BACK_MAX_PAUSE, this many times.
 PUSHED_BACK_TRIES = 10
@@ -68,13 +72,6 @@ PUSHED_BACK_PAUSE = 0.25
 PUSHED_BACK_MAX_PAUSE = 16.0
 # Results whose acknowledged files are remembered after a failed attempt (the last to fail).
 REMEMBERED = 256
-
-
-def changed() -> SyncdError:
-    return TreeChanged(
-        "files changed while they were uploaded; retrying once the tree is quiet (a marker "
-        "must only be dropped when the result is complete)"
-    )
 
 
 @dataclass(frozen=True)
@@ -155,13 +152,6 @@ def acknowledged_md5(acknowledgement: str | None, fingerprint: str) -> dict[str,
         return None
     md5 = earlier.get("md5")
     return md5 if isinstance(md5, dict) else None
-
-
-def fingerprint(result: Result, files: list[LocalFile]) -> str:
-    digest = hashlib.sha256(result.remote_path.encode())
-    for f in files:
-        digest.update(f"\0{f.rel}\0{f.size}\0{f.mtime_ns}\0{f.ino}\0{f.dev}".encode())
-    return digest.hexdigest()
 
 
 class Publisher:
@@ -528,157 +518,6 @@ def file_count(count: int) -> str:
     return f"{count} file{'' if count == 1 else 's'}"
 
 
-@contextlib.contextmanager
-def open_listed(result: Result, file: LocalFile) -> Iterator[Path]:
-    """A path that reads exactly the listed file: the file is opened without following a
-    symlink (unless the listing found a symlink inside the tree), checked to be the same inode,
-    size and mtime, and handed to the client as its /proc/self/fd path, which cannot be
-    swapped any more."""
-    path = result.tree / file.rel
-    # O_NONBLOCK: a FIFO swapped in must not hang the event loop (its inode tells it apart).
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if file.follow else os.O_NOFOLLOW)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise changed() from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:  # swapped for a symlink since it was listed
-            raise changed() from None
-        raise os_error(exc, "reading", path) from None
-    try:
-        info = os.fstat(fd)
-        same = (info.st_ino, info.st_dev, info.st_size, info.st_mtime_ns) == (
-            file.ino,
-            file.dev,
-            file.size,
-            file.mtime_ns,
-        )
-        if not same:
-            raise changed()
-        try:
-            yield Path(f"/proc/self/fd/{fd}")
-        except OSError as exc:
-            if exc.filename is not None:  # a local read failed, not a store request
-                raise os_error(exc, "reading", path) from None
-            raise
-    finally:
-        os.close(fd)
-
-
-def settled(result: Result, files: list[LocalFile]) -> None:
-    """Files written after the result's signal (a marker dropped before its tree was done, a
-    folder filled after its marker) mean its writer may still be at it: BeingWritten until
-    the tree has been left alone for QUIET seconds, so that a half tree is never published."""
-    try:
-        signalled = os.stat(result.signal).st_mtime_ns
-        # The result folder changes with every name made in it (its first files included).
-        written = {"its folder": os.stat(result.tree).st_mtime_ns}
-    except OSError:
-        return  # published by hand without a signal: as it is
-    written |= {printable(f.rel): f.mtime_ns for f in files}
-    newest = max(written, key=lambda name: written[name])
-    if written[newest] <= signalled:
-        return
-    age = time.time() - written[newest] / 1e9
-    if 0 <= age < QUIET:  # dated ahead of this clock: nothing to wait for that would end
-        raise BeingWritten(
-            f"{newest} was written {age:.0f} s ago, after its {result.signal_name}: its writer "
-            f"may still be at it; published once the tree has been left alone for {QUIET:.0f} s "
-            "(by the daemon, or by syncd sync run again then)",
-            QUIET - age,
-        )
-
-
-def holds_exactly(result: Result, files: list[LocalFile]) -> bool:
-    """True when the tree still holds exactly `files`, compared as it is walked."""
-    return all(a == b for a, b in itertools.zip_longest(files, tree_files(result, say=False)))
-
-
-@contextlib.contextmanager
-def tree_errors(result: Result) -> Iterator[None]:
-    """A tree that cannot be walked, in the taxonomy's words."""
-    try:
-        yield
-    except OSError as exc:
-        raise os_error(exc, "reading", exc.filename or result.tree) from None
-
-
-def aside_path(result: Result) -> Path:
-    return result.tree.with_name(marker.aside_name(result.name))
-
-
-@contextlib.contextmanager
-def tree_parent(result: Result) -> Iterator[int]:
-    """The folder of the result's tree (outputs_dir or its workflow folder), opened from
-    outputs_dir without following a symlink: trees are moved and deleted in it by name."""
-    with folders.opened(result.outputs_dir, result.tree.parent) as fd:
-        yield fd
-
-
-def exists(name: str, folder: int) -> os.stat_result | None:
-    try:
-        return os.stat(name, dir_fd=folder, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-
-
-def move_aside(result: Result, files: list[LocalFile]) -> Path:
-    """Move the tree aside (a crash never leaves a half tree under its name) and check it holds
-    exactly the uploaded files; if not, move it back and retry: something was written after
-    the upload, and it is not in the bucket."""
-    aside = aside_path(result)
-    try:
-        with tree_parent(result) as parent:
-            if exists(aside.name, parent):  # never deleted unseen: it may be the only copy
-                raise OperatorError(
-                    f"{aside} is in the way: a stopped syncd left it; restart syncd to clean it "
-                    "up, or remove it"
-                )
-            os.rename(result.name, aside.name, src_dir_fd=parent, dst_dir_fd=parent)
-    except OSError as exc:
-        raise os_error(exc, "moving aside", result.tree) from None
-    moved = dataclasses.replace(result, rel=result.rel.with_name(aside.name))
-    try:
-        same = holds_exactly(moved, files)
-    except (OSError, SyncdError):
-        same = False
-    if not same:
-        move_back(result, aside)
-        raise TreeChanged(
-            "files appeared or changed after the upload; the local tree is kept and the "
-            "result uploaded again"
-        )
-    return aside
-
-
-def move_back(result: Result, aside: Path) -> None:
-    try:
-        with tree_parent(result) as parent:
-            os.rename(aside.name, result.name, src_dir_fd=parent, dst_dir_fd=parent)
-    except OSError as exc:
-        raise os_error(exc, f"moving {aside} back to", result.tree) from None
-
-
-def delete_aside(result: Result, aside: Path) -> None:
-    """Delete the tree moved aside; the result is recorded by now, so a tree that will not go
-    (a read-only mount inside it) is said, not a failure."""
-    try:
-        with tree_parent(result) as parent:
-            shutil.rmtree(aside.name, dir_fd=parent)
-    except OSError as exc:
-        logger.warning(
-            "{}: published, but the local tree moved aside to {} cannot be removed ({}): "
-            "remove it by hand (delete_local_after_upload)",
-            result.name,
-            aside,
-            exc.strerror or exc,
-        )
-        return
-    logger.info(
-        "{}: removed the local tree {} (delete_local_after_upload)", result.name, result.tree
-    )
-
-
 def recover_leftovers(layout: Layout, deleting: bool) -> None:
     """What a killed daemon left in the folders of outputs_dir: metadata temp files are
     removed, trees moved aside for deletion are deleted or put back (`recover_aside`)."""
@@ -714,35 +553,3 @@ def recover_leftovers(layout: Layout, deleting: bool) -> None:
                     logger.warning(
                         "cannot clean up {}: {}", place / name, os_error(exc, "recovering")
                     )
-
-
-def recover_aside(result: Result, recorded: bool, deleting: bool) -> None:
-    """A tree a killed daemon left moved aside: deleted if its result is recorded (the bucket
-    was verified before) and trees are deleted after upload (`deleting`: else it is someone's
-    folder of that name, never deleted), otherwise put back under its name."""
-    aside = aside_path(result)
-    with tree_parent(result) as parent:
-        found = exists(aside.name, parent)
-        if found is None or not stat.S_ISDIR(found.st_mode):
-            return
-        if recorded and not deleting:
-            logger.warning(
-                "{}: {} looks like a tree a stopped syncd left to delete, but "
-                "delete_local_after_upload is off: left as it is; remove it if it is not needed",
-                result.name,
-                aside,
-            )
-        elif recorded:
-            shutil.rmtree(aside.name, dir_fd=parent)
-            logger.info("{}: removed {} that a stopped daemon left", result.name, aside)
-        elif exists(result.name, parent) is None:
-            os.rename(aside.name, result.name, src_dir_fd=parent, dst_dir_fd=parent)
-            logger.warning("{}: put back {} that a stopped daemon left aside", result.name, aside)
-        else:
-            logger.warning(
-                "{}: {} was left aside by a stopped daemon and {} exists again: compare and "
-                "remove one of them",
-                result.name,
-                aside,
-                result.tree,
-            )

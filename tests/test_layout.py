@@ -8,7 +8,8 @@ from pathlib import PurePosixPath
 import pytest
 
 from syncd.config import load_settings
-from syncd.layout import Layout, LayoutError, tree_files
+from syncd.layout import Layout, LayoutError
+from syncd.tree import tree_files
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from syncd import budget, cli, layout, metadata, publish
+from syncd import budget, cli, metadata, publish, tree
 from syncd.config import DaemonSettings, ObjectStorage
 from syncd.daemon import REPORT_EVERY, STALL
 from syncd.storage import obstore_client, timeouts
@@ -252,10 +252,10 @@ def test_the_numbers_the_readme_gives_are_the_codes():
         f"{publish.PUSHED_BACK_MAX_PAUSE:.0f} s, {publish.PUSHED_BACK_TRIES} times",
         f"({cli.CHECK_TIMEOUT:.0f} s at most)",
         f"gives up after {cli.CHECK_TIMEOUT:.0f} s",
-        f"a tree more than {layout.MAX_DEPTH} folders deep",
-        f"a key above S3's {layout.MAX_KEY_BYTES:,} bytes",
-        f"left alone for {publish.QUIET:.0f} s",
-        f"looks at a published tree once more {publish.QUIET:.0f} s later",
+        f"a tree more than {tree.MAX_DEPTH} folders deep",
+        f"a key above S3's {tree.MAX_KEY_BYTES:,} bytes",
+        f"left alone for {tree.QUIET:.0f} s",
+        f"looks at a published tree once more {tree.QUIET:.0f} s later",
         f"one that stays broken for {metadata.BEING_WRITTEN:.0f} s",
         "syncd reads it again a second later",
         "(at most once a second)",
