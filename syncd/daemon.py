@@ -33,17 +33,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
-import math
 import signal
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar
+from typing import Any
 
 from loguru import logger
 
 from syncd import logs, metadata
 from syncd.attempt import Attempts, Elsewhere, Failed, Held, Outcome, Recorded, Unfinished
+from syncd.chores import Chores
 from syncd.config import ConfigError, Settings, apply, changes, rate_text
 from syncd.errors import SyncdError, classify
 from syncd.layout import Layout, Result
@@ -52,6 +52,7 @@ from syncd.metrics import Metrics, Standing, status_line
 from syncd.notify import Notifier
 from syncd.publish import Publisher, recover_leftovers
 from syncd.resign import Resigner
+from syncd.schedule import Scheduler, ask
 from syncd.signals import (
     FATAL_SIGNALS,
     IGNORED_SIGNALS,
@@ -59,10 +60,8 @@ from syncd.signals import (
     hung_up_while_starting,
 )
 from syncd.signing import UrlSigner
-from syncd.state import State, StateStore, clock
+from syncd.state import StateStore
 from syncd.watch import ResultWatcher
-
-T = TypeVar("T")
 
 # Seconds without any progress while results are being worked on before the daemon counts as
 # wedged (every transfer has its own deadline; this catches what has none).
@@ -95,21 +94,10 @@ class Daemon:
         self.notifier = notifier
         self.resigner = resigner
         self.metrics = metrics
-        self.queue: asyncio.Queue[Result] = asyncio.Queue()
-        self.queued: set[str] = set()  # waiting in the queue or in progress
-        # Offered again after a moment, by a timer here rather than by the journal's next try.
-        self.later: set[str] = set()
-        # Retries are due by the journal's next_try; those up to this time were offered.
-        self.retried_until = 0.0
-        self.retries_changed = asyncio.Event()
-        # Finished and not yet recorded: when each was finished (its signal's mtime).
-        self.since: dict[str, float] = {}
         self.last_published: tuple[str, float] | None = None
         self.status = ""  # as last sent to systemd
         self.busy: set[asyncio.Task[None]] = set()
         self.tasks: list[asyncio.Task[None]] = []  # workers and helpers; none may end
-        # Rescans after lost events, and looks at results marked again after they were recorded.
-        self.chores: set[asyncio.Task[None]] = set()
         self.rechecking: set[str] = set()
         self.progress_at = 0.0  # loop time of the last finished attempt
         self.unhealthy: str | None = None
@@ -117,6 +105,8 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.aborting = asyncio.Event()
         self.reloading = asyncio.Event()
+        self.chores = Chores()
+        self.scheduler = Scheduler(layout, state, self.attempts, self.chores, self.stopping)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -146,7 +136,7 @@ class Daemon:
         workers = [asyncio.create_task(self.work()) for _ in range(self.config.parallel_results)]
         helpers = [
             asyncio.create_task(self.rescan_every()),
-            asyncio.create_task(self.retry_when_due()),
+            asyncio.create_task(self.scheduler.retry_when_due()),
             asyncio.create_task(self.tend(watcher)),
             asyncio.create_task(self.report_every(REPORT_EVERY)),
         ]
@@ -178,7 +168,7 @@ class Daemon:
             watcher.stop()
             # Everything but the uploads ends first, so that nothing is done after the line
             # that says syncd stopped.
-            chores = [*helpers, *self.chores]
+            chores = [*helpers, *self.chores.tasks]
             for task in chores:
                 task.cancel()
             await asyncio.gather(*chores, return_exceptions=True)
@@ -224,7 +214,7 @@ class Daemon:
                 ", ".join(fixed),
                 "s" if len(fixed) > 1 else "",
             )
-        self.retries_changed.set()  # the retry delays may have changed
+        self.scheduler.retries_changed.set()  # the retry delays may have changed
         self.notifier.ready(self.status or "running")
 
     async def drain(self, workers: list[asyncio.Task[None]]) -> None:
@@ -252,48 +242,13 @@ class Daemon:
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
-        waiting = len(self.queued) + len(self.later) + self.retries_after(clock())[0]
-        logger.info("syncd stopped; {} results left for the next start", waiting + len(cut_off))
+        left = self.scheduler.left() + len(cut_off)
+        logger.info("syncd stopped; {} results left for the next start", left)
 
     async def rescan_every(self) -> None:
         while True:  # the first pass is the start-up scan
             await self.scan()
             await asyncio.sleep(self.config.rescan_interval)
-
-    async def retry_when_due(self) -> None:
-        """Offer each failed result again when the journal says its next try is due."""
-        while True:
-            self.retries_changed.clear()
-            now = clock()
-            try:
-                due = self.state.due(self.retried_until, now)
-            except SyncdError as exc:  # the rescan finds the results meanwhile
-                logger.warning("cannot read the retries due: {}", exc)
-                due = []
-            self.retried_until = now
-            for rel in due:
-                self.offer(self.layout.result(PurePosixPath(rel)))
-            first = self.retries_after(now)[1]
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(None if first is None else first - now):
-                    await self.retries_changed.wait()
-
-    def ask(self, question: Callable[[], T], otherwise: T) -> T:
-        """The journal's answer, or `otherwise` when it cannot say: a locked or broken
-        database is reported where a failure is journalled, not at every look."""
-        try:
-            return question()
-        except SyncdError:
-            return otherwise
-
-    def retries_after(self, now: float) -> tuple[int, float | None]:
-        nothing: tuple[int, float | None] = (0, None)
-        return self.ask(lambda: self.state.retries_after(now), nothing)
-
-    def watching(self, rel: str) -> Stamp | None:
-        """The stamp of a recorded result's metadata as the journal keeps it; None if the
-        result is not a recorded, watched one (or the journal cannot say)."""
-        return self.ask(lambda: self.state.watching(rel), None)
 
     async def renew_every(self, resigner: Resigner) -> None:
         while True:
@@ -340,10 +295,10 @@ class Daemon:
         return Standing(
             uploading=len(self.busy),
             uploads=tuple(self.publisher.uploads.values()),
-            waiting=self.queue.qsize() + len(self.later),
-            failing=self.retries_after(self.retried_until)[0],
-            done=self.ask(self.state.count_watched, 0),
-            oldest_since=min(self.since.values(), default=None),
+            waiting=self.scheduler.waiting(),
+            failing=self.scheduler.retries_after(self.scheduler.retried_until)[0],
+            done=ask(self.state.count_watched, 0),
+            oldest_since=min(self.scheduler.since.values(), default=None),
             last_published=self.last_published,
         )
 
@@ -396,14 +351,7 @@ class Daemon:
 
     def start_scan(self) -> None:
         if not self.stopping.is_set():
-            self.chore(self.scan())
-
-    def chore(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        """Run `work` beside the workers (it logs its own failures)."""
-        task = asyncio.get_running_loop().create_task(work)
-        self.chores.add(task)  # the loop keeps only a weak reference to a task
-        task.add_done_callback(self.chores.discard)
-        return task
+            self.chores.start(self.scan())
 
     def recheck(self, result: Result, what: str = "marked again") -> None:
         """A recorded result marked again, or its metadata written again without its record:
@@ -411,7 +359,7 @@ class Daemon:
         rel = result.rel.as_posix()
         if rel not in self.rechecking and not self.stopping.is_set():
             self.rechecking.add(rel)
-            task = self.chore(self.attempts.recheck(result, what))
+            task = self.chores.start(self.attempts.recheck(result, what))
             task.add_done_callback(lambda _: self.rechecking.discard(rel))
 
     async def scan(self) -> None:
@@ -445,18 +393,16 @@ class Daemon:
         recorded = {rel for rel, _ in watched}  # those changed since were offered above
         for result in signalled:
             if result.rel.as_posix() not in recorded:
-                self.offer(result)
-        here = {result.rel.as_posix() for result in signalled} | self.queued | self.later
+                self.scheduler.offer(result)
+        here = (
+            {result.rel.as_posix() for result in signalled}
+            | self.scheduler.queued
+            | self.scheduler.later
+        )
         nothing: list[str] = []
-        for rel in self.ask(self.state.waiting, nothing):
+        for rel in ask(self.state.waiting, nothing):
             if rel not in here:  # its signal went while no event could say so (syncd was down)
-                self.abandon(self.layout.result(PurePosixPath(rel)))
-
-    def abandon(self, result: Result) -> None:
-        """A result the journal waits for has lost its signal: forgotten, and what an attempt
-        of it left in the bucket unfinished is aborted."""
-        self.since.pop(result.rel.as_posix(), None)
-        self.chore(self.attempts.abandon(result))
+                self.scheduler.abandon(self.layout.result(PurePosixPath(rel)))
 
     def file_changed(self, path: Path) -> None:
         """A file or folder appeared or was written: its result is tried now, even if it
@@ -466,14 +412,18 @@ class Daemon:
             return
         rel = result.rel.as_posix()
         try:
-            known = self.watching(rel)
+            known = self.scheduler.watching(rel)
             if known is not None:
                 if path == result.metadata:
                     self.metadata_changed(result, known, metadata.stamp(result))
                 elif path == result.marker and not result.by_metadata:
                     self.recheck(result)
-            elif path == result.signal or self.next_try(rel) is not None or result.signal.exists():
-                self.offer(result, fresh=True)
+            elif (
+                path == result.signal
+                or self.scheduler.next_try(rel) is not None
+                or result.signal.exists()
+            ):
+                self.scheduler.offer(result, fresh=True)
         except OSError as exc:  # the next rescan looks again
             logger.debug("{}: cannot look at {}: {}", result.name, path, exc)
 
@@ -481,7 +431,7 @@ class Daemon:
         """A recorded result's metadata as it is now: gone (nothing left to care for), or
         written by someone else (try it again: its record is restored if it was lost)."""
         rel = result.rel.as_posix()
-        if now == known or self.watching(rel) != known:
+        if now == known or self.scheduler.watching(rel) != known:
             return  # unchanged, no longer recorded, or rewritten by syncd since `known`
         try:
             self.state.watch(rel, None)
@@ -492,50 +442,30 @@ class Daemon:
         if now is None:
             logger.debug("{}: its metadata was removed; nothing more to do", result.name)
         else:
-            self.offer(result, fresh=True)
+            self.scheduler.offer(result, fresh=True)
 
     def file_gone(self, path: Path) -> None:
         result = self.layout.for_path(path)
         if result is None:
             return
         rel = result.rel.as_posix()
-        known = self.watching(rel) if path == result.metadata else None
+        known = self.scheduler.watching(rel) if path == result.metadata else None
         if known is not None:
             self.metadata_changed(result, known, None)
-        elif path == result.signal and rel not in self.queued and self.next_try(rel) is not None:
+        elif (
+            path == result.signal
+            and rel not in self.scheduler.queued
+            and self.scheduler.next_try(rel) is not None
+        ):
             name = result.signal_name
             self.attempts.forget(result, f"its {name} was removed", short=f"{name} removed")
-            self.since.pop(rel, None)
-
-    def next_try(self, rel: str) -> float | None:
-        """When a result that waits for its next try gets it (being written: its timer offers
-        it; failed: the journal's time); None when it does not wait."""
-        if rel in self.later:
-            return math.inf
-        record = self.ask(lambda: self.state.get(rel), None)  # unknown: tried, not lost
-        if record is None or record.state != State.RETRYING:
-            return None
-        return record.next_try or 0.0
-
-    def offer(self, result: Result, fresh: bool = False) -> None:
-        """Queue `result`, unless it is queued or recorded; one that waits for its next try
-        only when `fresh` (an event for it: tried now)."""
-        rel = result.rel.as_posix()
-        if rel in self.queued or self.stopping.is_set() or self.watching(rel) is not None:
-            return
-        if not fresh and (self.next_try(rel) or 0.0) > clock():
-            return
-        self.later.discard(rel)
-        if rel not in self.since:
-            self.since[rel] = finished_at(result)
-        self.queued.add(rel)
-        self.queue.put_nowait(result)
+            self.scheduler.since.pop(rel, None)
 
     async def work(self) -> None:
         task = asyncio.current_task()
         assert task is not None
         while not self.stopping.is_set():
-            result = await self.queue.get()
+            result = await self.scheduler.queue.get()
             self.busy.add(task)
             try:
                 self.settle(result, await self.attempts.attempt(result))
@@ -544,7 +474,7 @@ class Daemon:
                 logger.error("{}: {}; the next rescan tries it again", result.name, classify(exc))
             finally:
                 self.busy.discard(task)
-                self.queued.discard(result.rel.as_posix())
+                self.scheduler.queued.discard(result.rel.as_posix())
                 self.progress_at = asyncio.get_running_loop().time()
 
     def settle(self, result: Result, outcome: Outcome) -> None:
@@ -554,24 +484,24 @@ class Daemon:
             case Recorded():
                 if self.resigner is not None:
                     self.resigner.track(rel)
-                self.since.pop(rel, None)
+                self.scheduler.since.pop(rel, None)
                 self.count(result, outcome)
                 if outcome.uploaded is not None and outcome.uploaded.sent:
-                    self.chore(self.attempts.look_back(result, outcome.uploaded))
+                    self.chores.start(self.attempts.look_back(result, outcome.uploaded))
                 if outcome.restored:  # the writer came back (the server saying completed)
                     self.recheck(result, "its metadata was written again")
             case Unfinished() | Elsewhere():
-                self.since.pop(rel, None)
+                self.scheduler.since.pop(rel, None)
             case Held():
                 pass  # a rescan looks again; a dead owner's claim expires
             case Failed() if outcome.being_written:
-                self.offer_later(result, outcome.retry_in)
+                self.scheduler.offer_later(result, outcome.retry_in)
             case Failed():
                 self.metrics.failures.labels(outcome.error.kind.value).inc()
                 if outcome.journaled:
-                    self.retries_changed.set()
+                    self.scheduler.retries_changed.set()
                 else:  # the journal could not keep its next try: this timer does
-                    self.offer_later(result, outcome.retry_in)
+                    self.scheduler.offer_later(result, outcome.retry_in)
 
     def count(self, result: Result, outcome: Recorded) -> None:
         """A recorded result, in the metrics."""
@@ -583,19 +513,6 @@ class Daemon:
         seconds = uploaded.seconds if uploaded.sent else None
         self.metrics.published(len(uploaded.files), uploaded.bytes, seconds)
         self.last_published = (result.name, time.time())
-
-    def offer_later(self, result: Result, delay: float) -> None:
-        """Offer `result` again in `delay` seconds, by a timer: its writer is at it (no backoff,
-        no journal: not a failure), or the journal could not keep its next try."""
-        rel = result.rel.as_posix()
-
-        def again() -> None:
-            if rel in self.later:
-                self.later.discard(rel)
-                self.offer(result, fresh=True)
-
-        self.later.add(rel)
-        asyncio.get_running_loop().call_later(delay, again)
 
 
 def ignored(sig: int) -> None:
@@ -614,10 +531,3 @@ async def first_of(*events: asyncio.Event) -> None:
     finally:
         for wait in waits:
             wait.cancel()
-
-
-def finished_at(result: Result) -> float:
-    """When `result` was finished: its signal's mtime (now, if it cannot be read)."""
-    with contextlib.suppress(OSError):
-        return result.signal.stat().st_mtime
-    return time.time()
