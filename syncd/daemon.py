@@ -37,20 +37,21 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from loguru import logger
 
 from syncd import logs, metadata
-from syncd.attempt import Attempts, Elsewhere, Failed, Held, Outcome, Recorded, Unfinished
+from syncd.attempt import Attempts
 from syncd.chores import Chores
 from syncd.config import ConfigError, Settings, apply, changes, rate_text
 from syncd.errors import SyncdError, classify
+from syncd.health import Health
 from syncd.layout import Layout, Result
 from syncd.metadata import Stamp
-from syncd.metrics import Metrics, Standing, status_line
+from syncd.metrics import Metrics
 from syncd.notify import Notifier
 from syncd.publish import Publisher, recover_leftovers
+from syncd.report import REPORT_EVERY, Reporter
 from syncd.resign import Resigner
 from syncd.schedule import Scheduler, ask
 from syncd.signals import (
@@ -62,14 +63,7 @@ from syncd.signals import (
 from syncd.signing import UrlSigner
 from syncd.state import StateStore
 from syncd.watch import ResultWatcher
-
-# Seconds without any progress while results are being worked on before the daemon counts as
-# wedged (every transfer has its own deadline; this catches what has none).
-STALL = 600.0
-# Seconds between looks at the watched folders and the pipeline's health.
-TEND_EVERY = 2.0
-# Seconds between reports of how things stand (STATUS=, metrics).
-REPORT_EVERY = 1.0
+from syncd.workers import Workers
 
 
 class Daemon:
@@ -94,19 +88,25 @@ class Daemon:
         self.notifier = notifier
         self.resigner = resigner
         self.metrics = metrics
-        self.last_published: tuple[str, float] | None = None
-        self.status = ""  # as last sent to systemd
-        self.busy: set[asyncio.Task[None]] = set()
-        self.tasks: list[asyncio.Task[None]] = []  # workers and helpers; none may end
         self.rechecking: set[str] = set()
-        self.progress_at = 0.0  # loop time of the last finished attempt
-        self.unhealthy: str | None = None
-        self.said_ended: set[asyncio.Task[None]] = set()  # ended tasks whose end was logged
         self.stopping = asyncio.Event()
         self.aborting = asyncio.Event()
         self.reloading = asyncio.Event()
         self.chores = Chores()
         self.scheduler = Scheduler(layout, state, self.attempts, self.chores, self.stopping)
+        self.workers = Workers(
+            self.config,
+            self.attempts,
+            self.scheduler,
+            self.chores,
+            resigner,
+            metrics,
+            self.recheck,
+            self.stopping,
+            self.aborting,
+        )
+        self.health = Health(layout, publisher, metrics, notifier, self.workers)
+        self.reporter = Reporter(publisher, state, metrics, notifier, self.scheduler, self.workers)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -123,7 +123,7 @@ class Daemon:
         self.state.start()
         deleting = self.config.delete_local_after_upload
         await asyncio.to_thread(recover_leftovers, self.layout, deleting)
-        self.progress_at = loop.time()
+        self.workers.progress_at = loop.time()
         watcher = ResultWatcher(
             self.layout,
             self.config,
@@ -133,16 +133,18 @@ class Daemon:
             on_lost=lambda why: loop.call_soon_threadsafe(self.events_lost, why),
         )
         watcher.start()
-        workers = [asyncio.create_task(self.work()) for _ in range(self.config.parallel_results)]
+        workers = [
+            asyncio.create_task(self.workers.work()) for _ in range(self.config.parallel_results)
+        ]
         helpers = [
             asyncio.create_task(self.rescan_every()),
             asyncio.create_task(self.scheduler.retry_when_due()),
-            asyncio.create_task(self.tend(watcher)),
-            asyncio.create_task(self.report_every(REPORT_EVERY)),
+            asyncio.create_task(self.health.tend(watcher)),
+            asyncio.create_task(self.reporter.report_every(REPORT_EVERY)),
         ]
         if self.resigner is not None:
             helpers.append(asyncio.create_task(self.renew_every(self.resigner)))
-        self.tasks = workers + helpers
+        self.health.tasks = workers + helpers
         logger.info(
             "syncd watching {} ({}) for {}; uploading to {}; {} results in parallel{}",
             self.layout.outputs_dir,
@@ -172,7 +174,7 @@ class Daemon:
             for task in chores:
                 task.cancel()
             await asyncio.gather(*chores, return_exceptions=True)
-            await self.drain(workers)
+            await self.workers.drain(workers)
 
     def request_stop(self, sig: signal.Signals) -> None:
         if self.stopping.is_set():
@@ -193,7 +195,7 @@ class Daemon:
             signer = UrlSigner.from_settings(new.object_storage)  # a key rotated in place too
         except ConfigError as exc:
             logger.error("reload failed, the settings stay as they were: {}", exc)
-            self.notifier.ready(self.status or "running")
+            self.notifier.ready(self.reporter.status or "running")
             return
         for notice in new.notices:
             logger.warning(notice)
@@ -215,35 +217,7 @@ class Daemon:
                 "s" if len(fixed) > 1 else "",
             )
         self.scheduler.retries_changed.set()  # the retry delays may have changed
-        self.notifier.ready(self.status or "running")
-
-    async def drain(self, workers: list[asyncio.Task[None]]) -> None:
-        """Let uploads in flight finish within stop_grace, then cancel what is left."""
-        for task in workers:
-            if task not in self.busy:
-                task.cancel()
-        in_flight = [t for t in workers if t in self.busy]
-        if in_flight and not self.aborting.is_set():
-            logger.info(
-                "syncd stopping: waiting up to {:.0f} s for {} results being uploaded",
-                self.config.stop_grace,
-                len(in_flight),
-            )
-            finished = asyncio.gather(*in_flight, return_exceptions=True)
-            abort = asyncio.create_task(self.aborting.wait())
-            either: list[asyncio.Future[Any]] = [finished, abort]
-            await asyncio.wait(
-                either, timeout=self.config.stop_grace, return_when="FIRST_COMPLETED"
-            )
-            abort.cancel()
-        # Still uploading: their attempts journal them pending. (Idle workers are cancelled
-        # but maybe not done yet.)
-        cut_off = [t for t in workers if t in self.busy and not t.done()]
-        for task in workers:
-            task.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
-        left = self.scheduler.left() + len(cut_off)
-        logger.info("syncd stopped; {} results left for the next start", left)
+        self.notifier.ready(self.reporter.status or "running")
 
     async def rescan_every(self) -> None:
         while True:  # the first pass is the start-up scan
@@ -274,75 +248,6 @@ class Daemon:
                     with contextlib.suppress(SyncdError):  # a rescan sees it as changed then
                         if self.state.watching(rel) is not None:
                             self.state.watch(rel, stamp)
-
-    async def report_every(self, interval: float) -> None:
-        while True:
-            for rel, upload in list(self.publisher.uploads.items()):  # for syncd status
-                with contextlib.suppress(SyncdError):  # said where an attempt journals
-                    self.state.progress(rel, upload.done_bytes, upload.total, upload.rate())
-            standing = self.standing()
-            try:
-                await asyncio.to_thread(self.metrics.update, standing)
-            except Exception as exc:  # metrics are never worth stopping the daemon for
-                logger.warning("cannot update the metrics: {}", classify(exc))
-            line = status_line(standing, time.time())
-            if line != self.status:
-                self.notifier.status(line)
-                self.status = line
-            await asyncio.sleep(interval)
-
-    def standing(self) -> Standing:
-        return Standing(
-            uploading=len(self.busy),
-            uploads=tuple(self.publisher.uploads.values()),
-            waiting=self.scheduler.waiting(),
-            failing=self.scheduler.retries_after(self.scheduler.retried_until)[0],
-            done=ask(self.state.count_watched, 0),
-            oldest_since=min(self.scheduler.since.values(), default=None),
-            last_published=self.last_published,
-        )
-
-    async def tend(self, watcher: ResultWatcher) -> None:
-        """Every few seconds: watch again what was replaced, and feed systemd's watchdog
-        while the pipeline is healthy."""
-        while True:
-            try:
-                await asyncio.to_thread(watcher.check)
-            except Exception as exc:
-                logger.warning("cannot look at {}: {}", self.layout.outputs_dir, classify(exc))
-            problem = self.health(watcher)
-            if problem is None:
-                self.notifier.watchdog()
-            elif problem != self.unhealthy:
-                logger.error("syncd is not healthy: {}; no longer feeding the watchdog", problem)
-            self.unhealthy = problem
-            await asyncio.sleep(TEND_EVERY)
-
-    def health(self, watcher: ResultWatcher) -> str | None:
-        """None while the pipeline works; otherwise what is wrong with it."""
-        ended = [t for t in self.tasks if t.done() and t is not asyncio.current_task()]
-        for task in ended:
-            if task not in self.said_ended:  # a bug: its traceback is what a fix needs
-                self.said_ended.add(task)
-                exc = None if task.cancelled() else task.exception()
-                logger.opt(exception=exc).error(
-                    "{} ended: {}",
-                    getattr(task.get_coro(), "__qualname__", task.get_name()),
-                    classify(exc) if exc else "cancelled",
-                )
-        if ended:
-            return f"{len(ended)} of its tasks ended"
-        if not watcher.alive:
-            return "the watcher of outputs_dir stopped"
-        if not self.metrics.alive:
-            return "the metrics server stopped"
-        if not self.busy:
-            return None
-        now = asyncio.get_running_loop().time()
-        moved = max(self.progress_at, self.publisher.acknowledged_at)
-        if now - moved < STALL or now < self.publisher.busy_until():
-            return None
-        return f"{len(self.busy)} results in progress and nothing moved for {now - moved:.0f} s"
 
     def events_lost(self, why: str) -> None:
         self.metrics.rescans.inc()
@@ -460,59 +365,6 @@ class Daemon:
             name = result.signal_name
             self.attempts.forget(result, f"its {name} was removed", short=f"{name} removed")
             self.scheduler.since.pop(rel, None)
-
-    async def work(self) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        while not self.stopping.is_set():
-            result = await self.scheduler.queue.get()
-            self.busy.add(task)
-            try:
-                self.settle(result, await self.attempts.attempt(result))
-            except Exception as exc:  # a bug in the bookkeeping: the worker goes on
-                logger.opt(exception=exc).debug("{}: where it came from", result.name)
-                logger.error("{}: {}; the next rescan tries it again", result.name, classify(exc))
-            finally:
-                self.busy.discard(task)
-                self.scheduler.queued.discard(result.rel.as_posix())
-                self.progress_at = asyncio.get_running_loop().time()
-
-    def settle(self, result: Result, outcome: Outcome) -> None:
-        """Act on what became of an attempt (the attempt has logged and journalled it)."""
-        rel = result.rel.as_posix()
-        match outcome:
-            case Recorded():
-                if self.resigner is not None:
-                    self.resigner.track(rel)
-                self.scheduler.since.pop(rel, None)
-                self.count(result, outcome)
-                if outcome.uploaded is not None and outcome.uploaded.sent:
-                    self.chores.start(self.attempts.look_back(result, outcome.uploaded))
-                if outcome.restored:  # the writer came back (the server saying completed)
-                    self.recheck(result, "its metadata was written again")
-            case Unfinished() | Elsewhere():
-                self.scheduler.since.pop(rel, None)
-            case Held():
-                pass  # a rescan looks again; a dead owner's claim expires
-            case Failed() if outcome.being_written:
-                self.scheduler.offer_later(result, outcome.retry_in)
-            case Failed():
-                self.metrics.failures.labels(outcome.error.kind.value).inc()
-                if outcome.journaled:
-                    self.scheduler.retries_changed.set()
-                else:  # the journal could not keep its next try: this timer does
-                    self.scheduler.offer_later(result, outcome.retry_in)
-
-    def count(self, result: Result, outcome: Recorded) -> None:
-        """A recorded result, in the metrics."""
-        if outcome.restored:
-            self.metrics.restored.inc()
-        uploaded = outcome.uploaded
-        if uploaded is None:
-            return
-        seconds = uploaded.seconds if uploaded.sent else None
-        self.metrics.published(len(uploaded.files), uploaded.bytes, seconds)
-        self.last_published = (result.name, time.time())
 
 
 def ignored(sig: int) -> None:

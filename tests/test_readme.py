@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from syncd import budget, cli, metadata, publish, tree
 from syncd.config import DaemonSettings, ObjectStorage
-from syncd.daemon import REPORT_EVERY, STALL
+from syncd.health import STALL
+from syncd.report import REPORT_EVERY
 from syncd.storage import obstore_client, timeouts
 from tests import accelerate
 from tests.cloudfront import file_url, verify
