@@ -2,20 +2,27 @@
 
 A URL is renewed once less than `resign_fraction` of its lifetime is left, for as long as the
 result's metadata exists; the metadata is rewritten atomically with only `signed_url` changed.
-Each result's metadata is read once per URL lifetime, not at every scan.
+Each result's metadata is read once per URL lifetime, not at every scan. The daemon runs
+`renew_every` beside its workers; a rewrite begun ends before syncd does.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from pathlib import PurePosixPath
 
 from loguru import logger
 
 from syncd import metadata
-from syncd.config import Settings
-from syncd.layout import Result
+from syncd.config import DaemonSettings, Settings
+from syncd.errors import SyncdError, classify
+from syncd.layout import Layout, Result
+from syncd.metrics import Metrics
 from syncd.policy import expiry
 from syncd.signing import UrlSigner
+from syncd.state import StateStore
 
 
 class Resigner:
@@ -70,3 +77,34 @@ class Resigner:
             time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(now + self.lifetime)),
         )
         return written
+
+
+async def renew_every(
+    resigner: Resigner,
+    config: DaemonSettings,
+    layout: Layout,
+    state: StateStore,
+    metrics: Metrics,
+) -> None:
+    """Renew each recorded result's signed URL when it is due, for as long as syncd runs."""
+    while True:
+        # Often enough to renew a URL inside its margin, at most once a rescan.
+        await asyncio.sleep(min(config.rescan_interval, max(resigner.margin / 2, 0.5)))
+        now = time.time()
+        for rel in resigner.due(now):
+            result = layout.result(PurePosixPath(rel))
+            renewal = asyncio.ensure_future(asyncio.to_thread(resigner.refresh, result, now))
+            try:
+                stamp = await asyncio.shield(renewal)
+            except asyncio.CancelledError:  # stopping: a rewrite begun ends before syncd does
+                await asyncio.wait([renewal])
+                raise
+            except Exception as exc:  # one bad metadata file never stops the others
+                logger.warning("{}: cannot renew its signed URL: {}", result.name, classify(exc))
+                resigner.later(rel, now)
+                continue
+            if stamp is not None:
+                metrics.renewed.inc()
+                with contextlib.suppress(SyncdError):  # a rescan sees it as changed then
+                    if state.watching(rel) is not None:
+                        state.watch(rel, stamp)

@@ -5,8 +5,8 @@ Only outputs_dir and the folders directly under it are watched, each on its own,
 watch count stays at one per workflow however large the result trees are. A file counts as
 written when it is closed after writing (inotify) or its listing changes (polling), so a
 metadata file written in place is looked at once it is whole, not at every write. inotify
-can lose events (its queue overflows, the watch limit is reached): each loss calls
-`on_lost`, and the daemon answers with a full rescan. On NFS/CIFS, where inotify sees nothing
+can lose events (its queue overflows, the watch limit is reached): each loss is told as
+`EventsLost`, and the daemon answers with a full rescan. On NFS/CIFS, where inotify sees nothing
 other hosts do, `watch: poll` compares folder listings instead.
 
 A watch ends silently when its folder is removed or mounted over, so `check()` (called every
@@ -23,6 +23,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from loguru import logger
@@ -38,6 +39,37 @@ from syncd.marker import EXEC_PREFIX, is_aside
 Identity = tuple[int, int]  # (st_dev, st_ino) of a watched folder
 
 
+@dataclass(frozen=True)
+class FileChanged:
+    """A file appeared or was written, or a result folder appeared (after its signal)."""
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class FileGone:
+    """A file was removed."""
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class FolderAppeared:
+    """A new workflow folder under outputs_dir (watched from now on)."""
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class EventsLost:
+    """Events may have been lost, and why."""
+
+    why: str
+
+
+WatchEvent = FileChanged | FileGone | FolderAppeared | EventsLost
+
+
 def identity(folder: Path, follow: bool = False) -> Identity | None:
     """The folder at `folder` now, or None if there is none (or, unless `follow`, only a
     symlink)."""
@@ -49,29 +81,19 @@ def identity(folder: Path, follow: bool = False) -> Identity | None:
 
 
 class ResultWatcher(FileSystemEventHandler):
-    """Calls, from watchdog's threads: `on_file(path)` for each file that appears or is written
-    and each result folder that appears, `on_gone(path)` for each file removed,
-    `on_folder(path)` for each new workflow folder and `on_lost(why)` when events were lost."""
+    """Tells `tell`, from watchdog's threads (and from `start` and `check`), one `WatchEvent`
+    at a time, in the order it sees them."""
 
     def __init__(
-        self,
-        layout: Layout,
-        daemon: DaemonSettings,
-        on_file: Callable[[Path], object],
-        on_gone: Callable[[Path], object],
-        on_folder: Callable[[Path], object],
-        on_lost: Callable[[str], object],
+        self, layout: Layout, daemon: DaemonSettings, tell: Callable[[WatchEvent], object]
     ) -> None:
         self.layout = layout
         self.poll_interval = daemon.poll_interval
         self.polling = daemon.watch == "poll"
-        self.on_file = on_file
-        self.on_gone = on_gone
-        self.on_folder = on_folder
-        self.on_lost = on_lost
+        self.tell = tell
         self.observer: BaseObserver = self._observer()
         self.watched: dict[Path, tuple[Identity, ObservedWatch]] = {}
-        self.overflow = OverflowAlarm(on_lost)
+        self.overflow = OverflowAlarm(tell)
         self.missing_reported = False
         self.lock = threading.RLock()  # watchdog's threads and the daemon both watch folders
 
@@ -140,9 +162,11 @@ class ResultWatcher(FileSystemEventHandler):
             if folder == self.layout.outputs_dir:
                 raise
             limit = exc.errno in (errno.ENOSPC, errno.EMFILE)
-            self.on_lost(
-                f"cannot watch {folder} ({exc.strerror or exc})"
-                + ("; raise fs.inotify.max_user_watches" if limit else "")
+            self.tell(
+                EventsLost(
+                    f"cannot watch {folder} ({exc.strerror or exc})"
+                    + ("; raise fs.inotify.max_user_watches" if limit else "")
+                )
             )
             return
         self.watched[folder] = (now, handle)
@@ -181,11 +205,11 @@ class ResultWatcher(FileSystemEventHandler):
         try:
             self._watch(self.layout.outputs_dir)
         except OSError as exc:
-            self.on_lost(f"cannot watch {self.layout.outputs_dir} ({exc.strerror or exc})")
+            self.tell(EventsLost(f"cannot watch {self.layout.outputs_dir} ({exc.strerror or exc})"))
             return
         for folder in self.folders():
             self._watch(folder)
-        self.on_lost(message.format(self.layout.outputs_dir))
+        self.tell(EventsLost(message.format(self.layout.outputs_dir)))
 
     def on_created(self, event: FileSystemEvent) -> None:
         self._appeared(Path(str(event.src_path)), event.is_directory)
@@ -208,24 +232,24 @@ class ResultWatcher(FileSystemEventHandler):
 
     def on_deleted(self, event: FileSystemEvent) -> None:
         if not event.is_directory:
-            self.on_gone(Path(str(event.src_path)))
+            self.tell(FileGone(Path(str(event.src_path))))
 
     def _appeared(self, path: Path, is_directory: bool) -> None:
         if not is_directory or path.name.startswith(EXEC_PREFIX):
-            self.on_file(path)  # a file, or a result folder that came after its signal
+            self.tell(FileChanged(path))  # a file, or a result folder that came after its signal
         elif path.parent == self.layout.outputs_dir and not path.name.startswith("."):
             self.watch(path)
-            self.on_folder(path)
+            self.tell(FolderAppeared(path))
 
 
 class OverflowAlarm(logging.Handler):
     """watchdog (7.x) notices IN_Q_OVERFLOW but only logs it; its handlers get no event.
     This hears that log record and reports the loss."""
 
-    def __init__(self, on_lost: Callable[[str], object]) -> None:
+    def __init__(self, tell: Callable[[WatchEvent], object]) -> None:
         super().__init__(logging.WARNING)
-        self.on_lost = on_lost
+        self.tell = tell
 
     def emit(self, record: logging.LogRecord) -> None:
         if "overflow" in record.getMessage().lower():
-            self.on_lost("the inotify event queue overflowed")
+            self.tell(EventsLost("the inotify event queue overflowed"))

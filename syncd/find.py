@@ -1,0 +1,193 @@
+"""Finding results: the watcher's events, the start-up scan and the rescans, and what each
+means for a result (offered, tried at once, forgotten, looked at again).
+
+A result is finished when its marker exists, or (completion by metadata) when its metadata
+says so. A fresh event for a waiting result (its marker dropped again, its metadata rewritten,
+its folder appearing after the signal) tries it at once; a removed signal forgets it. The
+watcher's events come as one stream, handled on the event loop in the order the watcher saw
+them; a loss of events (or a new workflow folder) starts a rescan.
+
+A recorded result is watched through the stamp of its metadata, which the journal keeps (in
+memory it costs nothing but, with signed URLs, its next renewal time): when the metadata
+changes (an event, or a stat at each rescan) the result is tried again, and a record someone
+else's write removed is restored; when the metadata is deleted it is watched no more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path, PurePosixPath
+
+from loguru import logger
+
+from syncd import metadata
+from syncd.attempt import Attempts
+from syncd.chores import Chores
+from syncd.config import DaemonSettings
+from syncd.errors import SyncdError, classify
+from syncd.layout import Layout, Result
+from syncd.metadata import Stamp
+from syncd.metrics import Metrics
+from syncd.resign import Resigner
+from syncd.schedule import Scheduler, ask
+from syncd.state import StateStore
+from syncd.watch import EventsLost, FileChanged, FileGone, FolderAppeared, WatchEvent
+
+
+class Finder:
+    def __init__(
+        self,
+        config: DaemonSettings,
+        layout: Layout,
+        state: StateStore,
+        attempts: Attempts,
+        scheduler: Scheduler,
+        chores: Chores,
+        resigner: Resigner | None,
+        metrics: Metrics,
+        stopping: asyncio.Event,
+    ) -> None:
+        self.config = config
+        self.layout = layout
+        self.state = state
+        self.attempts = attempts
+        self.scheduler = scheduler
+        self.chores = chores
+        self.resigner = resigner
+        self.metrics = metrics
+        self.stopping = stopping
+        self.rechecking: set[str] = set()  # recorded results being looked at again
+
+    def hear(self, event: WatchEvent) -> None:
+        """One of the watcher's events, on the event loop, in the order the watcher saw them."""
+        match event:
+            case FileChanged(path):
+                self.file_changed(path)
+            case FileGone(path):
+                self.file_gone(path)
+            case FolderAppeared():
+                self.start_scan()
+            case EventsLost(why):
+                self.events_lost(why)
+
+    async def rescan_every(self) -> None:
+        while True:  # the first pass is the start-up scan
+            await self.scan()
+            await asyncio.sleep(self.config.rescan_interval)
+
+    def events_lost(self, why: str) -> None:
+        self.metrics.rescans.inc()
+        logger.warning("{}: events may have been lost; rescanning {}", why, self.layout.outputs_dir)
+        self.start_scan()
+
+    def start_scan(self) -> None:
+        if not self.stopping.is_set():
+            self.chores.start(self.scan())
+
+    def recheck(self, result: Result, what: str = "marked again") -> None:
+        """A recorded result marked again, or its metadata written again without its record:
+        say whether its tree changed since (once at a time)."""
+        rel = result.rel.as_posix()
+        if rel not in self.rechecking and not self.stopping.is_set():
+            self.rechecking.add(rel)
+            task = self.chores.start(self.attempts.recheck(result, what))
+            task.add_done_callback(lambda _: self.rechecking.discard(rel))
+
+    async def scan(self) -> None:
+        """Look at every recorded result's metadata, then offer every signalled result that
+        is not recorded."""
+        try:
+            watched = self.state.watched()
+        except SyncdError as exc:
+            logger.warning("cannot read the recorded results: {}", exc)
+            watched = []
+
+        def changed() -> list[tuple[str, Stamp, Stamp | None]]:
+            # One Result at a time: a year of results must not be held at once.
+            found = []
+            for rel, known in watched:
+                now = metadata.stamp(self.layout.result(PurePosixPath(rel)))
+                if now != known:
+                    found.append((rel, known, now))
+            return found
+
+        try:
+            for rel, known, now in await asyncio.to_thread(changed):
+                self.metadata_changed(self.layout.result(PurePosixPath(rel)), known, now)
+        except Exception as exc:
+            logger.warning("cannot look at recorded results' metadata: {}", classify(exc))
+        try:
+            signalled = await asyncio.to_thread(lambda: list(self.layout.signalled()))
+        except Exception as exc:
+            logger.warning("cannot scan {}: {}", self.layout.outputs_dir, classify(exc))
+            return
+        recorded = {rel for rel, _ in watched}  # those changed since were offered above
+        for result in signalled:
+            if result.rel.as_posix() not in recorded:
+                self.scheduler.offer(result)
+        here = (
+            {result.rel.as_posix() for result in signalled}
+            | self.scheduler.queued
+            | self.scheduler.later
+        )
+        nothing: list[str] = []
+        for rel in ask(self.state.waiting, nothing):
+            if rel not in here:  # its signal went while no event could say so (syncd was down)
+                self.scheduler.abandon(self.layout.result(PurePosixPath(rel)))
+
+    def file_changed(self, path: Path) -> None:
+        """A file or folder appeared or was written: its result is tried now, even if it
+        waits; a recorded result whose metadata changed is looked at again."""
+        result = self.layout.for_path(path)
+        if result is None:
+            return
+        rel = result.rel.as_posix()
+        try:
+            known = self.scheduler.watching(rel)
+            if known is not None:
+                if path == result.metadata:
+                    self.metadata_changed(result, known, metadata.stamp(result))
+                elif path == result.marker and not result.by_metadata:
+                    self.recheck(result)
+            elif (
+                path == result.signal
+                or self.scheduler.next_try(rel) is not None
+                or result.signal.exists()
+            ):
+                self.scheduler.offer(result, fresh=True)
+        except OSError as exc:  # the next rescan looks again
+            logger.debug("{}: cannot look at {}: {}", result.name, path, exc)
+
+    def metadata_changed(self, result: Result, known: Stamp | None, now: Stamp | None) -> None:
+        """A recorded result's metadata as it is now: gone (nothing left to care for), or
+        written by someone else (try it again: its record is restored if it was lost)."""
+        rel = result.rel.as_posix()
+        if now == known or self.scheduler.watching(rel) != known:
+            return  # unchanged, no longer recorded, or rewritten by syncd since `known`
+        try:
+            self.state.watch(rel, None)
+        except SyncdError as exc:
+            logger.warning("{}: {}", result.name, exc)
+        if self.resigner is not None:
+            self.resigner.forget(rel)
+        if now is None:
+            logger.debug("{}: its metadata was removed; nothing more to do", result.name)
+        else:
+            self.scheduler.offer(result, fresh=True)
+
+    def file_gone(self, path: Path) -> None:
+        result = self.layout.for_path(path)
+        if result is None:
+            return
+        rel = result.rel.as_posix()
+        known = self.scheduler.watching(rel) if path == result.metadata else None
+        if known is not None:
+            self.metadata_changed(result, known, None)
+        elif (
+            path == result.signal
+            and rel not in self.scheduler.queued
+            and self.scheduler.next_try(rel) is not None
+        ):
+            name = result.signal_name
+            self.attempts.forget(result, f"its {name} was removed", short=f"{name} removed")
+            self.scheduler.since.pop(rel, None)
