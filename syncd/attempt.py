@@ -31,10 +31,10 @@ from loguru import logger
 from syncd import claims, metadata
 from syncd.config import Settings
 from syncd.errors import BeingWritten, InputError, SyncdError, TransientError, classify
+from syncd.journal import Entry, Journal, State, clock
 from syncd.layout import Result
 from syncd.metadata import Kept, Metadata, Stamp
 from syncd.publish import Publisher, Uploaded
-from syncd.state import Record, State, StateStore, clock
 from syncd.tree import QUIET
 
 
@@ -86,13 +86,13 @@ Outcome = Recorded | Unfinished | Held | Elsewhere | Failed
 
 class Attempts:
     def __init__(
-        self, settings: Settings, publisher: Publisher, state: StateStore, retries: bool = True
+        self, settings: Settings, publisher: Publisher, journal: Journal, retries: bool = True
     ) -> None:
         """`retries`: a daemon tries a failed result again; `syncd sync` only says why."""
         self.config = settings.syncd
         self.retries = retries
         self.publisher = publisher
-        self.state = state
+        self.journal = journal
         # The permanent error last logged per failing result: logged once, not every retry.
         self.reported: dict[str, str] = {}
 
@@ -145,7 +145,7 @@ class Attempts:
         if isinstance(claim, str):
             logger.debug("{}: being published by {}", result.name, claim)
             return Held(claim)  # a rescan looks again; a dead owner's claim expires
-        heartbeat = asyncio.create_task(self.keep(claim))
+        heartbeat = asyncio.create_task(self.heartbeat(claim))
         try:
             # Under the claim, look again: another daemon may have recorded it meanwhile.
             document, stamp = await self.publisher.read_metadata(result)
@@ -242,24 +242,24 @@ class Attempts:
         syncd status does not show an upload nobody is making."""
         rel = result.rel.as_posix()
         with contextlib.suppress(SyncdError):
-            previous = self.state.get(rel)
+            previous = self.journal.get(rel)
             if previous is not None and previous.state == State.UPLOADING:
-                self.state.set(dataclasses.replace(previous, state=State.PENDING))
+                self.journal.set(dataclasses.replace(previous, state=State.PENDING))
 
     def own_record(self, result: Result) -> Kept | None:
         """The record this daemon made for the result, for whatever remote_path it had then."""
-        text = self.state.kept(result.rel.as_posix())
+        text = self.journal.kept(result.rel.as_posix())
         return Kept.loads(text) if text is not None else None
 
     async def upload(self, result: Result, published_before: bool, claim: claims.Claim) -> Uploaded:
         rel = result.rel.as_posix()
-        previous = self.state.get(rel)
+        previous = self.journal.get(rel)
         acknowledged = previous.uploaded if previous is not None else None
         attempts = previous.attempts if previous is not None else 0
-        self.state.set(Record(rel, State.UPLOADING, attempts=attempts, uploaded=acknowledged))
+        self.journal.set(Entry(rel, State.UPLOADING, attempts=attempts, uploaded=acknowledged))
         own = self.own_record(result)
         if own is not None and own.remote_path == result.remote_path:
-            self.state.keep_record(rel, None)  # the bucket is about to change under it
+            self.journal.set_kept(rel, None)  # the bucket is about to change under it
         # (A record under another prefix stays: nothing under it changes, and it is restored
         # if the prefix comes back.)
         # The bucket may hold parts or objects that are not in the tree any more after a
@@ -272,22 +272,22 @@ class Attempts:
         )
         uploaded = await self.publisher.upload(result, interrupted, acknowledged)
         if uploaded.sent:
-            self.state.remember_upload(rel, uploaded.acknowledgement())
+            self.journal.remember_upload(rel, uploaded.acknowledgement())
         return uploaded
 
     def already(self, result: Result, document: Metadata | None, stamp: Stamp | None) -> Outcome:
         """Recorded before (by this daemon before a restart, or by another): the journal keeps
         the record, so that it can be restored if the metadata loses it."""
         rel = result.rel.as_posix()
-        previous = self.state.get(rel)
+        previous = self.journal.get(rel)
         if previous is None or previous.state != State.DONE:
-            self.state.set(Record(rel, State.DONE))
-        if self.state.watching(rel) != stamp:
-            self.state.watch(rel, stamp)
-        if self.state.kept(rel) is None:
+            self.journal.set(Entry(rel, State.DONE))
+        if self.journal.stamp(rel) != stamp:
+            self.journal.set_stamp(rel, stamp)
+        if self.journal.kept(rel) is None:
             kept = Kept.of(result, document)
             if kept is not None:
-                self.state.keep_record(rel, kept.dumps())
+                self.journal.set_kept(rel, kept.dumps())
         self.reported.pop(rel, None)
         return Recorded(stamp)
 
@@ -343,7 +343,7 @@ class Attempts:
     ) -> Outcome:
         """Journal and say (once) that the result is recorded at another place."""
         rel = result.rel.as_posix()
-        previous = self.state.get(rel)
+        previous = self.journal.get(rel)
         said = previous is not None and (previous.state, previous.last_error) == (
             State.ELSEWHERE,
             message,
@@ -351,16 +351,16 @@ class Attempts:
         if not said and self.reported.get(rel) != message:
             logger.log(level, "{}: {}", result.name, message)
         self.reported[rel] = message
-        self.state.set(Record(rel, State.ELSEWHERE, last_error=message))
-        self.state.watch(rel, stamp)
+        self.journal.set(Entry(rel, State.ELSEWHERE, last_error=message))
+        self.journal.set_stamp(rel, stamp)
         return Elsewhere(remote_path)
 
     def restored(self, result: Result, stamp: Stamp, kept: Kept) -> Outcome:
         rel = result.rel.as_posix()
-        previous = self.state.get(rel)
+        previous = self.journal.get(rel)
         files, size = (previous.files, previous.bytes) if previous else (None, None)
-        self.state.set(Record(rel, State.DONE, files=files, bytes=size))
-        self.state.watch(rel, stamp)
+        self.journal.set(Entry(rel, State.DONE, files=files, bytes=size))
+        self.journal.set_stamp(rel, stamp)
         self.reported.pop(rel, None)
         logger.info(
             "{}: its metadata {} was written without syncd's record; restored the record "
@@ -374,9 +374,9 @@ class Attempts:
 
     def done(self, result: Result, uploaded: Uploaded, kept: Kept, stamp: Stamp) -> Outcome:
         rel = result.rel.as_posix()
-        self.state.set(Record(rel, State.DONE, files=len(uploaded.files), bytes=uploaded.bytes))
-        self.state.watch(rel, stamp)
-        self.state.keep_record(rel, kept.dumps())
+        self.journal.set(Entry(rel, State.DONE, files=len(uploaded.files), bytes=uploaded.bytes))
+        self.journal.set_stamp(rel, stamp)
+        self.journal.set_kept(rel, kept.dumps())
         self.reported.pop(rel, None)
         if not uploaded.sent:
             logger.info(
@@ -400,7 +400,7 @@ class Attempts:
         )
         return Recorded(stamp, uploaded=uploaded)
 
-    async def keep(self, claim: claims.Claim) -> None:
+    async def heartbeat(self, claim: claims.Claim) -> None:
         while True:
             await asyncio.sleep(self.config.claim_timeout / 4)
             try:
@@ -420,7 +420,7 @@ class Attempts:
             return Failed(error, attempts, error.retry_in)
         delay = self.backoff(error, attempts)
         self.say(result, error, attempts, delay)
-        record = Record(
+        record = Entry(
             rel,
             State.RETRYING,
             attempts,
@@ -430,17 +430,17 @@ class Attempts:
             uploaded=previous.uploaded if previous else None,
         )
         try:
-            self.state.set(record)
+            self.journal.set(record)
         except SyncdError as exc:
             logger.warning("{}: {}", result.name, exc)
             return Failed(error, attempts, delay, journaled=False)
         return Failed(error, attempts, delay)
 
-    def previous(self, rel: str) -> Record | None:
+    def previous(self, rel: str) -> Entry | None:
         """The journal's record of `rel`, or None when there is none or the journal cannot
         say (a failure is still reported and retried without it)."""
         try:
-            return self.state.get(rel)
+            return self.journal.get(rel)
         except SyncdError:
             return None
 
@@ -500,7 +500,7 @@ class Attempts:
         self.reported.pop(rel, None)
         logger.info("{}: {}; forgotten", result.name, why)
         try:
-            self.state.set(Record(rel, State.FORGOTTEN, last_error=short or why))
+            self.journal.set(Entry(rel, State.FORGOTTEN, last_error=short or why))
         except SyncdError as exc:
             logger.warning("{}: {}", result.name, exc)
 

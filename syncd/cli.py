@@ -36,6 +36,7 @@ from syncd.config import (
 )
 from syncd.daemon import Daemon
 from syncd.errors import OperatorError, SyncdError, TransientError, printable
+from syncd.journal import Journal, Multiparts, unusable
 from syncd.layout import Layout, LayoutError
 from syncd.marker import NotAResult, mark_finished, result_folder
 from syncd.metrics import Metrics
@@ -44,7 +45,6 @@ from syncd.publish import Publisher
 from syncd.resign import Resigner
 from syncd.signals import STOP_SIGNALS, Interrupted, hung_up_while_starting, interrupt
 from syncd.signing import UrlSigner
-from syncd.state import Multiparts, StateStore, unusable
 from syncd.storage import connected_store, open_store
 from syncd.storage.relay import require_no_proxy
 
@@ -166,19 +166,19 @@ async def run_daemon(
     """The daemon; `load` reads the settings again for a reload."""
     layout = Layout(settings)
     require_outputs_dir(layout)
-    state = StateStore(settings.syncd.state_dir)
+    journal = Journal(settings.syncd.state_dir)
     metrics = Metrics(settings.syncd)
     try:
         metrics.start()
-        async with connected_store(settings, Multiparts(state)) as store:
+        async with connected_store(settings, Multiparts(journal)) as store:
             publisher = Publisher(settings, store, signer)
             resigner = Resigner(settings, signer) if signer else None
             notifier = Notifier()
-            daemon = Daemon(settings, layout, publisher, state, notifier, resigner, metrics, load)
+            daemon = Daemon(settings, layout, publisher, journal, notifier, resigner, metrics, load)
             await daemon.run()
     finally:
         metrics.stop()
-        state.close()
+        journal.close()
     return 0
 
 
@@ -188,15 +188,15 @@ async def run_sync(
     layout = Layout(settings)
     results = [layout.for_tree(path) for path in exec_dirs]  # all usage errors before any upload
     stack = contextlib.AsyncExitStack()
-    state = StateStore(settings.syncd.state_dir)
+    journal = Journal(settings.syncd.state_dir)
     failed = 0
     try:
-        store = await stack.enter_async_context(connected_store(settings, Multiparts(state)))
+        store = await stack.enter_async_context(connected_store(settings, Multiparts(journal)))
         # JSON logs are for collectors: keep stderr one JSON object per line.
         publisher = Publisher(
             settings, store, signer, show_progress=settings.syncd.log_format == "text"
         )
-        attempts = Attempts(settings, publisher, state, retries=False)
+        attempts = Attempts(settings, publisher, journal, retries=False)
         for result in results:
             match await attempts.attempt(result, by_hand=True, again=again):
                 case Recorded():
@@ -214,7 +214,7 @@ async def run_sync(
             failed += 1
     finally:
         await stack.aclose()
-        state.close()
+        journal.close()
     return EXIT_FAILED if failed else 0
 
 
@@ -270,7 +270,7 @@ def run_sign(settings: Settings, target: str, expires_in: int | None) -> int:
 
 
 def run_status(settings: Settings, as_json: bool) -> int:
-    records = status.records(settings)
+    records = status.entries(settings)
     if as_json:
         print(json.dumps([status.as_dict(r) for r in records], indent=2))
     else:

@@ -27,6 +27,7 @@ from syncd.chores import Chores
 from syncd.config import ConfigError, Settings, apply, changes, rate_text
 from syncd.find import Finder
 from syncd.health import Health
+from syncd.journal import Journal
 from syncd.layout import Layout
 from syncd.metrics import Metrics
 from syncd.notify import Notifier
@@ -41,7 +42,6 @@ from syncd.signals import (
     hung_up_while_starting,
 )
 from syncd.signing import UrlSigner
-from syncd.state import StateStore
 from syncd.watch import ResultWatcher
 from syncd.workers import Workers
 
@@ -52,7 +52,7 @@ class Daemon:
         settings: Settings,
         layout: Layout,
         publisher: Publisher,
-        state: StateStore,
+        journal: Journal,
         notifier: Notifier,
         resigner: Resigner | None,
         metrics: Metrics,
@@ -63,8 +63,8 @@ class Daemon:
         self.config = settings.syncd
         self.layout = layout
         self.publisher = publisher
-        self.state = state
-        self.attempts = Attempts(settings, publisher, state)
+        self.journal = journal
+        self.attempts = Attempts(settings, publisher, journal)
         self.notifier = notifier
         self.resigner = resigner
         self.metrics = metrics
@@ -72,11 +72,11 @@ class Daemon:
         self.aborting = asyncio.Event()
         self.reloading = asyncio.Event()
         self.chores = Chores()
-        self.scheduler = Scheduler(layout, state, self.attempts, self.chores, self.stopping)
+        self.scheduler = Scheduler(layout, journal, self.attempts, self.chores, self.stopping)
         self.finder = Finder(
             self.config,
             layout,
-            state,
+            journal,
             self.attempts,
             self.scheduler,
             self.chores,
@@ -96,7 +96,9 @@ class Daemon:
             self.aborting,
         )
         self.health = Health(layout, publisher, metrics, notifier, self.workers)
-        self.reporter = Reporter(publisher, state, metrics, notifier, self.scheduler, self.workers)
+        self.reporter = Reporter(
+            publisher, journal, metrics, notifier, self.scheduler, self.workers
+        )
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -110,7 +112,7 @@ class Daemon:
         faulthandler.enable()  # SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT
         for sig in FATAL_SIGNALS:
             faulthandler.register(sig, chain=True)
-        self.state.start()
+        self.journal.start()
         deleting = self.config.delete_local_after_upload
         await asyncio.to_thread(recover_leftovers, self.layout, deleting)
         self.workers.progress_at = loop.time()
@@ -134,7 +136,7 @@ class Daemon:
         ]
         if self.resigner is not None:
             renewing = renew_every(
-                self.resigner, self.config, self.layout, self.state, self.metrics
+                self.resigner, self.config, self.layout, self.journal, self.metrics
             )
             helpers.append(asyncio.create_task(renewing))
         self.health.tasks = workers + helpers

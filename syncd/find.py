@@ -25,12 +25,12 @@ from syncd.attempt import Attempts
 from syncd.chores import Chores
 from syncd.config import DaemonSettings
 from syncd.errors import SyncdError, classify
+from syncd.journal import Journal
 from syncd.layout import Layout, Result
 from syncd.metadata import Stamp
 from syncd.metrics import Metrics
 from syncd.resign import Resigner
 from syncd.schedule import Scheduler, ask
-from syncd.state import StateStore
 from syncd.watch import EventsLost, FileChanged, FileGone, FolderAppeared, WatchEvent
 
 
@@ -39,7 +39,7 @@ class Finder:
         self,
         config: DaemonSettings,
         layout: Layout,
-        state: StateStore,
+        journal: Journal,
         attempts: Attempts,
         scheduler: Scheduler,
         chores: Chores,
@@ -49,7 +49,7 @@ class Finder:
     ) -> None:
         self.config = config
         self.layout = layout
-        self.state = state
+        self.journal = journal
         self.attempts = attempts
         self.scheduler = scheduler
         self.chores = chores
@@ -97,7 +97,7 @@ class Finder:
         """Look at every recorded result's metadata, then offer every signalled result that
         is not recorded."""
         try:
-            watched = self.state.watched()
+            watched = self.journal.stamps()
         except SyncdError as exc:
             logger.warning("cannot read the recorded results: {}", exc)
             watched = []
@@ -131,7 +131,7 @@ class Finder:
             | self.scheduler.later
         )
         nothing: list[str] = []
-        for rel in ask(self.state.waiting, nothing):
+        for rel in ask(self.journal.waiting, nothing):
             if rel not in here:  # its signal went while no event could say so (syncd was down)
                 self.scheduler.abandon(self.layout.result(PurePosixPath(rel)))
 
@@ -143,7 +143,7 @@ class Finder:
             return
         rel = result.rel.as_posix()
         try:
-            known = self.scheduler.watching(rel)
+            known = self.scheduler.stamp(rel)
             if known is not None:
                 if path == result.metadata:
                     self.metadata_changed(result, known, metadata.stamp(result))
@@ -162,10 +162,10 @@ class Finder:
         """A recorded result's metadata as it is now: gone (nothing left to care for), or
         written by someone else (try it again: its record is restored if it was lost)."""
         rel = result.rel.as_posix()
-        if now == known or self.scheduler.watching(rel) != known:
+        if now == known or self.scheduler.stamp(rel) != known:
             return  # unchanged, no longer recorded, or rewritten by syncd since `known`
         try:
-            self.state.watch(rel, None)
+            self.journal.set_stamp(rel, None)
         except SyncdError as exc:
             logger.warning("{}: {}", result.name, exc)
         if self.resigner is not None:
@@ -180,7 +180,7 @@ class Finder:
         if result is None:
             return
         rel = result.rel.as_posix()
-        known = self.scheduler.watching(rel) if path == result.metadata else None
+        known = self.scheduler.stamp(rel) if path == result.metadata else None
         if known is not None:
             self.metadata_changed(result, known, None)
         elif (

@@ -12,11 +12,11 @@ import time
 from loguru import logger
 
 from syncd.errors import SyncdError, classify
+from syncd.journal import Journal
 from syncd.metrics import Metrics, Standing, status_line
 from syncd.notify import Notifier
 from syncd.publish import Publisher
 from syncd.schedule import Scheduler, ask
-from syncd.state import StateStore
 from syncd.workers import Workers
 
 # Seconds between reports of how things stand (STATUS=, metrics).
@@ -27,14 +27,14 @@ class Reporter:
     def __init__(
         self,
         publisher: Publisher,
-        state: StateStore,
+        journal: Journal,
         metrics: Metrics,
         notifier: Notifier,
         scheduler: Scheduler,
         workers: Workers,
     ) -> None:
         self.publisher = publisher
-        self.state = state
+        self.journal = journal
         self.metrics = metrics
         self.notifier = notifier
         self.scheduler = scheduler
@@ -45,7 +45,7 @@ class Reporter:
         while True:
             for rel, upload in list(self.publisher.uploads.items()):  # for syncd status
                 with contextlib.suppress(SyncdError):  # said where an attempt journals
-                    self.state.progress(rel, upload.done_bytes, upload.total, upload.rate())
+                    self.journal.progress(rel, upload.done_bytes, upload.total, upload.rate())
             standing = self.standing()
             try:
                 await asyncio.to_thread(self.metrics.update, standing)
@@ -64,7 +64,7 @@ class Reporter:
             uploads=tuple(self.publisher.uploads.values()),
             waiting=scheduler.waiting(),
             failing=scheduler.retries_after(scheduler.retried_until)[0],
-            done=ask(self.state.count_watched, 0),
+            done=ask(self.journal.count_stamped, 0),
             oldest_since=min(scheduler.since.values(), default=None),
             last_published=self.workers.last_published,
         )

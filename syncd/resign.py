@@ -18,11 +18,11 @@ from loguru import logger
 from syncd import metadata
 from syncd.config import DaemonSettings, Settings
 from syncd.errors import SyncdError, classify
+from syncd.journal import Journal
 from syncd.layout import Layout, Result
 from syncd.metrics import Metrics
 from syncd.policy import expiry
 from syncd.signing import UrlSigner
-from syncd.state import StateStore
 
 
 class Resigner:
@@ -83,7 +83,7 @@ async def renew_every(
     resigner: Resigner,
     config: DaemonSettings,
     layout: Layout,
-    state: StateStore,
+    journal: Journal,
     metrics: Metrics,
 ) -> None:
     """Renew each recorded result's signed URL when it is due, for as long as syncd runs."""
@@ -106,5 +106,5 @@ async def renew_every(
             if stamp is not None:
                 metrics.renewed.inc()
                 with contextlib.suppress(SyncdError):  # a rescan sees it as changed then
-                    if state.watching(rel) is not None:
-                        state.watch(rel, stamp)
+                    if journal.stamp(rel) is not None:
+                        journal.set_stamp(rel, stamp)

@@ -24,9 +24,9 @@ from loguru import logger
 from syncd.attempt import Attempts
 from syncd.chores import Chores
 from syncd.errors import SyncdError
+from syncd.journal import Journal, State, clock
 from syncd.layout import Layout, Result
 from syncd.metadata import Stamp
-from syncd.state import State, StateStore, clock
 
 T = TypeVar("T")
 
@@ -44,13 +44,13 @@ class Scheduler:
     def __init__(
         self,
         layout: Layout,
-        state: StateStore,
+        journal: Journal,
         attempts: Attempts,
         chores: Chores,
         stopping: asyncio.Event,
     ) -> None:
         self.layout = layout
-        self.state = state
+        self.journal = journal
         self.attempts = attempts
         self.chores = chores
         self.stopping = stopping  # set: nothing more is queued
@@ -70,7 +70,7 @@ class Scheduler:
             self.retries_changed.clear()
             now = clock()
             try:
-                due = self.state.due(self.retried_until, now)
+                due = self.journal.due(self.retried_until, now)
             except SyncdError as exc:  # the rescan finds the results meanwhile
                 logger.warning("cannot read the retries due: {}", exc)
                 due = []
@@ -84,28 +84,28 @@ class Scheduler:
 
     def retries_after(self, now: float) -> tuple[int, float | None]:
         nothing: tuple[int, float | None] = (0, None)
-        return ask(lambda: self.state.retries_after(now), nothing)
+        return ask(lambda: self.journal.retries_after(now), nothing)
 
-    def watching(self, rel: str) -> Stamp | None:
+    def stamp(self, rel: str) -> Stamp | None:
         """The stamp of a recorded result's metadata as the journal keeps it; None if the
         result is not a recorded, watched one (or the journal cannot say)."""
-        return ask(lambda: self.state.watching(rel), None)
+        return ask(lambda: self.journal.stamp(rel), None)
 
     def next_try(self, rel: str) -> float | None:
         """When a result that waits for its next try gets it (being written: its timer offers
         it; failed: the journal's time); None when it does not wait."""
         if rel in self.later:
             return math.inf
-        record = ask(lambda: self.state.get(rel), None)  # unknown: tried, not lost
-        if record is None or record.state != State.RETRYING:
+        entry = ask(lambda: self.journal.get(rel), None)  # unknown: tried, not lost
+        if entry is None or entry.state != State.RETRYING:
             return None
-        return record.next_try or 0.0
+        return entry.next_try or 0.0
 
     def offer(self, result: Result, fresh: bool = False) -> None:
         """Queue `result`, unless it is queued or recorded; one that waits for its next try
         only when `fresh` (an event for it: tried now)."""
         rel = result.rel.as_posix()
-        if rel in self.queued or self.stopping.is_set() or self.watching(rel) is not None:
+        if rel in self.queued or self.stopping.is_set() or self.stamp(rel) is not None:
             return
         if not fresh and (self.next_try(rel) or 0.0) > clock():
             return

@@ -21,9 +21,9 @@ from loguru import logger
 from syncd import claims, metadata
 from syncd.config import ConfigError, Settings
 from syncd.errors import SyncdError, printable
+from syncd.journal import Entry, Journal, State, clock, no_folder, wall_time
 from syncd.layout import Layout
 from syncd.progress import amount, speed
-from syncd.state import Record, State, StateStore, clock, no_folder, wall_time
 
 ORDER = {
     State.RETRYING: 0,
@@ -37,10 +37,10 @@ ORDER = {
 EXPLAINED = (State.RETRYING, State.FORGOTTEN, State.ELSEWHERE)
 
 
-def records(settings: Settings) -> list[Record]:
-    known: dict[str, Record] = {}
+def entries(settings: Settings) -> list[Entry]:
+    known: dict[str, Entry] = {}
     if has_state(settings.syncd.state_dir):
-        store = StateStore(settings.syncd.state_dir, readonly=True)
+        store = Journal(settings.syncd.state_dir, readonly=True)
         known = {r.rel: r for r in store.all()}
         store.close()
     else:
@@ -51,9 +51,9 @@ def records(settings: Settings) -> list[Record]:
             settings.syncd.state_dir / "state.db",
         )
     layout = Layout(settings)
-    for rel, record in known.items():
-        if record.state == State.UPLOADING and not claimed(layout, rel, settings):
-            known[rel] = Record(rel, State.PENDING, attempts=record.attempts)
+    for rel, entry in known.items():
+        if entry.state == State.UPLOADING and not claimed(layout, rel, settings):
+            known[rel] = Entry(rel, State.PENDING, attempts=entry.attempts)
     for result in layout.signalled():
         rel = result.rel.as_posix()
         if rel in known and known[rel].state != State.FORGOTTEN:
@@ -65,13 +65,11 @@ def records(settings: Settings) -> list[Record]:
         if result.by_metadata and not metadata.completed(document):
             continue
         if metadata.is_recorded(document, result):
-            known[rel] = Record(rel, State.DONE)
+            known[rel] = Entry(rel, State.DONE)
         elif (elsewhere := metadata.recorded_elsewhere(document, result)) is not None:
-            known[rel] = Record(
-                rel, State.ELSEWHERE, last_error=f"its metadata records {elsewhere}"
-            )
+            known[rel] = Entry(rel, State.ELSEWHERE, last_error=f"its metadata records {elsewhere}")
         else:
-            known[rel] = Record(rel, State.PENDING)
+            known[rel] = Entry(rel, State.PENDING)
     return sorted(known.values(), key=lambda r: (ORDER[r.state], r.rel))
 
 
@@ -108,20 +106,20 @@ def has_state(state_dir: Path) -> bool:
     return True
 
 
-def as_dict(record: Record) -> dict[str, Any]:
+def as_dict(entry: Entry) -> dict[str, Any]:
     """A result's state as JSON: its next try in Unix time."""
-    next_try = wall_time(record.next_try) if record.next_try is not None else None
-    return asdict(record) | {"state": record.state.value, "next_try": next_try}
+    next_try = wall_time(entry.next_try) if entry.next_try is not None else None
+    return asdict(entry) | {"state": entry.state.value, "next_try": next_try}
 
 
-def progress(record: Record) -> str:
+def progress(entry: Entry) -> str:
     """An upload's bytes sent of its total and its rate: `310/820 MB 42 MB/s`."""
-    if record.state != State.UPLOADING or record.sent is None or record.bytes is None:
+    if entry.state != State.UPLOADING or entry.sent is None or entry.bytes is None:
         return "-"
-    return f"{amount(record.sent, record.bytes)} {speed(record.rate or 0.0)}"
+    return f"{amount(entry.sent, entry.bytes)} {speed(entry.rate or 0.0)}"
 
 
-def table(rows: list[Record]) -> str:
+def table(rows: list[Entry]) -> str:
     """The table a person reads: names from the disk and errors escaped, so that a folder's
     name can never drive the terminal (a title, colours, lines hidden)."""
     now = clock()

@@ -21,11 +21,11 @@ from syncd import budget, claims, publish
 from syncd.attempt import Attempts, Elsewhere, Failed, Held, Outcome, Recorded, Unfinished
 from syncd.config import Settings, load_settings
 from syncd.errors import BeingWritten, Kind, Throttled
+from syncd.journal import Entry, Journal, State, clock
 from syncd.layout import Layout, Result
 from syncd.metadata import READ_AGAIN
 from syncd.publish import Publisher
 from syncd.signing import UrlSigner
-from syncd.state import Record, State, StateStore, clock
 from tests.conftest import KEY_PAIR_ID
 from tests.fakestore import FakeStore, access_denied, slow_down, unreachable
 
@@ -84,13 +84,13 @@ class World:
         }
         self.settings: Settings = load_settings(flags=flags, environ={})[0]
         self.layout = Layout(self.settings)
-        self.state = StateStore(self.settings.syncd.state_dir)
+        self.journal = Journal(self.settings.syncd.state_dir)
         self.store = store
         self.loop = asyncio.new_event_loop()
         self.run(store.connect())
         signer = UrlSigner.from_settings(self.settings.object_storage)
         self.publisher = Publisher(self.settings, store, signer)
-        self.attempts = Attempts(self.settings, self.publisher, self.state)
+        self.attempts = Attempts(self.settings, self.publisher, self.journal)
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coroutine)
@@ -98,7 +98,7 @@ class World:
     def close(self) -> None:
         self.run(self.store.close())
         self.loop.close()
-        self.state.close()
+        self.journal.close()
 
     def result(
         self,
@@ -136,8 +136,8 @@ class World:
         document: dict[str, Any] = json.loads(result.metadata.read_text())
         return document
 
-    def record(self, result: Result) -> Record:
-        record = self.state.get(result.rel.as_posix())
+    def record(self, result: Result) -> Entry:
+        record = self.journal.get(result.rel.as_posix())
         assert record is not None, "the journal holds nothing for the result"
         return record
 
@@ -231,7 +231,7 @@ def test_a_result_without_its_marker_is_unfinished_and_nothing_is_sent(world: Wo
     assert isinstance(outcome, Unfinished)
     assert "marker" in outcome.why
     assert world.store.puts == []
-    assert world.state.get(result.rel.as_posix()) is None
+    assert world.journal.get(result.rel.as_posix()) is None
     assert_unrecorded(world, result)
 
 
@@ -382,7 +382,7 @@ def test_metadata_being_written_is_read_again_shortly_and_not_journalled(
     assert isinstance(outcome, Failed)
     assert outcome.being_written and isinstance(outcome.error, BeingWritten)
     assert outcome.retry_in == READ_AGAIN
-    assert world.state.get(result.rel.as_posix()) is None
+    assert world.journal.get(result.rel.as_posix()) is None
     assert store.puts == []
 
 

@@ -12,7 +12,7 @@ from syncd.storage.body import Body
 
 class Multiparts(Protocol):
     """Where an adapter keeps the multipart uploads it started, until they are completed or
-    aborted, so that a restart can resume them (state.Multiparts)."""
+    aborted, so that a restart can resume them (journal.Multiparts)."""
 
     def begun(self, key: str, upload_id: str, part_size: int) -> None: ...
 

@@ -1,4 +1,4 @@
-"""Each result's state, kept in SQLite under state_dir so it survives restarts.
+"""The journal: each result's state, kept in SQLite under state_dir so it survives restarts.
 
 A result is `pending` (marked, not started), `uploading`, `retrying` (with attempts, last
 error and next try: the one place a retry time is kept; the daemon offers a result again when
@@ -112,7 +112,9 @@ WATCHED = (State.DONE.value, State.ELSEWHERE.value)
 
 
 @dataclass(frozen=True)
-class Record:
+class Entry:
+    """A result's line in the journal."""
+
     rel: str
     state: State
     attempts: int = 0
@@ -168,7 +170,7 @@ def no_folder(state_dir: Path) -> ConfigError:
     )
 
 
-class StateStore:
+class Journal:
     """One SQLite file; every change is its own small transaction."""
 
     def __init__(self, state_dir: Path, readonly: bool = False) -> None:
@@ -286,14 +288,14 @@ class StateStore:
             ).fetchone()
         return count, first
 
-    def get(self, rel: str) -> Record | None:
+    def get(self, rel: str) -> Entry | None:
         with self.errors():
             row = self.db.execute(
                 f"SELECT {self.select} FROM results WHERE rel = ?", (rel,)
             ).fetchone()
-        return _record(row) if row else None
+        return _entry(row) if row else None
 
-    def all(self) -> list[Record]:
+    def all(self) -> list[Entry]:
         with self.errors():
             try:
                 rows = self.db.execute(f"SELECT {self.select} FROM results ORDER BY rel").fetchall()
@@ -301,27 +303,27 @@ class StateStore:
                 if "no such table" not in str(exc):
                     raise
                 return []  # a read-only look at a state file not yet made
-        return [_record(row) for row in rows]
+        return [_entry(row) for row in rows]
 
-    def set(self, record: Record) -> None:
+    def set(self, entry: Entry) -> None:
         """Replace the result's state; its kept record stays as it is."""
         with self.errors():
             self.db.execute(
                 f"INSERT INTO results ({COLUMNS}) VALUES ({SLOTS}) ON CONFLICT(rel) DO UPDATE "
                 f"SET {UPDATES}",
                 (
-                    record.rel,
-                    record.state.value,
-                    record.attempts,
-                    record.last_error,
-                    int(record.permanent),
-                    record.next_try,
-                    record.files,
-                    record.bytes,
+                    entry.rel,
+                    entry.state.value,
+                    entry.attempts,
+                    entry.last_error,
+                    int(entry.permanent),
+                    entry.next_try,
+                    entry.files,
+                    entry.bytes,
                     time.time(),
-                    record.uploaded,
-                    record.sent,
-                    record.rate,
+                    entry.uploaded,
+                    entry.sent,
+                    entry.rate,
                 ),
             )
 
@@ -341,7 +343,7 @@ class StateStore:
             finally:
                 self.db.execute(f"PRAGMA busy_timeout = {int(LOCK_TIMEOUT * 1000)}")
 
-    def keep_record(self, rel: str, kept: str | None) -> None:
+    def set_kept(self, rel: str, kept: str | None) -> None:
         """Keep (or, with None, drop) the record syncd made: JSON {remote_path, output_files}."""
         with self.errors():
             self.db.execute("UPDATE results SET recorded = ? WHERE rel = ?", (kept, rel))
@@ -351,14 +353,14 @@ class StateStore:
             row = self.db.execute("SELECT recorded FROM results WHERE rel = ?", (rel,)).fetchone()
         return row[0] if row else None
 
-    def watch(self, rel: str, stamp: Stamp | None) -> None:
+    def set_stamp(self, rel: str, stamp: Stamp | None) -> None:
         """The stamp of a recorded result's metadata as syncd last wrote or saw it; None: the
         metadata is gone, and the result needs no more looks."""
         text = ":".join(map(str, stamp)) if stamp is not None else None
         with self.errors():
             self.db.execute("UPDATE results SET stamp = ? WHERE rel = ?", (text, rel))
 
-    def watching(self, rel: str) -> Stamp | None:
+    def stamp(self, rel: str) -> Stamp | None:
         """The stamp of a recorded result's metadata, or None if it is not a watched one."""
         with self.errors():
             row = self.db.execute(
@@ -366,7 +368,7 @@ class StateStore:
             ).fetchone()
         return _stamp(row[0]) if row else None
 
-    def watched(self) -> list[tuple[str, Stamp]]:
+    def stamps(self) -> list[tuple[str, Stamp]]:
         """Every recorded result whose metadata is watched, with its stamp."""
         with self.errors():
             rows = self.db.execute(
@@ -384,7 +386,7 @@ class StateStore:
             ).fetchall()
         return [row[0] for row in rows]
 
-    def count_watched(self) -> int:
+    def count_stamped(self) -> int:
         with self.errors():
             row = self.db.execute(
                 "SELECT COUNT(*) FROM results WHERE state = ? AND stamp IS NOT NULL",
@@ -433,13 +435,13 @@ class Multiparts:
     """The state's journal of unfinished multipart uploads, as the storage adapters use it. A
     journal that cannot answer or write costs only the chance to resume: never an upload."""
 
-    def __init__(self, state: StateStore) -> None:
-        self.state = state
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
 
     def _ask(self, query: str, *args: object) -> list[tuple[Any, ...]]:
         try:
-            with self.state.errors():
-                return self.state.db.execute(query, args).fetchall()
+            with self.journal.errors():
+                return self.journal.db.execute(query, args).fetchall()
         except SyncdError as exc:
             logger.debug("multipart journal: {}", exc)
             return []
@@ -492,9 +494,9 @@ def _state(text: str) -> State:
         return State.PENDING
 
 
-def _record(row: tuple[Any, ...]) -> Record:
+def _entry(row: tuple[Any, ...]) -> Entry:
     rel, state, attempts, last_error, permanent, next_try, files, size, updated, *rest = row
-    return Record(
+    return Entry(
         rel,
         _state(state),
         attempts,
