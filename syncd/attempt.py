@@ -7,20 +7,19 @@ A result this daemon recorded whose metadata was written again without the recor
 Earth2Studio server writes its own view) gets the record back from the journal, without
 uploading again.
 
-An attempt never raises: whatever fails becomes a `Failed` outcome (an exception of an
-unexpected kind is classified as transient and its traceback logged at DEBUG), so the worker
-that made it always goes on with the next result. Retries back off exponentially from
-retry_min_delay to retry_max_delay, with jitter so that many results failing together do not
-retry together; a failure only a person can fix is logged once and waits
-retry_permanent_delay. When to try again is kept in the journal (`state`), which the daemon's
-scheduler reads: nowhere else.
+An attempt never raises: whatever fails becomes a `Failed` outcome, or `Postponed` while its
+writer is still at it (an exception of an unexpected kind is classified as transient and its
+traceback logged at DEBUG), so the worker that made it always goes on with the next result.
+Retries back off exponentially from retry_min_delay to retry_max_delay, with jitter so that
+many results failing together do not retry together; a failure only a person can fix is logged
+once and waits retry_permanent_delay. When a failed result is tried again is kept in the
+journal, which the scheduler reads; a postponed one is looked at again by the scheduler's timer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import random
 import time
@@ -69,19 +68,23 @@ class Elsewhere:
 
 
 @dataclass(frozen=True)
+class Postponed:
+    """Its writer is still at it (metadata that does not parse yet, files written after its
+    signal): looked at again in `retry_in` seconds. Not a failure: no backoff, no journal."""
+
+    why: BeingWritten
+    retry_in: float
+
+
+@dataclass(frozen=True)
 class Failed:
     error: SyncdError
     attempts: int  # failed attempts so far, this one included
     retry_in: float  # seconds until the next attempt, as the journal keeps it
     journaled: bool = True  # False: the journal could not keep it (locked, full disk)
 
-    @property
-    def being_written(self) -> bool:
-        """Its metadata was being written: its writer is at it, which is not a failure."""
-        return isinstance(self.error, BeingWritten)
 
-
-Outcome = Recorded | Unfinished | Held | Elsewhere | Failed
+Outcome = Recorded | Unfinished | Held | Elsewhere | Postponed | Failed
 
 
 class Attempts:
@@ -244,7 +247,7 @@ class Attempts:
         with contextlib.suppress(SyncdError):
             previous = self.journal.get(rel)
             if previous is not None and previous.state == State.UPLOADING:
-                self.journal.set(dataclasses.replace(previous, state=State.PENDING))
+                self.journal.pending(previous)
 
     def own_record(self, result: Result) -> Kept | None:
         """The record this daemon made for the result, for whatever remote_path it had then."""
@@ -256,7 +259,7 @@ class Attempts:
         previous = self.journal.get(rel)
         acknowledged = previous.uploaded if previous is not None else None
         attempts = previous.attempts if previous is not None else 0
-        self.journal.set(Entry(rel, State.UPLOADING, attempts=attempts, uploaded=acknowledged))
+        self.journal.uploading(rel, attempts, acknowledged)
         own = self.own_record(result)
         if own is not None and own.remote_path == result.remote_path:
             self.journal.set_kept(rel, None)  # the bucket is about to change under it
@@ -281,7 +284,7 @@ class Attempts:
         rel = result.rel.as_posix()
         previous = self.journal.get(rel)
         if previous is None or previous.state != State.DONE:
-            self.journal.set(Entry(rel, State.DONE))
+            self.journal.done(rel)
         if self.journal.stamp(rel) != stamp:
             self.journal.set_stamp(rel, stamp)
         if self.journal.kept(rel) is None:
@@ -351,7 +354,7 @@ class Attempts:
         if not said and self.reported.get(rel) != message:
             logger.log(level, "{}: {}", result.name, message)
         self.reported[rel] = message
-        self.journal.set(Entry(rel, State.ELSEWHERE, last_error=message))
+        self.journal.elsewhere(rel, message)
         self.journal.set_stamp(rel, stamp)
         return Elsewhere(remote_path)
 
@@ -359,7 +362,7 @@ class Attempts:
         rel = result.rel.as_posix()
         previous = self.journal.get(rel)
         files, size = (previous.files, previous.bytes) if previous else (None, None)
-        self.journal.set(Entry(rel, State.DONE, files=files, bytes=size))
+        self.journal.done(rel, files, size)
         self.journal.set_stamp(rel, stamp)
         self.reported.pop(rel, None)
         logger.info(
@@ -374,7 +377,7 @@ class Attempts:
 
     def done(self, result: Result, uploaded: Uploaded, kept: Kept, stamp: Stamp) -> Outcome:
         rel = result.rel.as_posix()
-        self.journal.set(Entry(rel, State.DONE, files=len(uploaded.files), bytes=uploaded.bytes))
+        self.journal.done(rel, len(uploaded.files), uploaded.bytes)
         self.journal.set_stamp(rel, stamp)
         self.journal.set_kept(rel, kept.dumps())
         self.reported.pop(rel, None)
@@ -408,7 +411,7 @@ class Attempts:
             except Exception as exc:  # a full disk, say: still_ours() decides before recording
                 logger.warning("{}: cannot refresh its claim: {}", claim.result.name, classify(exc))
 
-    def failed(self, result: Result, error: SyncdError) -> Failed:
+    def failed(self, result: Result, error: SyncdError) -> Failed | Postponed:
         """The outcome of a failed attempt, with its backoff, journalled and logged (the
         journal failing too is only logged: the next rescan tries the result again)."""
         rel = result.rel.as_posix()
@@ -417,20 +420,12 @@ class Attempts:
         if isinstance(error, BeingWritten) and self.retries:
             # Its writer is at it: no backoff, no journal, nothing for the operator to see.
             logger.debug("{}: {} (attempt {})", result.name, error, attempts)
-            return Failed(error, attempts, error.retry_in)
+            return Postponed(error, error.retry_in)
         delay = self.backoff(error, attempts)
         self.say(result, error, attempts, delay)
-        record = Entry(
-            rel,
-            State.RETRYING,
-            attempts,
-            str(error),
-            error.permanent,
-            clock() + delay,
-            uploaded=previous.uploaded if previous else None,
-        )
+        uploaded = previous.uploaded if previous else None
         try:
-            self.journal.set(record)
+            self.journal.retrying(rel, attempts, error, clock() + delay, uploaded)
         except SyncdError as exc:
             logger.warning("{}: {}", result.name, exc)
             return Failed(error, attempts, delay, journaled=False)
@@ -500,7 +495,7 @@ class Attempts:
         self.reported.pop(rel, None)
         logger.info("{}: {}; forgotten", result.name, why)
         try:
-            self.journal.set(Entry(rel, State.FORGOTTEN, last_error=short or why))
+            self.journal.forgotten(rel, short or why)
         except SyncdError as exc:
             logger.warning("{}: {}", result.name, exc)
 

@@ -211,7 +211,7 @@ class Daemon:
                 ", ".join(fixed),
                 "s" if len(fixed) > 1 else "",
             )
-        self.scheduler.retries_changed.set()  # the retry delays may have changed
+        self.scheduler.retry_times_changed()  # the retry delays may have changed
         self.notifier.ready(self.reporter.status or "running")
 
 

@@ -125,14 +125,12 @@ class Finder:
         for result in signalled:
             if result.rel.as_posix() not in recorded:
                 self.scheduler.offer(result)
-        here = (
-            {result.rel.as_posix() for result in signalled}
-            | self.scheduler.queued
-            | self.scheduler.later
-        )
+        here = {result.rel.as_posix() for result in signalled}
         nothing: list[str] = []
         for rel in ask(self.journal.waiting, nothing):
-            if rel not in here:  # its signal went while no event could say so (syncd was down)
+            if rel not in here and not self.scheduler.in_hand(
+                rel
+            ):  # its signal went while no event could say so (syncd was down)
                 self.scheduler.abandon(self.layout.result(PurePosixPath(rel)))
 
     def file_changed(self, path: Path) -> None:
@@ -185,9 +183,9 @@ class Finder:
             self.metadata_changed(result, known, None)
         elif (
             path == result.signal
-            and rel not in self.scheduler.queued
+            and not self.scheduler.is_queued(rel)
             and self.scheduler.next_try(rel) is not None
         ):
             name = result.signal_name
             self.attempts.forget(result, f"its {name} was removed", short=f"{name} removed")
-            self.scheduler.since.pop(rel, None)
+            self.scheduler.settled(rel)

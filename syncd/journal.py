@@ -19,6 +19,7 @@ SyncdError (a lock held too long is transient).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sqlite3
 import stat
@@ -305,8 +306,47 @@ class Journal:
                 return []  # a read-only look at a state file not yet made
         return [_entry(row) for row in rows]
 
-    def set(self, entry: Entry) -> None:
-        """Replace the result's state; its kept record stays as it is."""
+    # A result's state changes only by these transitions, named by the state they lead to. Each
+    # replaces the result's entry; its kept record and its stamp stay as they are.
+
+    def uploading(self, rel: str, attempts: int, uploaded: str | None) -> None:
+        """An attempt begins its upload (`uploaded`: what an earlier one acknowledged)."""
+        self._set(Entry(rel, State.UPLOADING, attempts=attempts, uploaded=uploaded))
+
+    def pending(self, entry: Entry) -> None:
+        """An attempt stopped in the middle of its upload: pending, not uploading, so that
+        syncd status does not show an upload nobody is making."""
+        self._set(dataclasses.replace(entry, state=State.PENDING))
+
+    def retrying(
+        self, rel: str, attempts: int, error: SyncdError, next_try: float, uploaded: str | None
+    ) -> None:
+        """An attempt failed: tried again at `next_try` (on the journal's clock)."""
+        self._set(
+            Entry(
+                rel,
+                State.RETRYING,
+                attempts,
+                str(error),
+                error.permanent,
+                next_try,
+                uploaded=uploaded,
+            )
+        )
+
+    def done(self, rel: str, files: int | None = None, size: int | None = None) -> None:
+        """Its metadata records it (`files`, `size`: of the tree uploaded, if known)."""
+        self._set(Entry(rel, State.DONE, files=files, bytes=size))
+
+    def elsewhere(self, rel: str, why: str) -> None:
+        """Its metadata records another place: left alone."""
+        self._set(Entry(rel, State.ELSEWHERE, last_error=why))
+
+    def forgotten(self, rel: str, why: str) -> None:
+        """Its signal went while it waited: nothing more is done for it until one comes."""
+        self._set(Entry(rel, State.FORGOTTEN, last_error=why))
+
+    def _set(self, entry: Entry) -> None:
         with self.errors():
             self.db.execute(
                 f"INSERT INTO results ({COLUMNS}) VALUES ({SLOTS}) ON CONFLICT(rel) DO UPDATE "

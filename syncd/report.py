@@ -63,8 +63,8 @@ class Reporter:
             uploading=len(self.workers.busy),
             uploads=tuple(self.publisher.uploads.values()),
             waiting=scheduler.waiting(),
-            failing=scheduler.retries_after(scheduler.retried_until)[0],
+            failing=scheduler.failing(),
             done=ask(self.journal.count_stamped, 0),
-            oldest_since=min(scheduler.since.values(), default=None),
+            oldest_since=scheduler.oldest(),
             last_published=self.workers.last_published,
         )

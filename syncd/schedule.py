@@ -134,6 +134,38 @@ class Scheduler:
         self.since.pop(result.rel.as_posix(), None)
         self.chores.start(self.attempts.abandon(result))
 
+    async def next(self) -> Result:
+        """The next result to try, once there is one."""
+        return await self.queue.get()
+
+    def ended(self, result: Result) -> None:
+        """Its attempt ended: it may be queued again."""
+        self.queued.discard(result.rel.as_posix())
+
+    def in_hand(self, rel: str) -> bool:
+        """Queued, being tried, or read again shortly."""
+        return rel in self.queued or rel in self.later
+
+    def is_queued(self, rel: str) -> bool:
+        """Queued or being tried."""
+        return rel in self.queued
+
+    def settled(self, rel: str) -> None:
+        """It waits to be published no more (recorded, unfinished, left alone, forgotten)."""
+        self.since.pop(rel, None)
+
+    def oldest(self) -> float | None:
+        """When the oldest result still waiting to be published was finished."""
+        return min(self.since.values(), default=None)
+
+    def failing(self) -> int:
+        """Failed results waiting for their next try."""
+        return self.retries_after(self.retried_until)[0]
+
+    def retry_times_changed(self) -> None:
+        """The journal's next tries changed (a failure, new retry delays): look at them again."""
+        self.retries_changed.set()
+
     def waiting(self) -> int:
         """Results queued, or read again shortly (metadata being written)."""
         return self.queue.qsize() + len(self.later)

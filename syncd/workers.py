@@ -16,7 +16,16 @@ from typing import Any
 
 from loguru import logger
 
-from syncd.attempt import Attempts, Elsewhere, Failed, Held, Outcome, Recorded, Unfinished
+from syncd.attempt import (
+    Attempts,
+    Elsewhere,
+    Failed,
+    Held,
+    Outcome,
+    Postponed,
+    Recorded,
+    Unfinished,
+)
 from syncd.chores import Chores
 from syncd.config import DaemonSettings
 from syncd.errors import classify
@@ -56,7 +65,7 @@ class Workers:
         task = asyncio.current_task()
         assert task is not None
         while not self.stopping.is_set():
-            result = await self.scheduler.queue.get()
+            result = await self.scheduler.next()
             self.busy.add(task)
             try:
                 self.settle(result, await self.attempts.attempt(result))
@@ -65,7 +74,7 @@ class Workers:
                 logger.error("{}: {}; the next rescan tries it again", result.name, classify(exc))
             finally:
                 self.busy.discard(task)
-                self.scheduler.queued.discard(result.rel.as_posix())
+                self.scheduler.ended(result)
                 self.progress_at = asyncio.get_running_loop().time()
 
     def settle(self, result: Result, outcome: Outcome) -> None:
@@ -75,22 +84,22 @@ class Workers:
             case Recorded():
                 if self.resigner is not None:
                     self.resigner.track(rel)
-                self.scheduler.since.pop(rel, None)
+                self.scheduler.settled(rel)
                 self.count(result, outcome)
                 if outcome.uploaded is not None and outcome.uploaded.sent:
                     self.chores.start(self.attempts.look_back(result, outcome.uploaded))
                 if outcome.restored:  # the writer came back (the server saying completed)
                     self.recheck(result, "its metadata was written again")
             case Unfinished() | Elsewhere():
-                self.scheduler.since.pop(rel, None)
+                self.scheduler.settled(rel)
             case Held():
                 pass  # a rescan looks again; a dead owner's claim expires
-            case Failed() if outcome.being_written:
+            case Postponed():
                 self.scheduler.offer_later(result, outcome.retry_in)
             case Failed():
                 self.metrics.failures.labels(outcome.error.kind.value).inc()
                 if outcome.journaled:
-                    self.scheduler.retries_changed.set()
+                    self.scheduler.retry_times_changed()
                 else:  # the journal could not keep its next try: this timer does
                     self.scheduler.offer_later(result, outcome.retry_in)
 

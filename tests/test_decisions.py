@@ -18,7 +18,16 @@ from typing import Any, TypeVar
 import pytest
 
 from syncd import budget, claims, publish
-from syncd.attempt import Attempts, Elsewhere, Failed, Held, Outcome, Recorded, Unfinished
+from syncd.attempt import (
+    Attempts,
+    Elsewhere,
+    Failed,
+    Held,
+    Outcome,
+    Postponed,
+    Recorded,
+    Unfinished,
+)
 from syncd.config import Settings, load_settings
 from syncd.errors import BeingWritten, Kind, Throttled
 from syncd.journal import Entry, Journal, State, clock
@@ -258,7 +267,7 @@ def test_an_unreachable_store_is_transient_and_backs_off_longer_each_time(
         before = clock()
         outcome = world.attempt(result)
         assert isinstance(outcome, Failed)
-        assert outcome.error.kind is Kind.TRANSIENT and not outcome.being_written
+        assert outcome.error.kind is Kind.TRANSIENT
         assert outcome.attempts == attempt and outcome.journaled
         ceiling = min(RETRY_MAX, RETRY_MIN * 2 ** (attempt - 1))
         assert ceiling / 2 <= outcome.retry_in <= ceiling
@@ -364,7 +373,7 @@ def test_metadata_that_is_not_json_is_an_input_error_and_nothing_is_sent(
     outcome = world.attempt(result)
 
     assert isinstance(outcome, Failed)
-    assert outcome.error.kind is Kind.INPUT and not outcome.being_written
+    assert outcome.error.kind is Kind.INPUT
     assert outcome.retry_in == RETRY_PERMANENT
     record = world.record(result)
     assert (record.state, record.permanent) == (State.RETRYING, True)
@@ -379,8 +388,7 @@ def test_metadata_being_written_is_read_again_shortly_and_not_journalled(
 
     outcome = world.attempt(result)
 
-    assert isinstance(outcome, Failed)
-    assert outcome.being_written and isinstance(outcome.error, BeingWritten)
+    assert isinstance(outcome, Postponed) and isinstance(outcome.why, BeingWritten)
     assert outcome.retry_in == READ_AGAIN
     assert world.journal.get(result.rel.as_posix()) is None
     assert store.puts == []
@@ -399,7 +407,7 @@ def test_a_file_changed_while_it_was_sent_is_not_recorded(world: World, store: F
     outcome = world.attempt(result)
 
     assert isinstance(outcome, Failed)
-    assert outcome.error.kind is Kind.TRANSIENT and not outcome.being_written
+    assert outcome.error.kind is Kind.TRANSIENT
     assert_unrecorded(world, result)
     assert world.record(result).state == State.RETRYING
     store.while_sending = None
@@ -407,7 +415,7 @@ def test_a_file_changed_while_it_was_sent_is_not_recorded(world: World, store: F
     # Written after its marker: its writer may be at it, so the next look only waits.
     sent = len(store.puts)
     again = world.attempt(result)
-    assert isinstance(again, Failed) and again.being_written
+    assert isinstance(again, Postponed)
     assert len(store.puts) == sent
     assert world.record(result).attempts == 1
     assert_unrecorded(world, result)
