@@ -5,7 +5,12 @@ too (`etags`), for a store that verifies nothing. Its multipart uploads resume: 
 journaled (`Multiparts`) from its start to its end, and a later attempt asks the store which
 parts it holds (ListParts), keeps those whose size and MD5 match the local bytes and sends
 only the rest. It also sends the obstore adapter's multipart uploads (obstore hides their ids,
-so they could not resume), and aborts the unfinished ones nobody resumes."""
+so they could not resume), and aborts the unfinished ones nobody resumes.
+
+s3fs is used through its async surface: with `asynchronous=True` fsspec's coroutines are the
+`_`-prefixed twins of its methods (`_call_s3` of `call_s3`: one S3 call with s3fs's retries and
+its translation of botocore's errors), and `set_session()` hands out the aiobotocore client it
+made, which this adapter closes."""
 
 from __future__ import annotations
 
@@ -51,6 +56,7 @@ class S3fsStore:
         # parts (s3fs's own put waits for two parts; syncd sends its parts itself).
         self.single_put_below = storage.multipart_chunksize + 1
         self.fs: Any = None
+        self.session: Any = None  # the aiobotocore client s3fs made
         # S3 verifies Content-MD5; a custom endpoint's store may only keep it (moto). Named
         # without a client: obstore's adapter shares these findings about the store.
         self.etags = Etags(location(storage), checking=storage.endpoint_url is not None)
@@ -96,7 +102,7 @@ class S3fsStore:
                 config_kwargs=config,
             )
             self.fs.retries = 3  # s3fs's own retry loop, around botocore's
-            await self.fs.set_session()
+            self.session = await self.fs.set_session()
         return self.fs
 
     async def connect(self) -> None:
@@ -355,9 +361,9 @@ class S3fsStore:
                 pages.turn(tuple(marker.values()) if any(marker.values()) else None)
 
     async def close(self) -> None:
-        if self.fs is not None and self.fs._s3 is not None:
-            await self.fs._s3.close()
-        self.fs = None
+        if self.session is not None:
+            await self.session.close()
+        self.fs = self.session = None
 
 
 def failures(action: str) -> AbstractContextManager[None]:
