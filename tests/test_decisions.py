@@ -1,14 +1,15 @@
-"""The decisions of one attempt (`Attempts.attempt`), in process: the real settings, layout,
-journal, publisher and signer over an in-memory store (tests/fakestore.py) that can be told to
-fail as the real adapters fail. Each test asserts what a user would see: the outcome, the
-error's kind, the journal, the bytes the bucket holds, the metadata JSON. No server, no log
-text."""
+"""The decisions of one attempt (`Attempts.attempt`) and of the scheduler, in process: the real
+settings, layout, journal, publisher and signer over an in-memory store (tests/fakestore.py)
+that can be told to fail as the real adapters fail. Each test asserts what a user would see:
+the outcome, the error's kind, the journal, the queue, the bytes the bucket holds, the metadata
+JSON. No server, no log text."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -28,12 +29,14 @@ from syncd.attempt import (
     Recorded,
     Unfinished,
 )
+from syncd.chores import Chores
 from syncd.config import Settings, load_settings
 from syncd.errors import BeingWritten, Kind, Throttled
 from syncd.journal import Entry, Journal, State, clock
 from syncd.layout import Layout, Result
 from syncd.metadata import READ_AGAIN
 from syncd.publish import Publisher
+from syncd.schedule import Scheduler
 from syncd.signing import UrlSigner
 from tests.conftest import KEY_PAIR_ID
 from tests.fakestore import FakeStore, access_denied, slow_down, unreachable
@@ -534,3 +537,118 @@ def test_bytes_damaged_on_the_way_are_caught_by_the_etag_and_sent_again(
     store.flip.clear()
     assert isinstance(world.attempt(result), Recorded)
     assert_published(world, result, files)
+
+
+# The scheduler's decisions: when a result is queued for a worker, and when it is not.
+
+
+def scheduler(world: World) -> Scheduler:
+    return Scheduler(world.layout, world.journal, world.attempts, Chores(), asyncio.Event())
+
+
+def test_a_result_is_queued_once_however_often_it_is_offered(world: World) -> None:
+    result = world.result()
+    schedule = scheduler(world)
+
+    async def offers() -> None:
+        schedule.offer(result)
+        schedule.offer(result)
+        schedule.offer(result, fresh=True)
+        assert schedule.waiting() == 1
+        assert await schedule.next() == result
+        schedule.offer(result, fresh=True)  # being tried: not queued beside itself
+        assert schedule.waiting() == 0
+        schedule.ended(result)
+        schedule.offer(result)
+        assert schedule.waiting() == 1
+
+    world.run(offers())
+
+
+def test_a_recorded_result_is_not_queued_again(world: World) -> None:
+    result = world.result()
+    assert isinstance(world.attempt(result), Recorded)
+    schedule = scheduler(world)
+
+    schedule.offer(result)
+    schedule.offer(result, fresh=True)
+
+    assert schedule.waiting() == 0
+
+
+def test_a_failed_result_waits_for_its_next_try_unless_an_event_comes(
+    world: World, store: FakeStore
+) -> None:
+    result = world.result()
+    store.fail(unreachable, times=None)
+    assert isinstance(world.attempt(result), Failed)
+    schedule = scheduler(world)
+
+    schedule.offer(result)  # a rescan
+    assert schedule.waiting() == 0
+    schedule.offer(result, fresh=True)  # its marker dropped again
+    assert schedule.waiting() == 1
+
+
+def test_a_failed_result_is_queued_when_the_journal_says_it_is_due(
+    make_world: MakeWorld,
+) -> None:
+    store = FakeStore()
+    world = make_world(store, retry_min_delay=0.2, retry_max_delay=0.2)
+    result = world.result()
+    store.fail(unreachable, times=1)
+    assert isinstance(world.attempt(result), Failed)
+    due = world.record(result).next_try
+    assert due is not None and due > clock()
+    schedule = scheduler(world)
+
+    async def retried() -> float:
+        retries = asyncio.get_running_loop().create_task(schedule.retry_when_due())
+        try:
+            assert await asyncio.wait_for(schedule.next(), 10) == result
+            return clock()
+        finally:
+            retries.cancel()
+
+    assert world.run(retried()) >= due
+    assert isinstance(world.attempt(result), Recorded)
+
+
+def test_a_postponed_result_is_queued_by_its_timer_and_not_by_a_rescan(world: World) -> None:
+    result = world.result(metadata='{"status": "compl')  # written just now
+    outcome = world.attempt(result)
+    assert isinstance(outcome, Postponed)
+    schedule = scheduler(world)
+    rel = result.rel.as_posix()
+
+    async def postponed() -> None:
+        schedule.offer_later(result, 0.1)
+        assert schedule.next_try(rel) == math.inf
+        schedule.offer(result)  # a rescan meanwhile
+        assert not schedule.is_queued(rel) and schedule.in_hand(rel)
+        assert await asyncio.wait_for(schedule.next(), 10) == result
+        assert schedule.is_queued(rel) and schedule.next_try(rel) is None
+
+    world.run(postponed())
+
+
+def test_nothing_is_queued_once_the_daemon_stops(world: World) -> None:
+    result = world.result()
+    stopping = asyncio.Event()
+    schedule = Scheduler(world.layout, world.journal, world.attempts, Chores(), stopping)
+    stopping.set()
+
+    schedule.offer(result, fresh=True)
+
+    assert schedule.waiting() == 0 and schedule.oldest() is None
+
+
+def test_a_result_waits_since_its_marker_until_it_is_settled(world: World) -> None:
+    result = world.result()
+    schedule = scheduler(world)
+
+    schedule.offer(result)
+
+    assert schedule.oldest() == result.marker.stat().st_mtime
+    schedule.settled(result.rel.as_posix())
+    assert schedule.oldest() is None
