@@ -136,11 +136,13 @@ class Attempts:
                 return self.left_alone(result, elsewhere, stamp)
             if own is not None and self.tree_gone(result, document, own):
                 return self.stays(result, own, stamp)
-            if own is not None and own.remote_path == result.remote_path:
-                restored = await self.publisher.restore(result, own)
+            here = self.journal.kept(result.rel.as_posix(), result.remote_path)
+            if here is not None and own is not None:
+                # Its record here, written again; or, the prefix back, the one it had here.
+                restored = await self.publisher.restore(result, here, own.remote_path)
                 if restored is None:
                     return await self.overtaken(result, own)
-                return self.restored(result, restored, own)
+                return self.restored(result, restored, here, own)
             if self.record_dropped_lately(result, stamp):
                 # Its owner restores it within seconds, if it is still there to do it.
                 return Held("the daemon whose record its metadata held")
@@ -251,8 +253,7 @@ class Attempts:
 
     def own_record(self, result: Result) -> Kept | None:
         """The record this daemon made for the result, for whatever remote_path it had then."""
-        text = self.journal.kept(result.rel.as_posix())
-        return Kept.loads(text) if text is not None else None
+        return self.journal.kept(result.rel.as_posix())
 
     async def upload(self, result: Result, published_before: bool, claim: claims.Claim) -> Uploaded:
         rel = result.rel.as_posix()
@@ -260,9 +261,8 @@ class Attempts:
         acknowledged = previous.uploaded if previous is not None else None
         attempts = previous.attempts if previous is not None else 0
         self.journal.uploading(rel, attempts, acknowledged)
-        own = self.own_record(result)
-        if own is not None and own.remote_path == result.remote_path:
-            self.journal.set_kept(rel, None)  # the bucket is about to change under it
+        if self.journal.kept(rel, result.remote_path) is not None:
+            self.journal.drop_kept(rel, result.remote_path)  # the bucket is about to change
         # (A record under another prefix stays: nothing under it changes, and it is restored
         # if the prefix comes back.)
         # The bucket may hold parts or objects that are not in the tree any more after a
@@ -287,10 +287,10 @@ class Attempts:
             self.journal.done(rel)
         if self.journal.stamp(rel) != stamp:
             self.journal.set_stamp(rel, stamp)
-        if self.journal.kept(rel) is None:
+        if self.journal.kept(rel, result.remote_path) is None:
             kept = Kept.of(result, document)
             if kept is not None:
-                self.journal.set_kept(rel, kept.dumps())
+                self.journal.set_kept(rel, kept)
         self.reported.pop(rel, None)
         return Recorded(stamp)
 
@@ -358,13 +358,27 @@ class Attempts:
         self.journal.set_stamp(rel, stamp)
         return Elsewhere(remote_path)
 
-    def restored(self, result: Result, stamp: Stamp, kept: Kept) -> Outcome:
+    def restored(self, result: Result, stamp: Stamp, kept: Kept, own: Kept) -> Outcome:
+        """`kept` written into the metadata again: it had lost it, or it held `own`, the record
+        syncd made under another prefix, which is the latest no more."""
         rel = result.rel.as_posix()
         previous = self.journal.get(rel)
         files, size = (previous.files, previous.bytes) if previous else (None, None)
         self.journal.done(rel, files, size)
         self.journal.set_stamp(rel, stamp)
         self.reported.pop(rel, None)
+        if own.remote_path != kept.remote_path:
+            self.journal.set_kept(rel, kept)
+            logger.info(
+                "{}: its metadata recorded {}, where syncd published it under another prefix; "
+                "restored the record it made under this prefix ({} files in {}) without "
+                "uploading again",
+                result.name,
+                own.remote_path,
+                len(kept.output_files),
+                result.remote_path,
+            )
+            return Recorded(stamp, restored=True)
         logger.info(
             "{}: its metadata {} was written without syncd's record; restored the record "
             "({} files in {}) without uploading again",
@@ -379,7 +393,7 @@ class Attempts:
         rel = result.rel.as_posix()
         self.journal.done(rel, len(uploaded.files), uploaded.bytes)
         self.journal.set_stamp(rel, stamp)
-        self.journal.set_kept(rel, kept.dumps())
+        self.journal.set_kept(rel, kept)
         self.reported.pop(rel, None)
         if not uploaded.sent:
             logger.info(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import sqlite3
 import stat
@@ -36,7 +37,7 @@ from loguru import logger
 
 from syncd.config import ConfigError
 from syncd.errors import SyncdError, state_error
-from syncd.metadata import Stamp
+from syncd.metadata import Kept, Stamp
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
@@ -51,6 +52,7 @@ CREATE TABLE IF NOT EXISTS results (
     updated    REAL NOT NULL,
     uploaded   TEXT,
     recorded   TEXT,
+    earlier    TEXT,
     stamp      TEXT,
     sent       INTEGER,
     rate       REAL
@@ -69,10 +71,14 @@ CREATE TABLE IF NOT EXISTS multipart (
 ADDED_COLUMNS = {
     "uploaded": "TEXT",
     "recorded": "TEXT",
+    "earlier": "TEXT",
     "stamp": "TEXT",
     "sent": "INTEGER",
     "rate": "REAL",
 }
+# Records kept of a result under other prefixes than its latest one (a prefix changed and
+# changed back restores the record it had there): the newest few.
+EARLIER_RECORDS = 8
 # How long a write waits for another process's lock before it counts as a failure.
 LOCK_TIMEOUT = 10.0
 
@@ -383,15 +389,49 @@ class Journal:
             finally:
                 self.db.execute(f"PRAGMA busy_timeout = {int(LOCK_TIMEOUT * 1000)}")
 
-    def set_kept(self, rel: str, kept: str | None) -> None:
-        """Keep (or, with None, drop) the record syncd made: JSON {remote_path, output_files}."""
-        with self.errors():
-            self.db.execute("UPDATE results SET recorded = ? WHERE rel = ?", (kept, rel))
+    def set_kept(self, rel: str, kept: Kept) -> None:
+        """Keep the record syncd made (it is the latest); one it made under another prefix
+        before is kept too, so that it is restored if that prefix comes back."""
+        latest, earlier = self._records(rel)
+        others = [
+            k for k in [latest, *earlier] if k is not None and k.remote_path != kept.remote_path
+        ]
+        self._keep(rel, kept, others)
 
-    def kept(self, rel: str) -> str | None:
+    def drop_kept(self, rel: str, remote_path: str) -> None:
+        """Forget the record under `remote_path`: the bucket is about to change under it."""
+        latest, earlier = self._records(rel)
+        if latest is not None and latest.remote_path == remote_path:
+            latest = None
+        self._keep(rel, latest, [k for k in earlier if k.remote_path != remote_path])
+
+    def kept(self, rel: str, remote_path: str | None = None) -> Kept | None:
+        """The record syncd made last, or the one it made under `remote_path`."""
+        latest, earlier = self._records(rel)
+        if remote_path is None:
+            return latest
+        return next((k for k in [latest, *earlier] if k and k.remote_path == remote_path), None)
+
+    def _records(self, rel: str) -> tuple[Kept | None, list[Kept]]:
         with self.errors():
-            row = self.db.execute("SELECT recorded FROM results WHERE rel = ?", (rel,)).fetchone()
-        return row[0] if row else None
+            row = self.db.execute(
+                "SELECT recorded, earlier FROM results WHERE rel = ?", (rel,)
+            ).fetchone()
+        if row is None:
+            return None, []
+        latest = Kept.loads(row[0]) if row[0] else None
+        earlier = [Kept(k["remote_path"], k["output_files"]) for k in json.loads(row[1] or "[]")]
+        return latest, earlier
+
+    def _keep(self, rel: str, latest: Kept | None, earlier: list[Kept]) -> None:
+        text = json.dumps(
+            [json.loads(k.dumps()) for k in earlier[:EARLIER_RECORDS]], separators=(",", ":")
+        )
+        with self.errors():
+            self.db.execute(
+                "UPDATE results SET recorded = ?, earlier = ? WHERE rel = ?",
+                (latest.dumps() if latest is not None else None, text, rel),
+            )
 
     def set_stamp(self, rel: str, stamp: Stamp | None) -> None:
         """The stamp of a recorded result's metadata as syncd last wrote or saw it; None: the

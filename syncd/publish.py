@@ -286,10 +286,12 @@ class Publisher:
         await asyncio.to_thread(delete_aside, result, aside)
         return stamp
 
-    async def restore(self, result: Result, kept: metadata.Kept) -> metadata.Stamp | None:
+    async def restore(
+        self, result: Result, kept: metadata.Kept, replaces: str | None = None
+    ) -> metadata.Stamp | None:
         """Write a record made before into the metadata again, with a fresh signed URL; None
-        when the metadata records another place by now."""
-        return await asyncio.to_thread(self._record, result, kept, Replaceable())
+        when the metadata records another place by now (but `replaces`, this daemon's own)."""
+        return await asyncio.to_thread(self._record, result, kept, Replaceable(replaces))
 
     async def changes(self, result: Result, published: list[dict[str, Any]]) -> Changes:
         """How the tree differs from `published` (a record's output_files): every file of the

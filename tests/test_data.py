@@ -310,3 +310,43 @@ def test_a_prefix_change_keeps_the_records_of_trees_deleted_after_publishing(mot
     assert back.terminate() == 0
     assert ws.metadata("wf/exec_9_abcdef09")["remote_path"] == "outputs/wf/exec_9_abcdef09"
     assert "restored the record (1 files in outputs/wf/exec_9_abcdef09)" in back.log()
+
+
+def test_a_prefix_changed_and_changed_back_never_overwrites_what_was_published_there(
+    moto_workspace,
+):
+    """Published under p1, rewritten locally, published anew under p2: back at p1 the bucket
+    keeps p1's bytes (immutable) and the metadata gets p1's record back."""
+    ws = moto_workspace
+    ws.settings["object_storage"]["prefix"] = "p1"
+    ws.result("exec_4_abcdef04", {"t2m/0": b"first"})
+    ws.mark("exec_4_abcdef04")
+    first = ws.daemon()
+    wait_until(lambda: ws.recorded("exec_4_abcdef04"), what="recorded under p1/")
+    assert first.terminate() == 0
+    published = ws.metadata("exec_4_abcdef04")["output_files"]
+    chunk = ws.outputs / "exec_4_abcdef04" / "t2m" / "0"
+    chunk.write_bytes(b"other")
+    before = (ws.outputs / "exec_4_abcdef04.done").stat().st_mtime - 60
+    os.utime(chunk, (before, before))  # not a writer still at it: published at once
+
+    ws.settings["object_storage"]["prefix"] = "p2"
+    second = ws.daemon()
+    wait_until(
+        lambda: ws.metadata("exec_4_abcdef04")["remote_path"] == "p2/exec_4_abcdef04",
+        what="published anew under p2/",
+    )
+    assert second.terminate() == 0
+
+    ws.settings["object_storage"]["prefix"] = "p1"
+    back = ws.daemon()
+    wait_until(
+        lambda: ws.metadata("exec_4_abcdef04")["remote_path"] == "p1/exec_4_abcdef04",
+        what="p1's record restored",
+    )
+    back.wait_log("restored the record it made under this prefix (1 files in p1/exec_4_abcdef04)")
+    assert back.terminate() == 0
+    assert ws.objects("p1/") == {"p1/exec_4_abcdef04/t2m/0": b"first"}
+    assert ws.objects("p2/") == {"p2/exec_4_abcdef04/t2m/0": b"other"}
+    assert ws.metadata("exec_4_abcdef04")["output_files"] == published
+    assert "uploaded" not in back.log()
