@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 
@@ -24,9 +25,24 @@ def policy(resource: str, expires: int) -> bytes:
 def expiry(signed_url: str) -> int | None:
     """The DateLessThan of a custom-policy signed URL, or None if it has none."""
     try:
-        text = parse_qs(urlsplit(signed_url).query)["Policy"][0]
-        decoded = base64.b64decode(text.replace("-", "+").replace("_", "=").replace("~", "/"))
-        statement = json.loads(decoded)["Statement"][0]
-        return int(statement["Condition"]["DateLessThan"]["AWS:EpochTime"])
+        return int(statement(signed_url)["Condition"]["DateLessThan"]["AWS:EpochTime"])
     except (KeyError, IndexError, ValueError, TypeError, RecursionError):
         return None
+
+
+def resource(signed_url: str) -> str | None:
+    """The Resource a custom-policy signed URL covers, or None if it has none."""
+    try:
+        covered = statement(signed_url)["Resource"]
+    except (KeyError, IndexError, ValueError, TypeError, RecursionError):
+        return None
+    return covered if isinstance(covered, str) else None
+
+
+def statement(signed_url: str) -> dict[str, Any]:
+    """The policy statement of a custom-policy signed URL (KeyError, ValueError, TypeError or
+    IndexError when it has none)."""
+    text = parse_qs(urlsplit(signed_url).query)["Policy"][0]
+    decoded = base64.b64decode(text.replace("-", "+").replace("_", "=").replace("~", "/"))
+    found: dict[str, Any] = json.loads(decoded)["Statement"][0]
+    return found

@@ -21,7 +21,7 @@ from syncd.errors import SyncdError, classify
 from syncd.journal import Journal
 from syncd.layout import Layout, Result
 from syncd.metrics import Metrics
-from syncd.policy import expiry
+from syncd.policy import expiry, resource
 from syncd.signing import UrlSigner
 
 
@@ -64,10 +64,13 @@ class Resigner:
             # Gone, or written again without the record: the daemon restores that one.
             self.next_look.pop(rel, None)
             return None
-        expires = expiry(document.get("signed_url") or "")
-        if expires is not None and expires - now > self.margin:
-            self.next_look[rel] = expires - self.margin
-            return None
+        url = document.get("signed_url")
+        if isinstance(url, str) and resource(url) == self.signer.resource(result.remote_path):
+            expires = expiry(url)
+            if expires is not None and expires - now > self.margin:
+                self.next_look[rel] = expires - self.margin
+                return None
+        # Close to expiry, or not a URL syncd signed for this result (written over): signed anew.
         document["signed_url"] = self.signer.sign(result.remote_path, self.lifetime, now=now)
         written = metadata.write_atomic(result, document)
         self.next_look[rel] = now + self.lifetime - self.margin

@@ -3,11 +3,13 @@ removed locally but still served, and progress for a person running syncd sync."
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import subprocess
 import time
 
+import pytest
 import requests
 
 from syncd.policy import expiry
@@ -49,6 +51,36 @@ def test_the_running_daemon_renews_a_url_close_to_expiry(moto_workspace, signing
     meta = ws.metadata("exec_1_abcdef01")
     assert meta["storage_type"] == "s3"
     assert meta["output_files"] == [{"path": "exec_1_abcdef01/a.txt", "size": 1, "md5": md5(b"a")}]
+
+
+@pytest.mark.parametrize("written", [12345, "another result's URL"])
+def test_a_signed_url_written_over_is_signed_anew(moto_workspace, signing_key, written):
+    """syncd owns the record it made: a signed_url someone wrote over (not a string, or a URL
+    for another result) is signed anew for this result on the next look, quietly."""
+    ws = moto_workspace
+    ws.settings["syncd"]["rescan_interval"] = 1  # URLs are looked at once a rescan at most
+    with ws.cloudfront(signing_key[1]) as cloudfront:
+        for name in ("exec_1_abcdef01", "exec_2_abcdef02"):
+            ws.result(name, {"a.txt": name.encode()})
+            ws.mark(name)
+        daemon = ws.daemon()
+        wait_until(lambda: ws.recorded("exec_1_abcdef01") and ws.recorded("exec_2_abcdef02"))
+        meta = ws.metadata("exec_1_abcdef01")
+        other = ws.metadata("exec_2_abcdef02")["signed_url"]
+        meta["signed_url"] = other if isinstance(written, str) else written
+        ws.metadata_path("exec_1_abcdef01").write_text(json.dumps(meta))
+
+        def signed_anew() -> str | None:
+            url = ws.metadata("exec_1_abcdef01")["signed_url"]
+            return url if isinstance(url, str) and url != other else None
+
+        url = wait_until(signed_anew, timeout=30, what="the URL signed anew")
+        served = requests.get(file_url(url, "a.txt"), timeout=10)
+        assert daemon.terminate() == 0
+
+    assert served.status_code == 200 and served.content == b"exec_1_abcdef01"
+    assert cloudfront.refusals == []
+    assert "cannot renew" not in daemon.log() and "unexpected error" not in daemon.log()
 
 
 def test_sign_prints_a_fresh_url_for_a_folder_or_a_remote_path(moto_workspace, signing_key):
