@@ -98,6 +98,9 @@ class Attempts:
         self.journal = journal
         # The permanent error last logged per failing result: logged once, not every retry.
         self.reported: dict[str, str] = {}
+        # Failed attempts the journal could not keep (a full or locked state_dir), so that
+        # their backoff still grows.
+        self.unjournaled: dict[str, int] = {}
 
     async def attempt(self, result: Result, by_hand: bool = False, again: bool = False) -> Outcome:
         """Publish `result` if it is finished, unless its metadata records it already.
@@ -395,6 +398,7 @@ class Attempts:
         self.journal.set_stamp(rel, stamp)
         self.journal.set_kept(rel, kept)
         self.reported.pop(rel, None)
+        self.unjournaled.pop(rel, None)
         if not uploaded.sent:
             logger.info(
                 "{}: {} files, {} bytes uploaded to {} by an earlier attempt; recorded in {}",
@@ -430,7 +434,7 @@ class Attempts:
         journal failing too is only logged: the next rescan tries the result again)."""
         rel = result.rel.as_posix()
         previous = self.previous(rel)
-        attempts = (previous.attempts if previous else 0) + 1
+        attempts = max(previous.attempts if previous else 0, self.unjournaled.get(rel, 0)) + 1
         if isinstance(error, BeingWritten) and self.retries:
             # Its writer is at it: no backoff, no journal, nothing for the operator to see.
             logger.debug("{}: {} (attempt {})", result.name, error, attempts)
@@ -441,8 +445,11 @@ class Attempts:
         try:
             self.journal.retrying(rel, attempts, error, clock() + delay, uploaded)
         except SyncdError as exc:
-            logger.warning("{}: {}", result.name, exc)
+            if str(exc) != str(error):  # else said just now, as the attempt's own failure
+                logger.warning("{}: {}", result.name, exc)
+            self.unjournaled[rel] = attempts
             return Failed(error, attempts, delay, journaled=False)
+        self.unjournaled.pop(rel, None)
         return Failed(error, attempts, delay)
 
     def previous(self, rel: str) -> Entry | None:

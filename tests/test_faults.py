@@ -114,6 +114,27 @@ def test_transient_failures_retry_within_seconds_and_status_shows_done(moto_work
     assert records["exec_3_abcdef03"]["attempts"] == 0
 
 
+def test_a_full_state_dir_backs_off_like_any_failure_and_is_said_once_a_retry(
+    moto_workspace, tmpfs
+):
+    """The journal cannot keep a failure: its backoff still grows, one line per retry."""
+    ws = moto_workspace
+    state = tmpfs.mount(ws.root / "full-state", size="1m")
+    ws.settings["syncd"]["state_dir"] = str(state)
+    ws.result("exec_2_abcdef02", {"b": b"bb"})
+    daemon = ws.daemon()
+    daemon.wait_log("syncd watching")
+    filler = tmpfs.fill(state)
+    ws.mark("exec_2_abcdef02")
+
+    daemon.wait_log("(attempt 3; retrying in", timeout=30)
+    filler.unlink()
+    wait_until(lambda: ws.recorded("exec_2_abcdef02"), timeout=60, what="recorded once freed")
+    assert daemon.terminate() == 0
+    full = [line for line in daemon.log().splitlines() if "database or disk is full" in line]
+    assert full and len(full) == len([line for line in full if "(attempt " in line])
+
+
 def test_status_shows_pending_results_before_any_daemon_ran(moto_workspace):
     ws = moto_workspace
     ws.result("exec_4_abcdef04", {"a": b"a"})
