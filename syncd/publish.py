@@ -306,7 +306,7 @@ class Publisher:
                 before[rel] = (entry.get("size"), entry.get("md5"))
         rewritten: list[str] = []
         other: list[str] = []
-        for file in self._list_tree(result):
+        for file in self._list_tree(result, say=False):
             size, md5 = before.pop(file.rel, (None, None))
             if size is None:
                 other.append(file.rel)
@@ -323,12 +323,14 @@ class Publisher:
 
     async def listing(self, result: Result) -> str:
         """The fingerprint of the tree as it is now."""
-        files = await asyncio.to_thread(self._list_tree, result)
+        files = await asyncio.to_thread(self._list_tree, result, False)
         return fingerprint(result, files)
 
-    def _list_tree(self, result: Result) -> list[LocalFile]:
+    def _list_tree(self, result: Result, say: bool = True) -> list[LocalFile]:
+        """The tree's files; what is skipped is said when `say` (the upload's listing), not at
+        every later comparison with what was published."""
         with tree_errors(result):
-            return list(tree_files(result))
+            return list(tree_files(result, say))
 
     def _unchanged(self, result: Result, before: list[LocalFile]) -> bool:
         with tree_errors(result):

@@ -117,6 +117,22 @@ def test_marker_metadata_and_outside_symlinks_are_not_uploaded(moto_workspace, t
     assert done.stderr.count("skipping symlinked folder") == 1  # said once, not at each read
 
 
+def test_what_a_published_tree_skips_is_said_once_not_at_every_look_again(moto_workspace, tmp_path):
+    ws = moto_workspace
+    secret = tmp_path / "host-secret.txt"
+    secret.write_text("not part of any result")
+    tree = ws.result("exec_1_aaaaaaaa", {"data/a.bin": b"a"})
+    (tree / "data" / "leak.txt").symlink_to(secret)
+    ws.mark("exec_1_aaaaaaaa")
+    daemon = ws.daemon()
+    wait_until(lambda: ws.recorded("exec_1_aaaaaaaa"))
+
+    ws.mark("exec_1_aaaaaaaa")  # marked again: compared with what was published
+    daemon.wait_log("exec_1_aaaaaaaa: marked again; already published and unchanged")
+    assert daemon.terminate() == 0
+    assert daemon.log().count("skipping symlink data/leak.txt that leads outside the tree") == 1
+
+
 @pytest.mark.parametrize(
     ("prefix", "rel", "remote_path"),
     [
