@@ -199,6 +199,10 @@ class Daemon:
         if any(name.startswith("syncd.log_") for name in live):
             logs.configure(self.config)
         if signer is not None and self.settings.object_storage.signs_urls:
+            old = self.publisher.signer
+            named = any(n.startswith("object_storage.cloudfront_private_key") for n in live)
+            if old is not None and not old.same_key(signer) and not named:
+                live = [*live, "the CloudFront private key (replaced in its file)"]
             self.publisher.signer = signer
             if self.resigner is not None:
                 self.resigner.signer = signer

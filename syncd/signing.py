@@ -89,6 +89,11 @@ class UrlSigner:
             storage.cloudfront_domain or "", storage.cloudfront_key_pair_id, private_key(storage)
         )
 
+    def same_key(self, other: UrlSigner) -> bool:
+        return self.private_key.public_key().public_numbers() == (
+            other.private_key.public_key().public_numbers()
+        )
+
     def resource(self, remote_path: str) -> str:
         """The wildcard Resource covering every object under `remote_path`."""
         return f"{self.domain}/{quote(remote_path.strip('/'), safe='/')}/*"

@@ -189,3 +189,38 @@ def test_a_stray_signal_while_syncd_starts_does_not_end_it(moto_workspace):
 
     wait_until(lambda: ws.recorded("exec_5_abcdef05"), what="published all the same")
     assert daemon.terminate() == 0
+
+
+def test_a_key_replaced_in_its_file_is_named_by_the_reload_and_signs_from_then_on(
+    moto_workspace, signing_key
+):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from tests.cloudfront import file_url, verify
+    from tests.conftest import KEY_PAIR_ID
+
+    ws = moto_workspace
+    key_file = ws.root / "cloudfront.pem"
+    key_file.write_bytes(signing_key[0].read_bytes())
+    ws.settings["object_storage"]["cloudfront_private_key_path"] = str(key_file)
+    daemon = ws.daemon()
+    daemon.wait_log("syncd watching")
+
+    new = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key_file.write_bytes(
+        new.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    daemon.process.send_signal(signal.SIGHUP)
+    daemon.wait_log("settings reloaded: the CloudFront private key (replaced in its file)")
+    ws.result("exec_7_abcdef07", {"a": b"a"})
+    ws.mark("exec_7_abcdef07")
+    wait_until(lambda: ws.recorded("exec_7_abcdef07"))
+    assert daemon.terminate() == 0
+
+    url = ws.metadata("exec_7_abcdef07")["signed_url"]
+    assert verify(file_url(url, "a"), {KEY_PAIR_ID: new.public_key()})
