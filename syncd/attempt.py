@@ -145,7 +145,7 @@ class Attempts:
                 restored = await self.publisher.restore(result, here, own.remote_path)
                 if restored is None:
                     return await self.overtaken(result, own)
-                return self.restored(result, restored, here, own)
+                return self.restored(result, restored, here, own, gone=document is None)
             if self.record_dropped_lately(result, stamp):
                 # Its owner restores it within seconds, if it is still there to do it.
                 return Held("the daemon whose record its metadata held")
@@ -361,9 +361,11 @@ class Attempts:
         self.journal.set_stamp(rel, stamp)
         return Elsewhere(remote_path)
 
-    def restored(self, result: Result, stamp: Stamp, kept: Kept, own: Kept) -> Outcome:
-        """`kept` written into the metadata again: it had lost it, or it held `own`, the record
-        syncd made under another prefix, which is the latest no more."""
+    def restored(
+        self, result: Result, stamp: Stamp, kept: Kept, own: Kept, gone: bool = False
+    ) -> Outcome:
+        """`kept` written into the metadata again: it had lost it (`gone`: the file itself),
+        or it held `own`, the record syncd made under another prefix, the latest no more."""
         rel = result.rel.as_posix()
         previous = self.journal.get(rel)
         files, size = (previous.files, previous.bytes) if previous else (None, None)
@@ -383,10 +385,11 @@ class Attempts:
             )
             return Recorded(stamp, restored=True)
         logger.info(
-            "{}: its metadata {} was written without syncd's record; restored the record "
-            "({} files in {}) without uploading again",
+            "{}: its metadata {} was {}; restored the record ({} files in {}) without uploading "
+            "again",
             result.name,
             result.metadata,
+            "removed while its marker stays" if gone else "written without syncd's record",
             len(kept.output_files),
             result.remote_path,
         )

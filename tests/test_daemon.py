@@ -322,3 +322,25 @@ def test_a_state_another_version_wrote_is_looked_at_again(moto_workspace):
     assert daemon.terminate() == 0
     assert "ERROR" not in daemon.log()
     assert status_of(ws)["exec_1_abcdef01"]["state"] == "done"
+
+
+def test_a_metadata_file_removed_while_its_marker_stays_is_written_again_and_said_so(
+    moto_workspace,
+):
+    ws = moto_workspace
+    ws.settings["syncd"]["rescan_interval"] = 1
+    ws.result("exec_9_abcdef09", {"a": b"a"})
+    ws.mark("exec_9_abcdef09")
+    daemon = ws.daemon()
+    wait_until(lambda: ws.recorded("exec_9_abcdef09"))
+    published = ws.metadata("exec_9_abcdef09")
+
+    ws.metadata_path("exec_9_abcdef09").unlink()
+    daemon.wait_log("exec_9_abcdef09: its metadata")
+    wait_until(
+        lambda: ws.metadata_path("exec_9_abcdef09").exists() and ws.recorded("exec_9_abcdef09")
+    )
+    assert daemon.terminate() == 0
+    assert ws.metadata("exec_9_abcdef09")["output_files"] == published["output_files"]
+    assert "was removed while its marker stays; restored the record (1 files in" in daemon.log()
+    assert "written without syncd's record" not in daemon.log()
