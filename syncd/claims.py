@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from loguru import logger
+
 from syncd import folders
 from syncd.config import CLAIMS_FOLDER
 from syncd.errors import OperatorError, SyncdError, os_error
@@ -61,6 +63,9 @@ IDENTITY: dict[str, Any] = {
     "instance": uuid.uuid4().hex[:8],
 }
 OWNER = f"{IDENTITY['host']}:{IDENTITY['pid']}:{IDENTITY['instance']}"
+# Claims of this process it could not remove (their folder went read-only, say): its own, so
+# its next attempt takes them over at once instead of waiting claim_timeout for itself.
+LEFT_BEHIND: set[Path] = set()
 
 
 class Claim:
@@ -95,8 +100,18 @@ class Claim:
             # Only when empty: others may hold claims in it.
             with folders.opened(outputs, folder) as parent, contextlib.suppress(OSError):
                 os.rmdir(CLAIMS, dir_fd=parent)
-        except (OSError, SyncdError):
-            return  # it expires after claim_timeout; nothing here is worth failing for
+        except (OSError, SyncdError) as exc:
+            # Nothing here is worth failing for: other daemons wait claim_timeout for it.
+            left = folder_path(self.result) / self.name
+            if left not in LEFT_BEHIND:
+                LEFT_BEHIND.add(left)
+                logger.warning(
+                    "{}: cannot remove its claim {} ({}): other daemons leave the result alone "
+                    "until it is claim_timeout old",
+                    self.result.name,
+                    left,
+                    exc.strerror if isinstance(exc, OSError) else exc,
+                )
 
 
 CLAIMS = CLAIMS_FOLDER
@@ -166,6 +181,8 @@ def holder(result: Result, fd: int | None, newest: int, timeout: float) -> str |
         who = str(owner["owner"])
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return "another daemon"  # its owner is still writing it, or just released it
+    if folder_path(result) / name in LEFT_BEHIND and owner.get("instance") == IDENTITY["instance"]:
+        return None  # this process's own, left behind
     return None if died_here(owner) else who
 
 
@@ -182,7 +199,7 @@ def died_here(owner: dict[str, Any]) -> bool:
     restarted): no need to wait claim_timeout for it. Any doubt (another host, container or
     boot) waits."""
     if owner.get("instance") == IDENTITY["instance"]:
-        return False
+        return False  # ours and alive (one left behind is taken over: `holder`)
     if any(owner.get(key) != IDENTITY[key] for key in ("host", "boot", "pidns")):
         return False
     pid = owner.get("pid")
@@ -247,9 +264,10 @@ def _try_claim(result: Result, timeout: float) -> Claim | str:
                 # An empty claim would hold the result for claim_timeout.
                 Claim(result, generation, took_over=False).release()
                 raise
-            for stale in old:  # a dead daemon's claims
+            for stale in old:  # a dead daemon's claims, or ours left behind
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(claim_name(result, stale), dir_fd=fd)
+                LEFT_BEHIND.discard(folder_path(result) / claim_name(result, stale))
             return Claim(result, generation, took_over=bool(old))
 
 

@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -712,3 +713,28 @@ def test_a_bucket_that_lists_all_but_one_file_gets_that_file_again_not_the_tree(
         "outputs/exec_11_abcdef11/t2m/3.0, 1024 bytes locally, absent from the bucket); the "
         "local tree is kept and they are sent again" in daemon.log()
     )
+
+
+def test_a_claim_its_folder_kept_from_removal_holds_back_no_retry_of_its_own_daemon(
+    moto_workspace, tmpfs
+):
+    """The workflow folder goes read-only mid-upload: the record and the claim's removal fail;
+    once it is writable again the daemon's next try proceeds at once, not claim_timeout
+    later, and the claim it could not remove is said."""
+    ws = moto_workspace
+    ws.settings["syncd"]["retry_permanent_delay"] = 1
+    ws.settings["syncd"]["claim_timeout"] = 300
+    folder = tmpfs.mount(ws.outputs / "wf", size="16m")
+    ws.result("wf/exec_1_abcdef01", {"big.bin": os.urandom(4 * MiB)})
+    ws.mark("wf/exec_1_abcdef01")
+    with Proxy(ws.server.port, rate=1_000_000) as slow:
+        ws.settings["object_storage"]["endpoint_url"] = slow.endpoint
+        daemon = ws.daemon()
+        wait_until(lambda: slow.sent > MiB, what="the upload on its way")
+        tmpfs.read_only(folder)
+        daemon.wait_log("cannot remove its claim", timeout=60)
+        subprocess.run(["mount", "-o", "remount,rw", str(folder)], check=True)
+        wait_until(lambda: ws.recorded("wf/exec_1_abcdef01"), timeout=60, what="recorded")
+    assert daemon.terminate() == 0
+    claims = folder / ".syncd-claims"
+    assert not claims.exists() or not any(claims.iterdir())
