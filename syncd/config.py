@@ -820,7 +820,7 @@ class Origin:
         message = str(error["msg"]).removeprefix("Value error, ")
         if len(loc) < 2:
             section = loc[0] if loc else "config"
-            return f"invalid {section} settings ({self.where()}): {message}"
+            return f"invalid {section} settings ({self.where(section)}): {message}"
         section, key = loc[0], loc[1]
         if error["type"] == "extra_forbidden":
             known = ", ".join(SECTIONS[section].model_fields)
@@ -834,8 +834,15 @@ class Origin:
             f"invalid setting {section}.{key} ({self.source(section, key)}) = {value!r}: {message}"
         )
 
-    def where(self) -> str:
-        return f"config file {self.path}" if self.path else "configuration"
+    def where(self, section: str | None = None) -> str:
+        """Where the settings (of `section`: flags and environment too) came from."""
+        places = [f"config file {self.path}"] if self.path else []
+        if section in SECTIONS:
+            for key in SECTIONS[section].model_fields:
+                source = self.source(section, key)
+                if source.startswith(("--", "from $")):
+                    places.append(source.removeprefix("from "))
+        return ", ".join(places) or "configuration"
 
     def source(self, section: str, key: str) -> str:
         if key in self.flags.get(section, {}):

@@ -290,6 +290,14 @@ BAD = [
         "{{exec}}, e.g. {{exec_path}}.json",
     ),
     (
+        {},
+        {"SYNCD_METADATA_FILE": "{exec}.json"},
+        "invalid syncd settings (config file {path}, $SYNCD_METADATA_FILE): metadata_file "
+        "'{{exec}}.json' does not say the workflow, so results of two workflows with the same "
+        "exec folder (wfa/exec_1 and wfb/exec_1) would share one metadata file: use "
+        "{{exec_path}}, or {{workflow}} and {{exec}}, e.g. {{exec_path}}.json",
+    ),
+    (
         {"syncd": {"metadata_file": "{exec_path}.done"}},
         {},
         "invalid syncd settings (config file {path}): metadata_file '{{exec_path}}.done' and "
