@@ -137,15 +137,16 @@ class Attempts:
             elsewhere = foreign(document, result, own)
             if elsewhere is not None:
                 return self.left_alone(result, elsewhere, stamp)
-            if own is not None and self.tree_gone(result, document, own):
-                return self.stays(result, own, stamp)
             here = self.journal.kept(result.rel.as_posix(), result.remote_path)
             if here is not None and own is not None:
-                # Its record here, written again; or, the prefix back, the one it had here.
+                # Its record here, written again; or, the prefix back, the one it had here
+                # (whether its tree is still there or not: its objects are).
                 restored = await self.publisher.restore(result, here, own.remote_path)
                 if restored is None:
                     return await self.overtaken(result, own)
                 return self.restored(result, restored, here, own, gone=document is None)
+            if own is not None and self.tree_gone(result, document, own):
+                return self.stays(result, own, stamp)
             if self.record_dropped_lately(result, stamp):
                 # Its owner restores it within seconds, if it is still there to do it.
                 return Held("the daemon whose record its metadata held")

@@ -350,3 +350,39 @@ def test_a_prefix_changed_and_changed_back_never_overwrites_what_was_published_t
     assert ws.objects("p2/") == {"p2/exec_4_abcdef04/t2m/0": b"other"}
     assert ws.metadata("exec_4_abcdef04")["output_files"] == published
     assert "uploaded" not in back.log()
+
+
+def test_a_prefix_that_comes_back_after_the_tree_was_deleted_gets_its_record_back(
+    moto_workspace,
+):
+    ws = moto_workspace
+    ws.settings["object_storage"]["prefix"] = "p1"
+    ws.result("exec_5_abcdef05", {"a": b"a"})
+    ws.mark("exec_5_abcdef05")
+    first = ws.daemon()
+    wait_until(lambda: ws.recorded("exec_5_abcdef05"), what="recorded under p1/")
+    assert first.terminate() == 0
+
+    ws.settings["object_storage"]["prefix"] = "p2"
+    ws.settings["syncd"]["delete_local_after_upload"] = True
+    second = ws.daemon()
+    wait_until(
+        lambda: (
+            ws.metadata("exec_5_abcdef05")["remote_path"] == "p2/exec_5_abcdef05"
+            and not (ws.outputs / "exec_5_abcdef05").exists()
+        ),
+        what="published anew under p2/ and the tree deleted",
+    )
+    assert second.terminate() == 0
+
+    ws.settings["object_storage"]["prefix"] = "p1"
+    back = ws.daemon()
+    wait_until(
+        lambda: ws.metadata("exec_5_abcdef05")["remote_path"] == "p1/exec_5_abcdef05",
+        what="p1's record restored",
+    )
+    assert back.terminate() == 0
+    assert "restored the record it made under this prefix (1 files in p1/exec_5_abcdef05)" in (
+        back.log()
+    )
+    assert ws.objects("p1/") == {"p1/exec_5_abcdef05/a": b"a"}
