@@ -189,3 +189,6 @@ class Finder:
             name = result.signal_name
             self.attempts.forget(result, f"its {name} was removed", short=f"{name} removed")
             self.scheduler.settled(rel)
+        elif path == result.metadata and self.scheduler.next_try(rel) is not None:
+            # Metadata that failed it (malformed, say) removed: tried now, as its error says.
+            self.scheduler.offer(result, fresh=True)

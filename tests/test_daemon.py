@@ -344,3 +344,19 @@ def test_a_metadata_file_removed_while_its_marker_stays_is_written_again_and_sai
     assert ws.metadata("exec_9_abcdef09")["output_files"] == published["output_files"]
     assert "was removed while its marker stays; restored the record (1 files in" in daemon.log()
     assert "written without syncd's record" not in daemon.log()
+
+
+def test_malformed_metadata_removed_gets_the_result_uploaded_at_once(moto_workspace):
+    """Its error says: fix or remove it and the result is uploaded on the next scan."""
+    ws = moto_workspace
+    ws.settings["syncd"]["rescan_interval"] = 1
+    ws.result("exec_8_abcdef08", {"a": b"a"}, metadata=None)
+    ws.metadata_path("exec_8_abcdef08").write_text("{not json")
+    ws.mark("exec_8_abcdef08")
+    daemon = ws.daemon()
+    daemon.wait_log("is not valid JSON")
+
+    ws.metadata_path("exec_8_abcdef08").unlink()
+    wait_until(lambda: ws.objects(), timeout=20, what="uploaded after the removal")
+    assert daemon.terminate() == 0
+    assert ws.objects() == {"outputs/exec_8_abcdef08/a": b"a"}
