@@ -128,9 +128,8 @@ class Finder:
         here = {result.rel.as_posix() for result in signalled}
         nothing: list[str] = []
         for rel in ask(self.journal.waiting, nothing):
-            if rel not in here and not self.scheduler.in_hand(
-                rel
-            ):  # its signal went while no event could say so (syncd was down)
+            # Its signal went while no event could say so (syncd was down).
+            if rel not in here and not self.scheduler.in_hand(rel):
                 self.scheduler.abandon(self.layout.result(PurePosixPath(rel)))
 
     def file_changed(self, path: Path) -> None:
