@@ -420,13 +420,11 @@ class Journal:
         if row is None:
             return None, []
         latest = Kept.loads(row[0]) if row[0] else None
-        earlier = [Kept(k["remote_path"], k["output_files"]) for k in json.loads(row[1] or "[]")]
+        earlier = [Kept.from_dict(k) for k in json.loads(row[1] or "[]")]
         return latest, earlier
 
     def _keep(self, rel: str, latest: Kept | None, earlier: list[Kept]) -> None:
-        text = json.dumps(
-            [json.loads(k.dumps()) for k in earlier[:EARLIER_RECORDS]], separators=(",", ":")
-        )
+        text = json.dumps([k.as_dict() for k in earlier[:EARLIER_RECORDS]], separators=(",", ":"))
         with self.errors():
             self.db.execute(
                 "UPDATE results SET recorded = ?, earlier = ? WHERE rel = ?",

@@ -169,17 +169,19 @@ class Kept:
     remote_path: str
     output_files: list[dict[str, Any]]
 
+    def as_dict(self) -> dict[str, Any]:
+        return {"remote_path": self.remote_path, "output_files": self.output_files}
+
     def dumps(self) -> str:
-        return json.dumps(
-            {"remote_path": self.remote_path, "output_files": self.output_files},
-            separators=(",", ":"),
-            ensure_ascii=False,
-        )
+        return json.dumps(self.as_dict(), separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Kept:
+        return cls(data["remote_path"], data["output_files"])
 
     @classmethod
     def loads(cls, text: str) -> Kept:
-        data = json.loads(text)
-        return cls(data["remote_path"], data["output_files"])
+        return cls.from_dict(json.loads(text))
 
     @classmethod
     def of(cls, result: Result, document: Metadata | None) -> Kept | None:
