@@ -268,6 +268,13 @@ def test_every_dashboard_query_answers_on_a_real_prometheus(stack: Stack):
         timeout=60,
         what="prometheus to scrape the publish",
     )
+    # The counter moves when the attempt ends, the gauges at the next report (once a second):
+    # a scrape may fall between them.
+    wait_until(
+        lambda: prometheus.query(f'syncd_results{{instance="{instance}",state="done"}} == 1'),
+        timeout=60,
+        what="prometheus to scrape the result as done",
+    )
 
     # What each panel shows a minute after one publish of 1024 bytes.
     def by_state(samples: list[dict[str, Any]]) -> bool:
