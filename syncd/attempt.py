@@ -110,44 +110,44 @@ class Attempts:
         try:
             return await self._attempt(result, by_hand, again)
         except asyncio.CancelledError:  # a stop: the next start (or sync) finishes it
-            self.cut_off(result)
+            await self.cut_off(result)
             raise
         except Exception as exc:  # never CancelledError: a stop must stop the attempt
             error = classify(exc)
             if error is not exc:
                 logger.opt(exception=exc).debug("{}: where this error came from", result.name)
-            return self.failed(result, error)
+            return await self.failed(result, error)
 
     async def _attempt(self, result: Result, by_hand: bool, again: bool) -> Outcome:
         # Cheap checks first, so results recorded long ago cost no claim; a metadata file that
         # cannot be recorded into stops the attempt before anything is uploaded.
         marked = by_hand or result.by_metadata or await asyncio.to_thread(result.marker.is_file)
         if not marked:
-            return self.unfinished(result, "its marker was removed")
+            return await self.unfinished(result, "its marker was removed")
         document, stamp = await self.publisher.read_metadata(result)
         recorded = metadata.is_recorded(document, result)
-        own = self.own_record(result)
+        own = await self.own_record(result)
         if by_hand and recorded and not await self.changed_since(result, document, again):
-            return self.already(result, document, stamp)
+            return await self.already(result, document, stamp)
         if not by_hand:
             if result.by_metadata and not metadata.completed(document):
-                return self.unfinished(result, not_completed(document))
+                return await self.unfinished(result, not_completed(document))
             if recorded:
-                return self.already(result, document, stamp)
+                return await self.already(result, document, stamp)
             elsewhere = foreign(document, result, own)
             if elsewhere is not None:
-                return self.left_alone(result, elsewhere, stamp)
-            here = self.journal.kept(result.rel.as_posix(), result.remote_path)
+                return await self.left_alone(result, elsewhere, stamp)
+            here = await self.journal.kept(result.rel.as_posix(), result.remote_path)
             if here is not None and own is not None:
                 # Its record here, written again; or, the prefix back, the one it had here
                 # (whether its tree is still there or not: its objects are).
                 restored = await self.publisher.restore(result, here, own.remote_path)
                 if restored is None:
                     return await self.overtaken(result, own)
-                return self.restored(result, restored, here, own, gone=document is None)
+                return await self.restored(result, restored, here, own, gone=document is None)
             if own is not None and self.tree_gone(result, document, own):
-                return self.stays(result, own, stamp)
-            if self.record_dropped_lately(result, stamp):
+                return await self.stays(result, own, stamp)
+            if await self.record_dropped_lately(result, stamp):
                 # Its owner restores it within seconds, if it is still there to do it.
                 return Held("the daemon whose record its metadata held")
         claim = await asyncio.to_thread(claims.try_claim, result, self.config.claim_timeout)
@@ -160,10 +160,10 @@ class Attempts:
             document, stamp = await self.publisher.read_metadata(result)
             if not by_hand:
                 if metadata.is_recorded(document, result):
-                    return self.already(result, document, stamp)
+                    return await self.already(result, document, stamp)
                 elsewhere = foreign(document, result, own)
                 if elsewhere is not None:
-                    return self.left_alone(result, elsewhere, stamp)
+                    return await self.left_alone(result, elsewhere, stamp)
             uploaded = await self.upload(result, published_before=recorded, claim=claim)
             if not await asyncio.to_thread(claim.still_ours):
                 raise TransientError("another daemon took over this result; leaving it")
@@ -176,7 +176,7 @@ class Attempts:
             await asyncio.to_thread(claim.release)
         if written is None:
             return await self.overtaken(result, own)
-        return self.done(result, uploaded, kept, written)
+        return await self.done(result, uploaded, kept, written)
 
     async def changed_since(self, result: Result, document: Metadata | None, again: bool) -> bool:
         """Whether a result recorded here is to be published again by hand: when its tree
@@ -246,27 +246,27 @@ class Attempts:
         else:
             logger.info("{}: {}; already published and unchanged", result.name, what)
 
-    def cut_off(self, result: Result) -> None:
+    async def cut_off(self, result: Result) -> None:
         """An attempt stopped in the middle: the journal says pending, not uploading, so that
         syncd status does not show an upload nobody is making."""
         rel = result.rel.as_posix()
         with contextlib.suppress(SyncdError):
-            previous = self.journal.get(rel)
+            previous = await self.journal.get(rel)
             if previous is not None and previous.state == State.UPLOADING:
-                self.journal.pending(previous)
+                await self.journal.pending(previous)
 
-    def own_record(self, result: Result) -> Kept | None:
+    async def own_record(self, result: Result) -> Kept | None:
         """The record this daemon made for the result, for whatever remote_path it had then."""
-        return self.journal.kept(result.rel.as_posix())
+        return await self.journal.kept(result.rel.as_posix())
 
     async def upload(self, result: Result, published_before: bool, claim: claims.Claim) -> Uploaded:
         rel = result.rel.as_posix()
-        previous = self.journal.get(rel)
+        previous = await self.journal.get(rel)
         acknowledged = previous.uploaded if previous is not None else None
         attempts = previous.attempts if previous is not None else 0
-        self.journal.uploading(rel, attempts, acknowledged)
-        if self.journal.kept(rel, result.remote_path) is not None:
-            self.journal.drop_kept(rel, result.remote_path)  # the bucket is about to change
+        await self.journal.uploading(rel, attempts, acknowledged)
+        if await self.journal.kept(rel, result.remote_path) is not None:
+            await self.journal.drop_kept(rel, result.remote_path)  # the bucket is to change
         # (A record under another prefix stays: nothing under it changes, and it is restored
         # if the prefix comes back.)
         # The bucket may hold parts or objects that are not in the tree any more after a
@@ -279,29 +279,31 @@ class Attempts:
         )
         uploaded = await self.publisher.upload(result, interrupted, acknowledged)
         if uploaded.sent:
-            self.journal.remember_upload(rel, uploaded.acknowledgement())
+            await self.journal.remember_upload(rel, uploaded.acknowledgement())
         return uploaded
 
-    def already(self, result: Result, document: Metadata | None, stamp: Stamp | None) -> Outcome:
+    async def already(
+        self, result: Result, document: Metadata | None, stamp: Stamp | None
+    ) -> Outcome:
         """Recorded before (by this daemon before a restart, or by another): the journal keeps
         the record, so that it can be restored if the metadata loses it."""
         rel = result.rel.as_posix()
-        previous = self.journal.get(rel)
+        previous = await self.journal.get(rel)
         if previous is None or previous.state != State.DONE:
-            self.journal.done(rel)
-        if self.journal.stamp(rel) != stamp:
-            self.journal.set_stamp(rel, stamp)
-        if self.journal.kept(rel, result.remote_path) is None:
+            await self.journal.done(rel)
+        if await self.journal.stamp(rel) != stamp:
+            await self.journal.set_stamp(rel, stamp)
+        if await self.journal.kept(rel, result.remote_path) is None:
             kept = Kept.of(result, document)
             if kept is not None:
-                self.journal.set_kept(rel, kept)
+                await self.journal.set_kept(rel, kept)
         self.reported.pop(rel, None)
         return Recorded(stamp)
 
-    def record_dropped_lately(self, result: Result, stamp: Stamp | None) -> bool:
+    async def record_dropped_lately(self, result: Result, stamp: Stamp | None) -> bool:
         """Whether the metadata held another place's record until someone wrote it again
         less than claim_timeout ago (the server writing its own view, say)."""
-        previous = self.previous(result.rel.as_posix())
+        previous = await self.previous(result.rel.as_posix())
         if previous is None or previous.state != State.ELSEWHERE or stamp is None:
             return False
         return time.time() - stamp[2] / 1e9 < self.config.claim_timeout
@@ -312,7 +314,7 @@ class Attempts:
         elsewhere = foreign(document, result, own)
         if elsewhere is None:  # gone again meanwhile: the change is looked at anew
             raise TransientError("its metadata changed while it was recorded; trying again")
-        return self.left_alone(result, elsewhere, stamp)
+        return await self.left_alone(result, elsewhere, stamp)
 
     def tree_gone(self, result: Result, document: Metadata | None, own: Kept) -> bool:
         """Whether the metadata holds this daemon's record under an earlier prefix for a tree
@@ -323,7 +325,7 @@ class Attempts:
             and not os.path.lexists(result.tree)
         )
 
-    def stays(self, result: Result, own: Kept, stamp: Stamp | None) -> Outcome:
+    async def stays(self, result: Result, own: Kept, stamp: Stamp | None) -> Outcome:
         """Recorded under an earlier prefix, its local tree deleted since: its objects are
         there and its record points at them; said once."""
         message = (
@@ -331,9 +333,9 @@ class Attempts:
             "prefix; its local tree was deleted (delete_local_after_upload), so it stays there, "
             f"not at {result.remote_path}"
         )
-        return self.elsewhere(result, own.remote_path, message, stamp, "INFO")
+        return await self.elsewhere(result, own.remote_path, message, stamp, "INFO")
 
-    def left_alone(self, result: Result, elsewhere: str, stamp: Stamp | None) -> Outcome:
+    async def left_alone(self, result: Result, elsewhere: str, stamp: Stamp | None) -> Outcome:
         """Its metadata records another place: another syncd's prefix (two daemons on one
         outputs dir), the server's own upload, or another result sharing the file. Never
         overwritten, so two daemons never take turns at one file; said once."""
@@ -343,14 +345,14 @@ class Attempts:
             f"file); left as it is: `syncd sync {result.tree}` publishes it to "
             f"{result.remote_path}"
         )
-        return self.elsewhere(result, elsewhere, message, stamp, "WARNING")
+        return await self.elsewhere(result, elsewhere, message, stamp, "WARNING")
 
-    def elsewhere(
+    async def elsewhere(
         self, result: Result, remote_path: str, message: str, stamp: Stamp | None, level: str
     ) -> Outcome:
         """Journal and say (once) that the result is recorded at another place."""
         rel = result.rel.as_posix()
-        previous = self.journal.get(rel)
+        previous = await self.journal.get(rel)
         said = previous is not None and (previous.state, previous.last_error) == (
             State.ELSEWHERE,
             message,
@@ -358,23 +360,23 @@ class Attempts:
         if not said and self.reported.get(rel) != message:
             logger.log(level, "{}: {}", result.name, message)
         self.reported[rel] = message
-        self.journal.elsewhere(rel, message)
-        self.journal.set_stamp(rel, stamp)
+        await self.journal.elsewhere(rel, message)
+        await self.journal.set_stamp(rel, stamp)
         return Elsewhere(remote_path)
 
-    def restored(
+    async def restored(
         self, result: Result, stamp: Stamp, kept: Kept, own: Kept, gone: bool = False
     ) -> Outcome:
         """`kept` written into the metadata again: it had lost it (`gone`: the file itself),
         or it held `own`, the record syncd made under another prefix, the latest no more."""
         rel = result.rel.as_posix()
-        previous = self.journal.get(rel)
+        previous = await self.journal.get(rel)
         files, size = (previous.files, previous.bytes) if previous else (None, None)
-        self.journal.done(rel, files, size)
-        self.journal.set_stamp(rel, stamp)
+        await self.journal.done(rel, files, size)
+        await self.journal.set_stamp(rel, stamp)
         self.reported.pop(rel, None)
         if own.remote_path != kept.remote_path:
-            self.journal.set_kept(rel, kept)
+            await self.journal.set_kept(rel, kept)
             logger.info(
                 "{}: its metadata recorded {}, where syncd published it under another prefix; "
                 "restored the record it made under this prefix ({} files in {}) without "
@@ -396,11 +398,11 @@ class Attempts:
         )
         return Recorded(stamp, restored=True)
 
-    def done(self, result: Result, uploaded: Uploaded, kept: Kept, stamp: Stamp) -> Outcome:
+    async def done(self, result: Result, uploaded: Uploaded, kept: Kept, stamp: Stamp) -> Outcome:
         rel = result.rel.as_posix()
-        self.journal.done(rel, len(uploaded.files), uploaded.bytes)
-        self.journal.set_stamp(rel, stamp)
-        self.journal.set_kept(rel, kept)
+        await self.journal.done(rel, len(uploaded.files), uploaded.bytes)
+        await self.journal.set_stamp(rel, stamp)
+        await self.journal.set_kept(rel, kept)
         self.reported.pop(rel, None)
         self.unjournaled.pop(rel, None)
         if not uploaded.sent:
@@ -433,11 +435,11 @@ class Attempts:
             except Exception as exc:  # a full disk, say: still_ours() decides before recording
                 logger.warning("{}: cannot refresh its claim: {}", claim.result.name, classify(exc))
 
-    def failed(self, result: Result, error: SyncdError) -> Failed | Postponed:
+    async def failed(self, result: Result, error: SyncdError) -> Failed | Postponed:
         """The outcome of a failed attempt, with its backoff, journalled and logged (the
         journal failing too is only logged: the next rescan tries the result again)."""
         rel = result.rel.as_posix()
-        previous = self.previous(rel)
+        previous = await self.previous(rel)
         attempts = max(previous.attempts if previous else 0, self.unjournaled.get(rel, 0)) + 1
         if isinstance(error, BeingWritten) and self.retries:
             # Its writer is at it: no backoff, no journal, nothing for the operator to see.
@@ -447,7 +449,7 @@ class Attempts:
         self.say(result, error, attempts, delay)
         uploaded = previous.uploaded if previous else None
         try:
-            self.journal.retrying(rel, attempts, error, clock() + delay, uploaded)
+            await self.journal.retrying(rel, attempts, error, clock() + delay, uploaded)
         except SyncdError as exc:
             if str(exc) != str(error):  # else said just now, as the attempt's own failure
                 logger.warning("{}: {}", result.name, exc)
@@ -456,11 +458,11 @@ class Attempts:
         self.unjournaled.pop(rel, None)
         return Failed(error, attempts, delay)
 
-    def previous(self, rel: str) -> Entry | None:
+    async def previous(self, rel: str) -> Entry | None:
         """The journal's record of `rel`, or None when there is none or the journal cannot
         say (a failure is still reported and retried without it)."""
         try:
-            return self.journal.get(rel)
+            return await self.journal.get(rel)
         except SyncdError:
             return None
 
@@ -486,12 +488,12 @@ class Attempts:
             logger.error("{} (retrying every {:.0f} s)", message, delay)
             self.reported[rel] = message
 
-    def unfinished(self, result: Result, why: str) -> Unfinished:
+    async def unfinished(self, result: Result, why: str) -> Unfinished:
         """Not finished: forgotten if it was tried before (its marker was removed since), else
         left quietly until its signal comes (status running)."""
-        previous = self.previous(result.rel.as_posix())
+        previous = await self.previous(result.rel.as_posix())
         if previous is not None and previous.state in (State.RETRYING, State.PENDING):
-            self.forget(result, why)
+            await self.forget(result, why)
         else:
             logger.debug("{}: not finished: {}", result.name, why)
         return Unfinished(why)
@@ -501,7 +503,7 @@ class Attempts:
         attempt of it left unfinished are aborted, under a claim so that nobody who publishes
         it by hand right now loses them."""
         name = result.signal_name
-        self.forget(result, f"its {name} was removed", short=f"{name} removed")
+        await self.forget(result, f"its {name} was removed", short=f"{name} removed")
         try:
             claim = await asyncio.to_thread(claims.try_claim, result, self.config.claim_timeout)
         except SyncdError:
@@ -513,14 +515,14 @@ class Attempts:
         finally:
             await asyncio.to_thread(claim.release)
 
-    def forget(self, result: Result, why: str, short: str | None = None) -> None:
+    async def forget(self, result: Result, why: str, short: str | None = None) -> None:
         """Its signal is gone: nothing more is done for it until one comes again. `short`: the
         reason as `syncd status` shows it."""
         rel = result.rel.as_posix()
         self.reported.pop(rel, None)
         logger.info("{}: {}; forgotten", result.name, why)
         try:
-            self.journal.forgotten(rel, short or why)
+            await self.journal.forgotten(rel, short or why)
         except SyncdError as exc:
             logger.warning("{}: {}", result.name, exc)
 

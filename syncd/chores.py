@@ -1,5 +1,6 @@
 """The daemon's chores: short tasks run beside the workers (a rescan after lost events, a look
-at a result marked again, a look back at an upload, the abort of an abandoned result's upload).
+at a result marked again, a look back at an upload, the abort of an abandoned result's upload,
+an offer when a timer fires).
 Each logs its own failures; all are cancelled when the daemon stops, before the uploads end.
 """
 

@@ -42,7 +42,7 @@ from syncd.signals import (
     hung_up_while_starting,
 )
 from syncd.signing import UrlSigner
-from syncd.watch import ResultWatcher
+from syncd.watch import ResultWatcher, WatchEvent
 from syncd.workers import Workers
 
 
@@ -112,19 +112,18 @@ class Daemon:
         faulthandler.enable()  # SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT
         for sig in FATAL_SIGNALS:
             faulthandler.register(sig, chain=True)
-        self.journal.start()
+        await self.journal.start()
         deleting = self.config.delete_local_after_upload
         await asyncio.to_thread(recover_leftovers, self.layout, deleting)
         self.workers.progress_at = loop.time()
-        # One callback per event, not a queue read by a task: the loop runs them in the order
-        # the watcher saw them, logs one that fails and goes on, and still runs those the
-        # watcher told before it stopped while the daemon stops.
+        events: asyncio.Queue[WatchEvent | None] = asyncio.Queue()
         watcher = ResultWatcher(
             self.layout,
             self.config,
-            tell=lambda event: loop.call_soon_threadsafe(self.finder.hear, event),
+            tell=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
         )
         watcher.start()
+        listening = asyncio.create_task(self.finder.listen(events))
         workers = [
             asyncio.create_task(self.workers.work()) for _ in range(self.config.parallel_results)
         ]
@@ -139,7 +138,7 @@ class Daemon:
                 self.resigner, self.config, self.layout, self.journal, self.metrics
             )
             helpers.append(asyncio.create_task(renewing))
-        self.health.tasks = workers + helpers
+        self.health.tasks = [*workers, *helpers, listening]
         logger.info(
             "syncd watching {} ({}) for {}; uploading to {}; {} results in parallel{}",
             self.layout.outputs_dir,
@@ -163,6 +162,10 @@ class Daemon:
         finally:
             self.notifier.stopping()
             watcher.stop()
+            # Heard after what the watcher told before it stopped (those calls are queued on the
+            # loop already), while nothing more is queued for the workers.
+            loop.call_soon(events.put_nowait, None)
+            await asyncio.wait([listening])
             # Everything but the uploads ends first, so that nothing is done after the line
             # that says syncd stopped.
             chores = [*helpers, *self.chores.tasks]

@@ -4,7 +4,7 @@ means for a result (offered, tried at once, forgotten, looked at again).
 A result is finished when its marker exists, or (completion by metadata) when its metadata
 says so. A fresh event for a waiting result (its marker dropped again, its metadata rewritten,
 its folder appearing after the signal) tries it at once; a removed signal forgets it. The
-watcher's events come as one stream, handled on the event loop in the order the watcher saw
+watcher's events come as one stream, heard one after the other in the order the watcher saw
 them; a loss of events (or a new workflow folder) starts a rescan.
 
 A recorded result is watched through the stamp of its metadata, which the journal keeps (in
@@ -58,13 +58,27 @@ class Finder:
         self.stopping = stopping
         self.rechecking: set[str] = set()  # recorded results being looked at again
 
-    def hear(self, event: WatchEvent) -> None:
-        """One of the watcher's events, on the event loop, in the order the watcher saw them."""
+    async def listen(self, events: asyncio.Queue[WatchEvent | None]) -> None:
+        """Hear the watcher's events one after the other, in the order it saw them, until None
+        (told after the watcher stopped, so those it told before are heard too). One that
+        fails is logged, and the next is heard."""
+        while (event := await events.get()) is not None:
+            try:
+                await self.hear(event)
+            except Exception as exc:
+                logger.opt(exception=exc).debug("where this error came from")
+                logger.error(
+                    "cannot act on the watcher's {}: {}; the next rescan looks again",
+                    event,
+                    classify(exc),
+                )
+
+    async def hear(self, event: WatchEvent) -> None:
         match event:
             case FileChanged(path):
-                self.file_changed(path)
+                await self.file_changed(path)
             case FileGone(path):
-                self.file_gone(path)
+                await self.file_gone(path)
             case FolderAppeared():
                 self.start_scan()
             case EventsLost(why):
@@ -97,7 +111,7 @@ class Finder:
         """Look at every recorded result's metadata, then offer every signalled result that
         is not recorded."""
         try:
-            watched = self.journal.stamps()
+            watched = await self.journal.stamps()
         except SyncdError as exc:
             logger.warning("cannot read the recorded results: {}", exc)
             watched = []
@@ -113,7 +127,7 @@ class Finder:
 
         try:
             for rel, known, now in await asyncio.to_thread(changed):
-                self.metadata_changed(self.layout.result(PurePosixPath(rel)), known, now)
+                await self.metadata_changed(self.layout.result(PurePosixPath(rel)), known, now)
         except Exception as exc:
             logger.warning("cannot look at recorded results' metadata: {}", classify(exc))
         try:
@@ -124,15 +138,15 @@ class Finder:
         recorded = {rel for rel, _ in watched}  # those changed since were offered above
         for result in signalled:
             if result.rel.as_posix() not in recorded:
-                self.scheduler.offer(result)
+                await self.scheduler.offer(result)
         here = {result.rel.as_posix() for result in signalled}
         nothing: list[str] = []
-        for rel in ask(self.journal.waiting, nothing):
+        for rel in await ask(self.journal.waiting(), nothing):
             # Its signal went while no event could say so (syncd was down).
             if rel not in here and not self.scheduler.in_hand(rel):
                 self.scheduler.abandon(self.layout.result(PurePosixPath(rel)))
 
-    def file_changed(self, path: Path) -> None:
+    async def file_changed(self, path: Path) -> None:
         """A file or folder appeared or was written: its result is tried now, even if it
         waits; a recorded result whose metadata changed is looked at again."""
         result = self.layout.for_path(path)
@@ -140,29 +154,31 @@ class Finder:
             return
         rel = result.rel.as_posix()
         try:
-            known = self.scheduler.stamp(rel)
+            known = await self.scheduler.stamp(rel)
             if known is not None:
                 if path == result.metadata:
-                    self.metadata_changed(result, known, metadata.stamp(result))
+                    await self.metadata_changed(result, known, metadata.stamp(result))
                 elif path == result.marker and not result.by_metadata:
                     self.recheck(result)
             elif (
                 path == result.signal
-                or self.scheduler.next_try(rel) is not None
+                or await self.scheduler.next_try(rel) is not None
                 or result.signal.exists()
             ):
-                self.scheduler.offer(result, fresh=True)
+                await self.scheduler.offer(result, fresh=True)
         except OSError as exc:  # the next rescan looks again
             logger.debug("{}: cannot look at {}: {}", result.name, path, exc)
 
-    def metadata_changed(self, result: Result, known: Stamp | None, now: Stamp | None) -> None:
+    async def metadata_changed(
+        self, result: Result, known: Stamp | None, now: Stamp | None
+    ) -> None:
         """A recorded result's metadata as it is now: gone (nothing left to care for), or
         written by someone else (try it again: its record is restored if it was lost)."""
         rel = result.rel.as_posix()
-        if now == known or self.scheduler.stamp(rel) != known:
+        if now == known or await self.scheduler.stamp(rel) != known:
             return  # unchanged, no longer recorded, or rewritten by syncd since `known`
         try:
-            self.journal.set_stamp(rel, None)
+            await self.journal.set_stamp(rel, None)
         except SyncdError as exc:
             logger.warning("{}: {}", result.name, exc)
         if self.resigner is not None:
@@ -170,24 +186,25 @@ class Finder:
         if now is None:
             logger.debug("{}: its metadata was removed; nothing more to do", result.name)
         else:
-            self.scheduler.offer(result, fresh=True)
+            await self.scheduler.offer(result, fresh=True)
 
-    def file_gone(self, path: Path) -> None:
+    async def file_gone(self, path: Path) -> None:
         result = self.layout.for_path(path)
         if result is None:
             return
         rel = result.rel.as_posix()
-        known = self.scheduler.stamp(rel) if path == result.metadata else None
+        known = await self.scheduler.stamp(rel) if path == result.metadata else None
         if known is not None:
-            self.metadata_changed(result, known, None)
+            await self.metadata_changed(result, known, None)
         elif (
             path == result.signal
             and not self.scheduler.is_queued(rel)
-            and self.scheduler.next_try(rel) is not None
+            and await self.scheduler.next_try(rel) is not None
+            and not self.scheduler.is_queued(rel)  # queued while the journal answered
         ):
             name = result.signal_name
-            self.attempts.forget(result, f"its {name} was removed", short=f"{name} removed")
+            await self.attempts.forget(result, f"its {name} was removed", short=f"{name} removed")
             self.scheduler.settled(rel)
-        elif path == result.metadata and self.scheduler.next_try(rel) is not None:
+        elif path == result.metadata and await self.scheduler.next_try(rel) is not None:
             # Metadata that failed it (malformed, say) removed: tried now, as its error says.
-            self.scheduler.offer(result, fresh=True)
+            await self.scheduler.offer(result, fresh=True)

@@ -18,6 +18,7 @@ SyncdError (a lock held too long is transient).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -26,12 +27,13 @@ import sqlite3
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from loguru import logger
 
@@ -79,6 +81,7 @@ ADDED_COLUMNS = {
 # Records kept of a result under other prefixes than its latest one (a prefix changed and
 # changed back restores the record it had there): the newest few.
 EARLIER_RECORDS = 8
+T = TypeVar("T")
 # How long a write waits for another process's lock before it counts as a failure.
 LOCK_TIMEOUT = 10.0
 
@@ -178,17 +181,22 @@ def no_folder(state_dir: Path) -> ConfigError:
 
 
 class Journal:
-    """One SQLite file; every change is its own small transaction."""
+    """One SQLite file; every change is its own small transaction. Every call runs on the
+    journal's own thread, in the order it was asked, so that a write waiting for another
+    process's lock (or for the disk) never holds up the event loop."""
 
     def __init__(self, state_dir: Path, readonly: bool = False) -> None:
         self.path = state_dir / "state.db"
         self.select = COLUMNS
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
         if (error := not_a_folder(state_dir)) is not None:
             raise error
         try:
             refuse_links(self.path)
             if readonly:
-                self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=2)
+                self.db = sqlite3.connect(
+                    f"file:{self.path}?mode=ro", uri=True, timeout=2, check_same_thread=False
+                )
                 self.select = self._columns_of_any_version()
                 return
             state_dir.mkdir(parents=True, exist_ok=True)
@@ -216,8 +224,11 @@ class Journal:
 
     def _open(self) -> sqlite3.Connection:
         give_to_folder_owner(self.path)
-        # `syncd sync` and `syncd status` may open it while the daemon runs.
-        db = sqlite3.connect(self.path, isolation_level=None, timeout=LOCK_TIMEOUT)
+        # `syncd sync` and `syncd status` may open it while the daemon runs. The connection is
+        # made here and used by the journal's thread alone.
+        db = sqlite3.connect(
+            self.path, isolation_level=None, timeout=LOCK_TIMEOUT, check_same_thread=False
+        )
         try:
             if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise Corrupt("database disk image is malformed")
@@ -255,80 +266,108 @@ class Journal:
         except sqlite3.Error as exc:
             raise state_error(exc, self.path) from None
 
+    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work` done on the journal's thread after everything asked before it. Once asked,
+        it is done even if the task that asked is cancelled meanwhile (a stop), so that no
+        change is half made and none overtakes another."""
+
+        def guarded() -> T:
+            with self.errors():
+                return work(self.db)
+
+        job = asyncio.get_running_loop().run_in_executor(self.thread, guarded)
+        return await asyncio.shield(job)
+
+    async def _write(self, query: str, *args: object) -> None:
+        await self._run(lambda db: db.execute(query, args))
+
+    async def _one(self, query: str, *args: object) -> tuple[Any, ...] | None:
+        row: tuple[Any, ...] | None = await self._run(lambda db: db.execute(query, args).fetchone())
+        return row
+
+    async def _rows(self, query: str, *args: object) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = await self._run(lambda db: db.execute(query, args).fetchall())
+        return rows
+
     def close(self) -> None:
+        """After everything asked of it is done."""
+        self.thread.shutdown(wait=True)
         self.db.close()
 
-    def start(self) -> None:
+    async def start(self) -> None:
         """At a daemon's start: results a killed daemon was uploading are pending again, every
         result waiting to be retried is due now (a start, after a fix, tries them all), and no
         recorded result is watched until an attempt has looked at it under the settings of
         this run (its remote_path may have changed). Next tries of an earlier version, in Unix
         time, lie far ahead of the journal's clock: due now as well."""
         now = clock()
-        with self.errors():
-            self.db.execute(
+
+        def start(db: sqlite3.Connection) -> None:
+            db.execute(
                 "UPDATE results SET state = ? WHERE state = ?",
                 (State.PENDING.value, State.UPLOADING.value),
             )
-            self.db.execute(
+            db.execute(
                 "UPDATE results SET next_try = ? WHERE state = ? AND next_try > ?",
                 (now, State.RETRYING.value, now),
             )
-            self.db.execute("UPDATE results SET stamp = NULL WHERE stamp IS NOT NULL")
+            db.execute("UPDATE results SET stamp = NULL WHERE stamp IS NOT NULL")
 
-    def due(self, after: float, until: float) -> list[str]:
+        await self._run(start)
+
+    async def due(self, after: float, until: float) -> list[str]:
         """Results whose next try falls in (`after`, `until`]."""
-        with self.errors():
-            rows = self.db.execute(
-                "SELECT rel FROM results WHERE state = ? AND next_try > ? AND next_try <= ? "
-                "ORDER BY next_try",
-                (State.RETRYING.value, after, until),
-            ).fetchall()
+        rows = await self._rows(
+            "SELECT rel FROM results WHERE state = ? AND next_try > ? AND next_try <= ? "
+            "ORDER BY next_try",
+            State.RETRYING.value,
+            after,
+            until,
+        )
         return [row[0] for row in rows]
 
-    def retries_after(self, after: float) -> tuple[int, float | None]:
+    async def retries_after(self, after: float) -> tuple[int, float | None]:
         """How many results wait for a try after `after`, and when the first of them is due."""
-        with self.errors():
-            count, first = self.db.execute(
-                "SELECT COUNT(*), MIN(next_try) FROM results WHERE state = ? AND next_try > ?",
-                (State.RETRYING.value, after),
-            ).fetchone()
-        return count, first
+        row = await self._one(
+            "SELECT COUNT(*), MIN(next_try) FROM results WHERE state = ? AND next_try > ?",
+            State.RETRYING.value,
+            after,
+        )
+        assert row is not None
+        return row[0], row[1]
 
-    def get(self, rel: str) -> Entry | None:
-        with self.errors():
-            row = self.db.execute(
-                f"SELECT {self.select} FROM results WHERE rel = ?", (rel,)
-            ).fetchone()
+    async def get(self, rel: str) -> Entry | None:
+        row = await self._one(f"SELECT {self.select} FROM results WHERE rel = ?", rel)
         return _entry(row) if row else None
 
-    def all(self) -> list[Entry]:
-        with self.errors():
+    async def all(self) -> list[Entry]:
+        def read(db: sqlite3.Connection) -> list[tuple[Any, ...]]:
             try:
-                rows = self.db.execute(f"SELECT {self.select} FROM results ORDER BY rel").fetchall()
+                return db.execute(f"SELECT {self.select} FROM results ORDER BY rel").fetchall()
             except sqlite3.OperationalError as exc:
                 if "no such table" not in str(exc):
                     raise
                 return []  # a read-only look at a state file not yet made
-        return [_entry(row) for row in rows]
+
+        return [_entry(row) for row in await self._run(read)]
 
     # A result's state changes only by these transitions, named by the state they lead to. Each
     # replaces the result's entry; its kept record and its stamp stay as they are.
 
-    def uploading(self, rel: str, attempts: int, uploaded: str | None) -> None:
+    async def uploading(self, rel: str, attempts: int, uploaded: str | None) -> None:
         """An attempt begins its upload (`uploaded`: what an earlier one acknowledged)."""
-        self._set(Entry(rel, State.UPLOADING, attempts=attempts, uploaded=uploaded))
+        await self._set(Entry(rel, State.UPLOADING, attempts=attempts, uploaded=uploaded))
 
-    def pending(self, entry: Entry) -> None:
+    async def pending(self, entry: Entry) -> None:
         """An attempt stopped in the middle of its upload: pending, not uploading, so that
         syncd status does not show an upload nobody is making."""
-        self._set(dataclasses.replace(entry, state=State.PENDING))
+        await self._set(dataclasses.replace(entry, state=State.PENDING))
 
-    def retrying(
+    async def retrying(
         self, rel: str, attempts: int, error: SyncdError, next_try: float, uploaded: str | None
     ) -> None:
         """An attempt failed: tried again at `next_try` (on the journal's clock)."""
-        self._set(
+        await self._set(
             Entry(
                 rel,
                 State.RETRYING,
@@ -340,46 +379,44 @@ class Journal:
             )
         )
 
-    def done(self, rel: str, files: int | None = None, size: int | None = None) -> None:
+    async def done(self, rel: str, files: int | None = None, size: int | None = None) -> None:
         """Its metadata records it (`files`, `size`: of the tree uploaded, if known)."""
-        self._set(Entry(rel, State.DONE, files=files, bytes=size))
+        await self._set(Entry(rel, State.DONE, files=files, bytes=size))
 
-    def elsewhere(self, rel: str, why: str) -> None:
+    async def elsewhere(self, rel: str, why: str) -> None:
         """Its metadata records another place: left alone."""
-        self._set(Entry(rel, State.ELSEWHERE, last_error=why))
+        await self._set(Entry(rel, State.ELSEWHERE, last_error=why))
 
-    def forgotten(self, rel: str, why: str) -> None:
+    async def forgotten(self, rel: str, why: str) -> None:
         """Its signal went while it waited: nothing more is done for it until one comes."""
-        self._set(Entry(rel, State.FORGOTTEN, last_error=why))
+        await self._set(Entry(rel, State.FORGOTTEN, last_error=why))
 
-    def _set(self, entry: Entry) -> None:
-        with self.errors():
-            self.db.execute(
-                f"INSERT INTO results ({COLUMNS}) VALUES ({SLOTS}) ON CONFLICT(rel) DO UPDATE "
-                f"SET {UPDATES}",
-                (
-                    entry.rel,
-                    entry.state.value,
-                    entry.attempts,
-                    entry.last_error,
-                    int(entry.permanent),
-                    entry.next_try,
-                    entry.files,
-                    entry.bytes,
-                    time.time(),
-                    entry.uploaded,
-                    entry.sent,
-                    entry.rate,
-                ),
-            )
+    async def _set(self, entry: Entry) -> None:
+        await self._write(
+            f"INSERT INTO results ({COLUMNS}) VALUES ({SLOTS}) ON CONFLICT(rel) DO UPDATE "
+            f"SET {UPDATES}",
+            entry.rel,
+            entry.state.value,
+            entry.attempts,
+            entry.last_error,
+            int(entry.permanent),
+            entry.next_try,
+            entry.files,
+            entry.bytes,
+            time.time(),
+            entry.uploaded,
+            entry.sent,
+            entry.rate,
+        )
 
-    def progress(self, rel: str, sent: int, total: int, rate: float) -> None:
+    async def progress(self, rel: str, sent: int, total: int, rate: float) -> None:
         """How far the upload of `rel` has come, while it is uploading. Never waits for
         another process's lock: a second later it is worth nothing, and the next one follows."""
-        with self.errors():
-            self.db.execute("PRAGMA busy_timeout = 0")
+
+        def note(db: sqlite3.Connection) -> None:
+            db.execute("PRAGMA busy_timeout = 0")
             try:
-                self.db.execute(
+                db.execute(
                     "UPDATE results SET sent = ?, bytes = ?, rate = ? WHERE rel = ? AND state = ?",
                     (sent, total, rate, rel, State.UPLOADING.value),
                 )
@@ -387,94 +424,99 @@ class Journal:
                 if "locked" not in str(exc) and "busy" not in str(exc):
                     raise
             finally:
-                self.db.execute(f"PRAGMA busy_timeout = {int(LOCK_TIMEOUT * 1000)}")
+                db.execute(f"PRAGMA busy_timeout = {int(LOCK_TIMEOUT * 1000)}")
 
-    def set_kept(self, rel: str, kept: Kept) -> None:
+        await self._run(note)
+
+    async def set_kept(self, rel: str, kept: Kept) -> None:
         """Keep the record syncd made (it is the latest); one it made under another prefix
         before is kept too, so that it is restored if that prefix comes back."""
-        latest, earlier = self._records(rel)
-        others = [
-            k for k in [latest, *earlier] if k is not None and k.remote_path != kept.remote_path
-        ]
-        self._keep(rel, kept, others)
 
-    def drop_kept(self, rel: str, remote_path: str) -> None:
+        def keep(db: sqlite3.Connection) -> None:
+            latest, earlier = _records(db, rel)
+            others = [
+                k for k in [latest, *earlier] if k is not None and k.remote_path != kept.remote_path
+            ]
+            _keep(db, rel, kept, others)
+
+        await self._run(keep)
+
+    async def drop_kept(self, rel: str, remote_path: str) -> None:
         """Forget the record under `remote_path`: the bucket is about to change under it."""
-        latest, earlier = self._records(rel)
-        if latest is not None and latest.remote_path == remote_path:
-            latest = None
-        self._keep(rel, latest, [k for k in earlier if k.remote_path != remote_path])
 
-    def kept(self, rel: str, remote_path: str | None = None) -> Kept | None:
+        def drop(db: sqlite3.Connection) -> None:
+            latest, earlier = _records(db, rel)
+            if latest is not None and latest.remote_path == remote_path:
+                latest = None
+            _keep(db, rel, latest, [k for k in earlier if k.remote_path != remote_path])
+
+        await self._run(drop)
+
+    async def kept(self, rel: str, remote_path: str | None = None) -> Kept | None:
         """The record syncd made last, or the one it made under `remote_path`."""
-        latest, earlier = self._records(rel)
+        latest, earlier = await self._run(lambda db: _records(db, rel))
         if remote_path is None:
             return latest
         return next((k for k in [latest, *earlier] if k and k.remote_path == remote_path), None)
 
-    def _records(self, rel: str) -> tuple[Kept | None, list[Kept]]:
-        with self.errors():
-            row = self.db.execute(
-                "SELECT recorded, earlier FROM results WHERE rel = ?", (rel,)
-            ).fetchone()
-        if row is None:
-            return None, []
-        latest = Kept.loads(row[0]) if row[0] else None
-        earlier = [Kept.from_dict(k) for k in json.loads(row[1] or "[]")]
-        return latest, earlier
-
-    def _keep(self, rel: str, latest: Kept | None, earlier: list[Kept]) -> None:
-        text = json.dumps([k.as_dict() for k in earlier[:EARLIER_RECORDS]], separators=(",", ":"))
-        with self.errors():
-            self.db.execute(
-                "UPDATE results SET recorded = ?, earlier = ? WHERE rel = ?",
-                (latest.dumps() if latest is not None else None, text, rel),
-            )
-
-    def set_stamp(self, rel: str, stamp: Stamp | None) -> None:
+    async def set_stamp(self, rel: str, stamp: Stamp | None) -> None:
         """The stamp of a recorded result's metadata as syncd last wrote or saw it; None: the
         metadata is gone, and the result needs no more looks."""
         text = ":".join(map(str, stamp)) if stamp is not None else None
-        with self.errors():
-            self.db.execute("UPDATE results SET stamp = ? WHERE rel = ?", (text, rel))
+        await self._write("UPDATE results SET stamp = ? WHERE rel = ?", text, rel)
 
-    def stamp(self, rel: str) -> Stamp | None:
+    async def stamp(self, rel: str) -> Stamp | None:
         """The stamp of a recorded result's metadata, or None if it is not a watched one."""
-        with self.errors():
-            row = self.db.execute(
-                "SELECT stamp FROM results WHERE rel = ? AND state IN (?, ?)", (rel, *WATCHED)
-            ).fetchone()
+        row = await self._one(
+            "SELECT stamp FROM results WHERE rel = ? AND state IN (?, ?)", rel, *WATCHED
+        )
         return _stamp(row[0]) if row else None
 
-    def stamps(self) -> list[tuple[str, Stamp]]:
+    async def stamps(self) -> list[tuple[str, Stamp]]:
         """Every recorded result whose metadata is watched, with its stamp."""
-        with self.errors():
-            rows = self.db.execute(
-                "SELECT rel, stamp FROM results WHERE state IN (?, ?) AND stamp IS NOT NULL",
-                WATCHED,
-            ).fetchall()
+        rows = await self._rows(
+            "SELECT rel, stamp FROM results WHERE state IN (?, ?) AND stamp IS NOT NULL",
+            *WATCHED,
+        )
         return [(rel, stamp) for rel, text in rows if (stamp := _stamp(text)) is not None]
 
-    def waiting(self) -> list[str]:
+    async def waiting(self) -> list[str]:
         """Results not yet recorded that the journal has seen marked: pending or retrying."""
-        with self.errors():
-            rows = self.db.execute(
-                "SELECT rel FROM results WHERE state IN (?, ?)",
-                (State.PENDING.value, State.RETRYING.value),
-            ).fetchall()
+        rows = await self._rows(
+            "SELECT rel FROM results WHERE state IN (?, ?)",
+            State.PENDING.value,
+            State.RETRYING.value,
+        )
         return [row[0] for row in rows]
 
-    def count_stamped(self) -> int:
-        with self.errors():
-            row = self.db.execute(
-                "SELECT COUNT(*) FROM results WHERE state = ? AND stamp IS NOT NULL",
-                (State.DONE.value,),
-            ).fetchone()
+    async def count_stamped(self) -> int:
+        row = await self._one(
+            "SELECT COUNT(*) FROM results WHERE state = ? AND stamp IS NOT NULL",
+            State.DONE.value,
+        )
+        assert row is not None
         return int(row[0])
 
-    def remember_upload(self, rel: str, acknowledgement: str) -> None:
-        with self.errors():
-            self.db.execute("UPDATE results SET uploaded = ? WHERE rel = ?", (acknowledgement, rel))
+    async def remember_upload(self, rel: str, acknowledgement: str) -> None:
+        await self._write("UPDATE results SET uploaded = ? WHERE rel = ?", acknowledgement, rel)
+
+
+def _records(db: sqlite3.Connection, rel: str) -> tuple[Kept | None, list[Kept]]:
+    """The record syncd made last for `rel`, and those it made under other prefixes before."""
+    row = db.execute("SELECT recorded, earlier FROM results WHERE rel = ?", (rel,)).fetchone()
+    if row is None:
+        return None, []
+    latest = Kept.loads(row[0]) if row[0] else None
+    earlier = [Kept.from_dict(k) for k in json.loads(row[1] or "[]")]
+    return latest, earlier
+
+
+def _keep(db: sqlite3.Connection, rel: str, latest: Kept | None, earlier: list[Kept]) -> None:
+    text = json.dumps([k.as_dict() for k in earlier[:EARLIER_RECORDS]], separators=(",", ":"))
+    db.execute(
+        "UPDATE results SET recorded = ?, earlier = ? WHERE rel = ?",
+        (latest.dumps() if latest is not None else None, text, rel),
+    )
 
 
 def refuse_links(path: Path) -> None:
@@ -516,32 +558,31 @@ class Multiparts:
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
 
-    def _ask(self, query: str, *args: object) -> list[tuple[Any, ...]]:
+    async def _ask(self, query: str, *args: object) -> list[tuple[Any, ...]]:
         try:
-            with self.journal.errors():
-                return self.journal.db.execute(query, args).fetchall()
+            return await self.journal._rows(query, *args)
         except SyncdError as exc:
             logger.debug("multipart journal: {}", exc)
             return []
 
-    def begun(self, key: str, upload_id: str, part_size: int) -> None:
-        self._ask(
+    async def begun(self, key: str, upload_id: str, part_size: int) -> None:
+        await self._ask(
             "INSERT OR REPLACE INTO multipart (key, upload_id, part_size) VALUES (?, ?, ?)",
             key,
             upload_id,
             part_size,
         )
 
-    def find(self, key: str) -> tuple[str, int] | None:
-        rows = self._ask("SELECT upload_id, part_size FROM multipart WHERE key = ?", key)
+    async def find(self, key: str) -> tuple[str, int] | None:
+        rows = await self._ask("SELECT upload_id, part_size FROM multipart WHERE key = ?", key)
         return (rows[0][0], rows[0][1]) if rows else None
 
-    def ended(self, key: str) -> None:
-        self._ask("DELETE FROM multipart WHERE key = ?", key)
+    async def ended(self, key: str) -> None:
+        await self._ask("DELETE FROM multipart WHERE key = ?", key)
 
-    def under(self, prefix: str) -> dict[str, str]:
+    async def under(self, prefix: str) -> dict[str, str]:
         """Upload ids by key, for keys that start with `prefix`."""
-        rows = self._ask(
+        rows = await self._ask(
             "SELECT key, upload_id FROM multipart WHERE substr(key, 1, ?) = ?", len(prefix), prefix
         )
         return {key: upload_id for key, upload_id in rows}

@@ -45,8 +45,8 @@ class Reporter:
         while True:
             for rel, upload in list(self.publisher.uploads.items()):  # for syncd status
                 with contextlib.suppress(SyncdError):  # said where an attempt journals
-                    self.journal.progress(rel, upload.done_bytes, upload.total, upload.rate())
-            standing = self.standing()
+                    await self.journal.progress(rel, upload.done_bytes, upload.total, upload.rate())
+            standing = await self.standing()
             try:
                 await asyncio.to_thread(self.metrics.update, standing)
             except Exception as exc:  # metrics are never worth stopping the daemon for
@@ -57,14 +57,14 @@ class Reporter:
                 self.status = line
             await asyncio.sleep(interval)
 
-    def standing(self) -> Standing:
+    async def standing(self) -> Standing:
         scheduler = self.scheduler
         return Standing(
             uploading=len(self.workers.busy),
             uploads=tuple(self.publisher.uploads.values()),
             waiting=scheduler.waiting(),
-            failing=scheduler.failing(),
-            done=ask(self.journal.count_stamped, 0),
+            failing=await scheduler.failing(),
+            done=await ask(self.journal.count_stamped(), 0),
             oldest_since=scheduler.oldest(),
             last_published=self.workers.last_published,
         )

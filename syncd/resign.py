@@ -109,5 +109,5 @@ async def renew_every(
             if stamp is not None:
                 metrics.renewed.inc()
                 with contextlib.suppress(SyncdError):  # a rescan sees it as changed then
-                    if journal.stamp(rel) is not None:
-                        journal.set_stamp(rel, stamp)
+                    if await journal.stamp(rel) is not None:
+                        await journal.set_stamp(rel, stamp)

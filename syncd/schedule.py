@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable
 from pathlib import PurePosixPath
 from typing import TypeVar
 
@@ -31,11 +31,11 @@ from syncd.metadata import Stamp
 T = TypeVar("T")
 
 
-def ask(question: Callable[[], T], otherwise: T) -> T:
+async def ask(question: Awaitable[T], otherwise: T) -> T:
     """The journal's answer, or `otherwise` when it cannot say: a locked or broken
     database is reported where a failure is journalled, not at every look."""
     try:
-        return question()
+        return await question
     except SyncdError:
         return otherwise
 
@@ -70,44 +70,46 @@ class Scheduler:
             self.retries_changed.clear()
             now = clock()
             try:
-                due = self.journal.due(self.retried_until, now)
+                due = await self.journal.due(self.retried_until, now)
             except SyncdError as exc:  # the rescan finds the results meanwhile
                 logger.warning("cannot read the retries due: {}", exc)
                 due = []
             self.retried_until = now
             for rel in due:
-                self.offer(self.layout.result(PurePosixPath(rel)))
-            first = self.retries_after(now)[1]
+                await self.offer(self.layout.result(PurePosixPath(rel)))
+            first = (await self.retries_after(now))[1]
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(None if first is None else first - now):
                     await self.retries_changed.wait()
 
-    def retries_after(self, now: float) -> tuple[int, float | None]:
+    async def retries_after(self, now: float) -> tuple[int, float | None]:
         nothing: tuple[int, float | None] = (0, None)
-        return ask(lambda: self.journal.retries_after(now), nothing)
+        return await ask(self.journal.retries_after(now), nothing)
 
-    def stamp(self, rel: str) -> Stamp | None:
+    async def stamp(self, rel: str) -> Stamp | None:
         """The stamp of a recorded result's metadata as the journal keeps it; None if the
         result is not a recorded, watched one (or the journal cannot say)."""
-        return ask(lambda: self.journal.stamp(rel), None)
+        return await ask(self.journal.stamp(rel), None)
 
-    def next_try(self, rel: str) -> float | None:
+    async def next_try(self, rel: str) -> float | None:
         """When a result that waits for its next try gets it (being written: its timer offers
         it; failed: the journal's time); None when it does not wait."""
         if rel in self.later:
             return math.inf
-        entry = ask(lambda: self.journal.get(rel), None)  # unknown: tried, not lost
+        entry = await ask(self.journal.get(rel), None)  # unknown: tried, not lost
         if entry is None or entry.state != State.RETRYING:
             return None
         return entry.next_try or 0.0
 
-    def offer(self, result: Result, fresh: bool = False) -> None:
+    async def offer(self, result: Result, fresh: bool = False) -> None:
         """Queue `result`, unless it is queued or recorded; one that waits for its next try
         only when `fresh` (an event for it: tried now)."""
         rel = result.rel.as_posix()
-        if rel in self.queued or self.stopping.is_set() or self.stamp(rel) is not None:
+        if self.unwanted(rel) or await self.stamp(rel) is not None:
             return
-        if not fresh and (self.next_try(rel) or 0.0) > clock():
+        if not fresh and (await self.next_try(rel) or 0.0) > clock():
+            return
+        if self.unwanted(rel):  # queued, or a stop, while the journal answered
             return
         self.later.discard(rel)
         if rel not in self.since:
@@ -123,7 +125,8 @@ class Scheduler:
         def again() -> None:
             if rel in self.later:
                 self.later.discard(rel)
-                self.offer(result, fresh=True)
+                if not self.stopping.is_set():
+                    self.chores.start(self.offer(result, fresh=True))
 
         self.later.add(rel)
         asyncio.get_running_loop().call_later(delay, again)
@@ -142,6 +145,10 @@ class Scheduler:
         """Its attempt ended: it may be queued again."""
         self.queued.discard(result.rel.as_posix())
 
+    def unwanted(self, rel: str) -> bool:
+        """Not to be queued now: queued already, or syncd is stopping."""
+        return rel in self.queued or self.stopping.is_set()
+
     def in_hand(self, rel: str) -> bool:
         """Queued, being tried, or read again shortly."""
         return rel in self.queued or rel in self.later
@@ -158,9 +165,9 @@ class Scheduler:
         """When the oldest result still waiting to be published was finished."""
         return min(self.since.values(), default=None)
 
-    def failing(self) -> int:
+    async def failing(self) -> int:
         """Failed results waiting for their next try."""
-        return self.retries_after(self.retried_until)[0]
+        return (await self.retries_after(self.retried_until))[0]
 
     def retry_times_changed(self) -> None:
         """The journal's next tries changed (a failure, new retry delays): look at them again."""
@@ -170,9 +177,9 @@ class Scheduler:
         """Results queued, or read again shortly (metadata being written)."""
         return self.queue.qsize() + len(self.later)
 
-    def left(self) -> int:
+    async def left(self) -> int:
         """Results not yet published that the next start takes up (those in progress aside)."""
-        return len(self.queued) + len(self.later) + self.retries_after(clock())[0]
+        return len(self.queued) + len(self.later) + (await self.retries_after(clock()))[0]
 
 
 def finished_at(result: Result) -> float:

@@ -9,6 +9,7 @@ claim: a daemon killed in the middle left it `pending`, for its next start.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 from collections import Counter
@@ -41,8 +42,10 @@ def entries(settings: Settings) -> list[Entry]:
     known: dict[str, Entry] = {}
     if has_state(settings.syncd.state_dir):
         store = Journal(settings.syncd.state_dir, readonly=True)
-        known = {r.rel: r for r in store.all()}
-        store.close()
+        try:
+            known = {r.rel: r for r in asyncio.run(store.all())}
+        finally:
+            store.close()
     else:
         logger.warning(
             "no state file {} yet: results are shown as the disk alone says (failures and "

@@ -139,5 +139,5 @@ class Workers:
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
-        left = self.scheduler.left() + len(cut_off)
+        left = await self.scheduler.left() + len(cut_off)
         logger.info("syncd stopped; {} results left for the next start", left)

@@ -148,8 +148,11 @@ class World:
         document: dict[str, Any] = json.loads(result.metadata.read_text())
         return document
 
+    def entry(self, result: Result) -> Entry | None:
+        return self.run(self.journal.get(result.rel.as_posix()))
+
     def record(self, result: Result) -> Entry:
-        record = self.journal.get(result.rel.as_posix())
+        record = self.entry(result)
         assert record is not None, "the journal holds nothing for the result"
         return record
 
@@ -243,7 +246,7 @@ def test_a_result_without_its_marker_is_unfinished_and_nothing_is_sent(world: Wo
     assert isinstance(outcome, Unfinished)
     assert "marker" in outcome.why
     assert world.store.puts == []
-    assert world.journal.get(result.rel.as_posix()) is None
+    assert world.entry(result) is None
     assert_unrecorded(world, result)
 
 
@@ -393,7 +396,7 @@ def test_metadata_being_written_is_read_again_shortly_and_not_journalled(
 
     assert isinstance(outcome, Postponed) and isinstance(outcome.why, BeingWritten)
     assert outcome.retry_in == READ_AGAIN
-    assert world.journal.get(result.rel.as_posix()) is None
+    assert world.entry(result) is None
     assert store.puts == []
 
 
@@ -551,18 +554,31 @@ def test_a_result_is_queued_once_however_often_it_is_offered(world: World) -> No
     schedule = scheduler(world)
 
     async def offers() -> None:
-        schedule.offer(result)
-        schedule.offer(result)
-        schedule.offer(result, fresh=True)
+        await schedule.offer(result)
+        await schedule.offer(result)
+        await schedule.offer(result, fresh=True)
         assert schedule.waiting() == 1
         assert await schedule.next() == result
-        schedule.offer(result, fresh=True)  # being tried: not queued beside itself
+        await schedule.offer(result, fresh=True)  # being tried: not queued beside itself
         assert schedule.waiting() == 0
         schedule.ended(result)
-        schedule.offer(result)
+        await schedule.offer(result)
         assert schedule.waiting() == 1
 
     world.run(offers())
+
+
+def test_offers_made_while_the_journal_answers_queue_a_result_once(world: World) -> None:
+    result = world.result()
+    schedule = scheduler(world)
+
+    async def offers() -> None:
+        # A rescan, an event and a timer at once: each waits for the journal's answer.
+        await asyncio.gather(*(schedule.offer(result, fresh=True) for _ in range(5)))
+
+    world.run(offers())
+
+    assert schedule.waiting() == 1
 
 
 def test_a_recorded_result_is_not_queued_again(world: World) -> None:
@@ -570,8 +586,8 @@ def test_a_recorded_result_is_not_queued_again(world: World) -> None:
     assert isinstance(world.attempt(result), Recorded)
     schedule = scheduler(world)
 
-    schedule.offer(result)
-    schedule.offer(result, fresh=True)
+    world.run(schedule.offer(result))
+    world.run(schedule.offer(result, fresh=True))
 
     assert schedule.waiting() == 0
 
@@ -584,9 +600,9 @@ def test_a_failed_result_waits_for_its_next_try_unless_an_event_comes(
     assert isinstance(world.attempt(result), Failed)
     schedule = scheduler(world)
 
-    schedule.offer(result)  # a rescan
+    world.run(schedule.offer(result))  # a rescan
     assert schedule.waiting() == 0
-    schedule.offer(result, fresh=True)  # its marker dropped again
+    world.run(schedule.offer(result, fresh=True))  # its marker dropped again
     assert schedule.waiting() == 1
 
 
@@ -623,11 +639,11 @@ def test_a_postponed_result_is_queued_by_its_timer_and_not_by_a_rescan(world: Wo
 
     async def postponed() -> None:
         schedule.offer_later(result, 0.1)
-        assert schedule.next_try(rel) == math.inf
-        schedule.offer(result)  # a rescan meanwhile
+        assert await schedule.next_try(rel) == math.inf
+        await schedule.offer(result)  # a rescan meanwhile
         assert not schedule.is_queued(rel) and schedule.in_hand(rel)
         assert await asyncio.wait_for(schedule.next(), 10) == result
-        assert schedule.is_queued(rel) and schedule.next_try(rel) is None
+        assert schedule.is_queued(rel) and await schedule.next_try(rel) is None
 
     world.run(postponed())
 
@@ -638,7 +654,7 @@ def test_nothing_is_queued_once_the_daemon_stops(world: World) -> None:
     schedule = Scheduler(world.layout, world.journal, world.attempts, Chores(), stopping)
     stopping.set()
 
-    schedule.offer(result, fresh=True)
+    world.run(schedule.offer(result, fresh=True))
 
     assert schedule.waiting() == 0 and schedule.oldest() is None
 
@@ -647,7 +663,7 @@ def test_a_result_waits_since_its_marker_until_it_is_settled(world: World) -> No
     result = world.result()
     schedule = scheduler(world)
 
-    schedule.offer(result)
+    world.run(schedule.offer(result))
 
     assert schedule.oldest() == result.marker.stat().st_mtime
     schedule.settled(result.rel.as_posix())

@@ -14,15 +14,15 @@ class Multiparts(Protocol):
     """Where an adapter keeps the multipart uploads it started, until they are completed or
     aborted, so that a restart can resume them (journal.Multiparts)."""
 
-    def begun(self, key: str, upload_id: str, part_size: int) -> None: ...
+    async def begun(self, key: str, upload_id: str, part_size: int) -> None: ...
 
-    def find(self, key: str) -> tuple[str, int] | None:
+    async def find(self, key: str) -> tuple[str, int] | None:
         """The upload id and part size of the unfinished upload of `key`."""
         ...
 
-    def ended(self, key: str) -> None: ...
+    async def ended(self, key: str) -> None: ...
 
-    def under(self, prefix: str) -> dict[str, str]:
+    async def under(self, prefix: str) -> dict[str, str]:
         """Upload ids by key, for keys under `prefix`."""
         ...
 

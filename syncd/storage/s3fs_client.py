@@ -166,7 +166,9 @@ class S3fsStore:
             )
             upload = {"Bucket": self.storage.bucket, "Key": key, "UploadId": started["UploadId"]}
             if self.multiparts is not None:
-                self.multiparts.begun(key, started["UploadId"], self.storage.multipart_chunksize)
+                await self.multiparts.begun(
+                    key, started["UploadId"], self.storage.multipart_chunksize
+                )
             await self._send(fs, body, upload, {})
 
     async def _send(self, fs: Any, body: Body, upload: dict[str, Any], stored: Stored) -> int:
@@ -185,7 +187,7 @@ class S3fsStore:
                 await asyncio.wait([aborting], timeout=CONNECT_TIMEOUT)
             raise
         if self.multiparts is not None:
-            self.multiparts.ended(upload["Key"])
+            await self.multiparts.ended(upload["Key"])
         sent = Sent.parts(digests, self.storage.multipart_chunksize)
         await self.etags.check(upload["Key"], answer.get("ETag"), sent, self._read)
         return kept
@@ -205,13 +207,13 @@ class S3fsStore:
             await fs._call_s3("abort_multipart_upload", **upload)
             aborted = True
         if forget and self.multiparts is not None:
-            self.multiparts.ended(upload["Key"])
+            await self.multiparts.ended(upload["Key"])
         return aborted
 
     async def _resumable(self, fs: Any, key: str) -> tuple[dict[str, Any] | None, Stored]:
         """The journaled upload of `key` and the parts the store holds of it, if it can be
         resumed; else (None, {}), with the upload aborted if the store still has it."""
-        found = self.multiparts.find(key) if self.multiparts is not None else None
+        found = await self.multiparts.find(key) if self.multiparts is not None else None
         if found is None:
             return None, {}
         upload_id, part_size = found
@@ -327,7 +329,7 @@ class S3fsStore:
     async def abort_uploads(self, prefix: str, keep: set[str]) -> int:
         fs = await self._client()
         bucket = self.storage.bucket
-        journaled = self.multiparts.under(prefix) if self.multiparts is not None else {}
+        journaled = await self.multiparts.under(prefix) if self.multiparts is not None else {}
         resumed = {(key, upload_id) for key, upload_id in journaled.items() if key in keep}
         aborted = 0
 
