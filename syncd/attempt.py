@@ -62,9 +62,11 @@ class Held:
 
 @dataclass(frozen=True)
 class Elsewhere:
-    """Its metadata records another place (`remote_path`): left alone."""
+    """Its metadata records another place (`remote_path`): left alone. `ours`: the record
+    syncd made under an earlier prefix, which stays (its tree was deleted); its URL is renewed."""
 
     remote_path: str
+    ours: bool = False
 
 
 @dataclass(frozen=True)
@@ -333,7 +335,7 @@ class Attempts:
             "prefix; its local tree was deleted (delete_local_after_upload), so it stays there, "
             f"not at {result.remote_path}"
         )
-        return await self.elsewhere(result, own.remote_path, message, stamp, "INFO")
+        return await self.elsewhere(result, own.remote_path, message, stamp, "INFO", ours=True)
 
     async def left_alone(self, result: Result, elsewhere: str, stamp: Stamp | None) -> Outcome:
         """Its metadata records another place: another syncd's prefix (two daemons on one
@@ -348,7 +350,13 @@ class Attempts:
         return await self.elsewhere(result, elsewhere, message, stamp, "WARNING")
 
     async def elsewhere(
-        self, result: Result, remote_path: str, message: str, stamp: Stamp | None, level: str
+        self,
+        result: Result,
+        remote_path: str,
+        message: str,
+        stamp: Stamp | None,
+        level: str,
+        ours: bool = False,
     ) -> Outcome:
         """Journal and say (once) that the result is recorded at another place."""
         rel = result.rel.as_posix()
@@ -362,7 +370,7 @@ class Attempts:
         self.reported[rel] = message
         await self.journal.elsewhere(rel, message)
         await self.journal.set_stamp(rel, stamp)
-        return Elsewhere(remote_path)
+        return Elsewhere(remote_path, ours)
 
     async def restored(
         self, result: Result, stamp: Stamp, kept: Kept, own: Kept, gone: bool = False

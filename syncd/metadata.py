@@ -143,10 +143,15 @@ def not_a_file(path: Path, what: str) -> SyncdError:
 
 def is_recorded(document: Metadata | None, result: Result) -> bool:
     """True when the metadata already says this result is in S3."""
+    return records(document, result.remote_path)
+
+
+def records(document: Metadata | None, remote_path: str) -> bool:
+    """True when the metadata says its result is in S3 at `remote_path`."""
     return (
         document is not None
         and document.get("storage_type") == "s3"
-        and document.get("remote_path") == result.remote_path
+        and document.get("remote_path") == remote_path
     )
 
 

@@ -1,9 +1,10 @@
 """Signed URLs that never go stale: re-sign a recorded result's URL before it expires.
 
 A URL is renewed once less than `resign_fraction` of its lifetime is left, for as long as the
-result's metadata exists; the metadata is rewritten atomically with only `signed_url` changed.
-Each result's metadata is read once per URL lifetime, not at every scan. The daemon runs
-`renew_every` beside its workers; a rewrite begun ends before syncd does.
+result's metadata exists (also where a record stays under an earlier prefix, its tree deleted);
+the metadata is rewritten atomically with only `signed_url` changed. Each result's metadata is
+read once per URL lifetime, not at every scan. The daemon runs `renew_every` beside its
+workers; a rewrite begun ends before syncd does.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class Resigner:
         self.settings = settings
         self.signer = signer  # replaced on a reload
         self.next_look: dict[str, float] = {}  # rel -> when its URL needs a look again
+        # rel -> the remote_path it stays recorded at, for one recorded under an earlier prefix
+        self.stays_at: dict[str, str] = {}
 
     @property
     def lifetime(self) -> int:
@@ -40,8 +43,14 @@ class Resigner:
         """Seconds before expiry that a URL is renewed."""
         return self.settings.syncd.resign_fraction * self.lifetime
 
-    def track(self, rel: str) -> None:
-        """A recorded result: its URL is looked at on the next pass, then when it needs to."""
+    def track(self, rel: str, remote_path: str | None = None) -> None:
+        """A recorded result: its URL is looked at on the next pass, then when it needs to.
+        `remote_path`: where its record stays, when not at the result's own (an earlier
+        prefix's)."""
+        if remote_path is None:
+            self.stays_at.pop(rel, None)
+        else:
+            self.stays_at[rel] = remote_path
         self.next_look.setdefault(rel, 0.0)
 
     def due(self, now: float) -> list[str]:
@@ -54,24 +63,26 @@ class Resigner:
 
     def forget(self, rel: str) -> None:
         self.next_look.pop(rel, None)
+        self.stays_at.pop(rel, None)
 
     def refresh(self, result: Result, now: float) -> metadata.Stamp | None:
         """Re-sign `result` if its URL is close to expiry; remember when to look again.
         Returns the metadata's new stamp when it was rewritten."""
         rel = result.rel.as_posix()
+        remote_path = self.stays_at.get(rel, result.remote_path)
         document = metadata.read(result)
-        if document is None or not metadata.is_recorded(document, result):
+        if document is None or not metadata.records(document, remote_path):
             # Gone, or written again without the record: the daemon restores that one.
-            self.next_look.pop(rel, None)
+            self.forget(rel)
             return None
         url = document.get("signed_url")
-        if isinstance(url, str) and resource(url) == self.signer.resource(result.remote_path):
+        if isinstance(url, str) and resource(url) == self.signer.resource(remote_path):
             expires = expiry(url)
             if expires is not None and expires - now > self.margin:
                 self.next_look[rel] = expires - self.margin
                 return None
         # Close to expiry, or not a URL syncd signed for this result (written over): signed anew.
-        document["signed_url"] = self.signer.sign(result.remote_path, self.lifetime, now=now)
+        document["signed_url"] = self.signer.sign(remote_path, self.lifetime, now=now)
         written = metadata.write_atomic(result, document)
         self.next_look[rel] = now + self.lifetime - self.margin
         logger.info(

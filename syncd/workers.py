@@ -90,7 +90,11 @@ class Workers:
                     self.chores.start(self.attempts.look_back(result, outcome.uploaded))
                 if outcome.restored:  # the writer came back (the server saying completed)
                     self.recheck(result, "its metadata was written again")
-            case Unfinished() | Elsewhere():
+            case Elsewhere(remote_path, ours):
+                if ours and self.resigner is not None:
+                    self.resigner.track(rel, remote_path)
+                self.scheduler.settled(rel)
+            case Unfinished():
                 self.scheduler.settled(rel)
             case Held():
                 pass  # a rescan looks again; a dead owner's claim expires

@@ -8,6 +8,10 @@ import json
 import os
 import time
 
+import requests
+
+from syncd.policy import expiry
+from tests.cloudfront import file_url
 from tests.proxy import Proxy
 from tests.servers import wait_until
 
@@ -310,6 +314,43 @@ def test_a_prefix_change_keeps_the_records_of_trees_deleted_after_publishing(mot
     assert back.terminate() == 0
     assert ws.metadata("wf/exec_9_abcdef09")["remote_path"] == "outputs/wf/exec_9_abcdef09"
     assert "restored the record (1 files in outputs/wf/exec_9_abcdef09)" in back.log()
+
+
+def test_a_record_that_stays_under_an_earlier_prefix_keeps_a_url_that_serves(
+    moto_workspace, signing_key
+):
+    ws = moto_workspace
+    ws.settings["syncd"]["delete_local_after_upload"] = True
+    ws.settings["object_storage"]["signed_url_expires_in"] = 4
+    ws.settings["syncd"]["resign_fraction"] = 0.5  # renew with 2 s left
+    with ws.cloudfront(signing_key[1]) as cloudfront:
+        ws.result("exec_8_abcdef08", {"a.txt": b"a"})
+        assert ws.sync("exec_8_abcdef08").returncode == 0  # the tree is gone now
+        ws.mark("exec_8_abcdef08")
+        first = ws.metadata("exec_8_abcdef08")["signed_url"]
+        first_expiry = expiry(first)
+        assert first_expiry is not None
+
+        ws.settings["object_storage"]["prefix"] = "migrated"
+        moved = ws.daemon()
+        moved.wait_log("so it stays there")
+        wait_until(
+            lambda: expiry(ws.metadata("exec_8_abcdef08")["signed_url"]) > first_expiry + 1,
+            timeout=20,
+            what="its URL renewed",
+        )
+        renewed = ws.metadata("exec_8_abcdef08")["signed_url"]
+        while time.time() < first_expiry + 0.5:  # the first URL's own expiry
+            time.sleep(0.1)
+        served = requests.get(file_url(renewed, "a.txt"), timeout=10)
+        assert moved.terminate() == 0
+
+    assert served.status_code == 200 and served.content == b"a"
+    assert cloudfront.refusals == []
+    meta = ws.metadata("exec_8_abcdef08")
+    assert meta["remote_path"] == "outputs/exec_8_abcdef08"
+    assert "exec_8_abcdef08: signed URL renewed until" in moved.log()
+    assert ws.objects("migrated/") == {}
 
 
 def test_a_prefix_changed_and_changed_back_never_overwrites_what_was_published_there(
