@@ -275,6 +275,17 @@ class Publisher:
         # (rclone: ~0.7 s per 500 MB), so it is paid only where it guards the last copy.
         await self._verify(result, uploaded)
         aside = await asyncio.to_thread(move_aside, result, uploaded.files)
+        if aside is None:  # a mount point: recorded, and its files stay
+            stamp = await asyncio.to_thread(self._record, result, kept, replaceable)
+            if stamp is not None:
+                logger.warning(
+                    "{}: published, but its local tree {} is a mount point and cannot be moved "
+                    "aside to be removed: unmount it and remove it by hand "
+                    "(delete_local_after_upload)",
+                    result.name,
+                    result.tree,
+                )
+            return stamp
         try:
             stamp = await asyncio.to_thread(self._record, result, kept, replaceable)
         except BaseException:

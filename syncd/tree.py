@@ -368,10 +368,11 @@ def exists(name: str, folder: int) -> os.stat_result | None:
         return None
 
 
-def move_aside(result: Result, files: list[LocalFile]) -> Path:
+def move_aside(result: Result, files: list[LocalFile]) -> Path | None:
     """Move the tree aside (a crash never leaves a half tree under its name) and check it holds
     exactly the uploaded files; if not, move it back and retry: something was written after
-    the upload, and it is not in the bucket."""
+    the upload, and it is not in the bucket. None: the tree is a mount point, which cannot be
+    moved; it stays where it is."""
     aside = aside_path(result)
     try:
         with tree_parent(result) as parent:
@@ -382,6 +383,8 @@ def move_aside(result: Result, files: list[LocalFile]) -> Path:
                 )
             os.rename(result.name, aside.name, src_dir_fd=parent, dst_dir_fd=parent)
     except OSError as exc:
+        if exc.errno in (errno.EBUSY, errno.EXDEV):
+            return None
         raise os_error(exc, "moving aside", result.tree) from None
     moved = dataclasses.replace(result, rel=result.rel.with_name(aside.name))
     try:

@@ -289,6 +289,27 @@ def test_a_tree_that_cannot_be_removed_after_publishing_is_said_not_failed(moto_
     )
 
 
+def test_a_tree_that_is_a_mount_point_is_recorded_and_kept(moto_workspace, tmpfs):
+    ws = moto_workspace
+    ws.settings["syncd"]["delete_local_after_upload"] = True
+    tree = tmpfs.mount(ws.outputs / "exec_6_abcdef06", size="1m")
+    ws.result("exec_6_abcdef06", {"a.bin": b"a"})
+    ws.mark("exec_6_abcdef06")
+
+    daemon = ws.daemon()
+    wait_until(lambda: ws.recorded("exec_6_abcdef06"), what="recorded")
+    assert daemon.terminate() == 0
+
+    assert ws.objects() == {"outputs/exec_6_abcdef06/a.bin": b"a"}
+    assert (tree / "a.bin").read_bytes() == b"a"
+    assert (
+        f"exec_6_abcdef06: published, but its local tree {tree} is a mount point and cannot be "
+        "moved aside to be removed: unmount it and remove it by hand (delete_local_after_upload)"
+        in daemon.log()
+    )
+    assert "retrying" not in daemon.log()
+
+
 def test_a_prefix_change_keeps_the_records_of_trees_deleted_after_publishing(moto_workspace):
     ws = moto_workspace
     ws.settings["syncd"]["delete_local_after_upload"] = True
