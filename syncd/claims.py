@@ -13,6 +13,7 @@ are assumed to keep their clocks in step (NTP), well within the timeout.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -117,6 +118,9 @@ class Claim:
 CLAIMS = CLAIMS_FOLDER
 # The most of a claim file that is read: a claim is a line of JSON.
 CLAIM_BYTES = 4096
+# Times the claims folder is made again when the release of the last claim in it removed it
+# meanwhile (several workers, or daemons, claim and release results in it at once).
+MAKE_TRIES = 8
 
 
 def claim_name(result: Result, generation: int) -> str:
@@ -134,14 +138,19 @@ def claims_folder(result: Result, make: bool = False) -> Iterator[int | None]:
     FileExistsError."""
     path = folder_path(result)
     with folders.opened(result.outputs_dir, result.marker.parent) as parent:
-        if make:
-            make_folder(parent, path)
-        try:
-            fd = folders.open_at(parent, CLAIMS, path)
-        except FileNotFoundError:
-            fd = None
-        except (folders.SymlinkInTheWay, NotADirectoryError):
-            raise FileExistsError(path) from None
+        fd = None
+        for _ in range(MAKE_TRIES if make else 1):
+            try:
+                if make:
+                    make_folder(parent, path)
+                fd = folders.open_at(parent, CLAIMS, path)
+                break
+            except FileNotFoundError:
+                continue  # the last claim in it released just now took it along: made again
+            except (folders.SymlinkInTheWay, NotADirectoryError):
+                raise FileExistsError(path) from None
+        if make and fd is None:
+            raise FileNotFoundError(errno.ENOENT, "it vanished as often as it was made", path)
         try:
             yield fd
         finally:
@@ -235,7 +244,7 @@ def try_claim(result: Result, timeout: float) -> Claim | str:
 
 
 def _try_claim(result: Result, timeout: float) -> Claim | str:
-    tries_left = 2
+    tries_left = MAKE_TRIES
     while True:
         with claims_folder(result, make=True) as fd:
             assert fd is not None

@@ -12,9 +12,14 @@ import re
 import socket
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import PurePosixPath
 
 import pytest
 
+from syncd import claims
+from syncd.config import load_settings
+from syncd.layout import Layout, Result
 from tests.conftest import only_error, status_of
 from tests.servers import wait_until
 
@@ -666,3 +671,27 @@ def test_result_names_no_key_can_hold_are_said_once_and_the_others_are_served(
     assert {field for field in fields if field.startswith("WATCHDOG")} == {"WATCHDOG=1"}
     assert list(ws.objects()) == ["outputs/exec_4_abcdef04/a"]
     assert [r["rel"] for r in status_of(ws).values()] == ["exec_4_abcdef04"]
+
+
+def test_claims_taken_and_released_at_once_never_fail_for_their_shared_folder(tmp_path):
+    """Each release removes the claims folder once it is empty, while other workers make it
+    again for their own claims: none of them may fail for it."""
+    settings = load_settings(flags={"syncd": {"outputs_dir": str(tmp_path)}}, environ={})[0]
+    layout = Layout(settings)
+    results = [layout.result(PurePosixPath(f"exec_{i}_abcdef{i:02x}")) for i in range(16)]
+    failures: list[BaseException] = []
+
+    def claim_often(result: Result) -> None:
+        for _ in range(300):
+            try:
+                claim = claims.try_claim(result, 60)
+                assert isinstance(claim, claims.Claim)
+                claim.release()
+            except BaseException as exc:
+                failures.append(exc)
+                return
+
+    with ThreadPoolExecutor(len(results)) as pool:
+        list(pool.map(claim_often, results))
+
+    assert failures == []
