@@ -169,16 +169,15 @@ class Finder:
         except OSError as exc:  # the next rescan looks again
             logger.debug("{}: cannot look at {}: {}", result.name, path, exc)
 
-    async def metadata_changed(
-        self, result: Result, known: Stamp | None, now: Stamp | None
-    ) -> None:
+    async def metadata_changed(self, result: Result, known: Stamp, now: Stamp | None) -> None:
         """A recorded result's metadata as it is now: gone (nothing left to care for), or
         written by someone else (try it again: its record is restored if it was lost)."""
         rel = result.rel.as_posix()
-        if now == known or await self.scheduler.stamp(rel) != known:
-            return  # unchanged, no longer recorded, or rewritten by syncd since `known`
+        if now == known:
+            return
         try:
-            await self.journal.set_stamp(rel, None)
+            if not await self.journal.drop_stamp(rel, known):
+                return  # no longer recorded, or rewritten by syncd since `known`
         except SyncdError as exc:
             logger.warning("{}: {}", result.name, exc)
         if self.resigner is not None:

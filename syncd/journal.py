@@ -465,6 +465,31 @@ class Journal:
         text = ":".join(map(str, stamp)) if stamp is not None else None
         await self._write("UPDATE results SET stamp = ? WHERE rel = ?", text, rel)
 
+    async def drop_stamp(self, rel: str, known: Stamp) -> bool:
+        """No more looks at a recorded result's metadata, if its stamp is still `known` (one
+        step, so that a stamp an attempt or a renewal set meanwhile stays); False if not."""
+        text = ":".join(map(str, known))
+
+        def drop(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
+                "UPDATE results SET stamp = NULL WHERE rel = ? AND stamp = ? AND state IN (?, ?)",
+                (rel, text, *WATCHED),
+            )
+            return cursor.rowcount == 1
+
+        return await self._run(drop)
+
+    async def restamp(self, rel: str, stamp: Stamp) -> None:
+        """The stamp of a recorded result's metadata syncd rewrote (a renewal), if it is still
+        watched (one step: a result no longer watched stays so)."""
+        text = ":".join(map(str, stamp))
+        await self._write(
+            "UPDATE results SET stamp = ? WHERE rel = ? AND stamp IS NOT NULL AND state IN (?, ?)",
+            text,
+            rel,
+            *WATCHED,
+        )
+
     async def stamp(self, rel: str) -> Stamp | None:
         """The stamp of a recorded result's metadata, or None if it is not a watched one."""
         row = await self._one(

@@ -120,5 +120,4 @@ async def renew_every(
             if stamp is not None:
                 metrics.renewed.inc()
                 with contextlib.suppress(SyncdError):  # a rescan sees it as changed then
-                    if await journal.stamp(rel) is not None:
-                        await journal.set_stamp(rel, stamp)
+                    await journal.restamp(rel, stamp)
