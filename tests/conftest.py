@@ -22,6 +22,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from syncd.policy import expiry
 from tests.cloudfront import CloudFrontStandIn
 from tests.servers import KEY, SECRET, S3Server, wait_until
 from tests.unit import NOBODY, as_unit_user
@@ -189,6 +190,19 @@ class Workspace:
 
     def metadata(self, rel: str) -> dict[str, Any]:
         return json.loads(self.metadata_path(rel).read_text())
+
+    def renewed_url(self, rel: str, first_expiry: int, timeout: float = 20) -> str:
+        """The result's signed URL once the daemon renewed it past `first_expiry`, given once
+        that first URL has expired."""
+        wait_until(
+            lambda: expiry(self.metadata(rel)["signed_url"]) > first_expiry,
+            timeout=timeout,
+            what=f"{rel}'s URL renewed",
+        )
+        renewed: str = self.metadata(rel)["signed_url"]
+        while time.time() < first_expiry + 0.5:  # the first URL's own expiry
+            time.sleep(0.1)
+        return renewed
 
     def recorded(self, rel: str) -> bool:
         try:

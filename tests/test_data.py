@@ -355,14 +355,7 @@ def test_a_record_that_stays_under_an_earlier_prefix_keeps_a_url_that_serves(
         ws.settings["object_storage"]["prefix"] = "migrated"
         moved = ws.daemon()
         moved.wait_log("so it stays there")
-        wait_until(
-            lambda: expiry(ws.metadata("exec_8_abcdef08")["signed_url"]) > first_expiry + 1,
-            timeout=20,
-            what="its URL renewed",
-        )
-        renewed = ws.metadata("exec_8_abcdef08")["signed_url"]
-        while time.time() < first_expiry + 0.5:  # the first URL's own expiry
-            time.sleep(0.1)
+        renewed = ws.renewed_url("exec_8_abcdef08", first_expiry)
         served = requests.get(file_url(renewed, "a.txt"), timeout=10)
         assert moved.terminate() == 0
 

@@ -31,14 +31,7 @@ def test_the_running_daemon_renews_a_url_close_to_expiry(moto_workspace, signing
         first_expiry = expiry(first)
         assert first_expiry is not None
 
-        wait_until(
-            lambda: expiry(ws.metadata("exec_1_abcdef01")["signed_url"]) > first_expiry,
-            timeout=10,
-            what="a renewed URL",
-        )
-        renewed = ws.metadata("exec_1_abcdef01")["signed_url"]
-        while time.time() < first_expiry + 0.5:  # the old URL's own expiry
-            time.sleep(0.1)
+        renewed = ws.renewed_url("exec_1_abcdef01", first_expiry, timeout=10)
         old = requests.get(file_url(first, "a.txt"), timeout=10)
         new = requests.get(file_url(renewed, "a.txt"), timeout=10)
         assert daemon.terminate() == 0
