@@ -262,8 +262,7 @@ def run_sign(settings: Settings, target: str, expires_in: int | None) -> int:
             "cloudfront_domain, cloudfront_key_pair_id and cloudfront_private_key_path"
         )
     layout = Layout(settings)
-    path = Path(target)
-    remote_path = layout.for_tree(path).remote_path if path.is_dir() else layout.remote(target)
+    remote_path = layout.to_sign(target)
     lifetime = expires_in or settings.object_storage.signed_url_expires_in
     print(signer.sign(remote_path, lifetime))
     return 0

@@ -189,6 +189,23 @@ class Layout:
                 continue
         return None
 
+    def to_sign(self, target: str) -> str:
+        """The remote_path `syncd sign` signs for `target`: a result folder's; a result's whose
+        tree delete_local_after_upload removed (given by its absolute path: its metadata is
+        still there); or a result's remote_path as given."""
+        path = Path(target)
+        if path.is_dir():
+            return self.for_tree(path).remote_path
+        rel = self.under_outputs_dir(normalized(path)) if path.is_absolute() else None
+        if (
+            rel is not None
+            and result_path(rel)
+            and name_problem(self.outputs_dir / rel, rel) is None
+            and self.result(rel).metadata.is_file()
+        ):
+            return self.result(rel).remote_path
+        return self.remote(target)
+
     def remote(self, remote_path: str) -> str:
         """A result's remote_path as given on the command line (`syncd sign`), checked to name
         one: `<prefix>/exec_*` or `<prefix>/<workflow>/exec_*`, nothing more, nothing less."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 
@@ -225,6 +226,17 @@ def test_sign_signs_only_a_results_remote_path(moto_workspace):
     outside = ws.syncd("sign", "--config", str(ws.config), str(ws.root))
     assert outside.returncode == 2
     assert "is not under outputs_dir" in outside.stderr
+    ws.result("exec_4_abcdef04", {"a": b"a"})
+    shutil.rmtree(ws.outputs / "exec_4_abcdef04")  # delete_local_after_upload: the metadata stays
+    no_metadata = ws.outputs / "exec_5_abcdef05"  # neither a tree nor metadata
+    refused = ws.syncd("sign", "--config", str(ws.config), str(no_metadata))
+    assert refused.returncode == 2
+    assert f"{no_metadata} is neither a result folder nor a result's remote_path" in refused.stderr
+    gone = ws.syncd("sign", "--config", str(ws.config), str(ws.outputs / "exec_4_abcdef04"))
+    assert gone.returncode == 0, gone.stderr
+    assert gone.stdout.startswith(
+        "https://d111111abcdef8.cloudfront.net/outputs/exec_4_abcdef04/*?Policy="
+    )
     for target in ("outputs/wf/exec_3_abcdef03", str(ws.outputs / "wf/exec_3_abcdef03")):
         signed = ws.syncd("sign", "--config", str(ws.config), target)
         assert signed.returncode == 0, signed.stderr
