@@ -82,6 +82,9 @@ ADDED_COLUMNS = {
 # changed back restores the record it had there): the newest few.
 EARLIER_RECORDS = 8
 T = TypeVar("T")
+# The write-ahead log's bound: checkpointed at WAL_PAGES pages (of 4 KiB), truncated to WAL_BYTES.
+WAL_PAGES = 64
+WAL_BYTES = 512 * 1024
 # How long a write waits for another process's lock before it counts as a failure.
 LOCK_TIMEOUT = 10.0
 
@@ -235,6 +238,10 @@ class Journal:
             if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            # The write-ahead log is folded into the file every WAL_PAGES pages and cut back to
+            # WAL_BYTES: SQLite's own bound (~4 MB) would fill a small state_dir.
+            db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
+            db.execute(f"PRAGMA journal_size_limit={WAL_BYTES}")
             db.execute(SCHEMA)
             db.execute(MULTIPART_SCHEMA)
             columns = {row[1] for row in db.execute("PRAGMA table_info(results)")}

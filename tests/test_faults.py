@@ -136,6 +136,24 @@ def test_a_full_state_dir_backs_off_like_any_failure_and_is_said_once_a_retry(
     assert full and len(full) == len([line for line in full if "(attempt " in line])
 
 
+def test_a_small_state_dir_holds_the_journal_of_many_results(moto_workspace, tmpfs):
+    """The state's write-ahead log stays small: SQLite's own bound (4 MB) would fill a 1 MiB
+    state_dir after some dozens of results."""
+    ws = moto_workspace
+    state = tmpfs.mount(ws.root / "small-state", size="1m")
+    ws.settings["syncd"]["state_dir"] = str(state)
+    rels = [f"exec_{i}_abcdef{i:02x}" for i in range(10, 90)]
+    for rel in rels:
+        ws.result(rel, {"a": b"a"})
+        ws.mark(rel)
+
+    daemon = ws.daemon()
+    wait_until(lambda: all(ws.recorded(rel) for rel in rels), timeout=120, what="all recorded")
+    assert daemon.terminate() == 0
+
+    assert "full" not in daemon.log()
+
+
 def test_status_shows_pending_results_before_any_daemon_ran(moto_workspace):
     ws = moto_workspace
     ws.result("exec_4_abcdef04", {"a": b"a"})
