@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -96,6 +97,35 @@ def test_daemon_notifies_ready_watchdog_and_stopping(moto_workspace, notify_sock
     assert daemon.terminate() == 0
     receive("STOPPING=1")
     assert messages[0].startswith("READY=1\nSTATUS=watching ")
+
+
+def test_the_watchdog_is_fed_while_another_process_holds_the_state_file(
+    moto_workspace, notify_socket
+):
+    """A write to the state waits up to 10 s for another process's lock, on the journal's
+    own thread: the daemon goes on meanwhile, and systemd's watchdog does not kill it."""
+    ws = moto_workspace
+    messages = notify_socket.messages
+
+    def pings() -> int:
+        return sum(m == "WATCHDOG=1" for m in messages)
+
+    daemon = ws.daemon(env=ws.env(NOTIFY_SOCKET=notify_socket.address, WATCHDOG_USEC="4000000"))
+    notify_socket.receive(lambda got: any(m.startswith("READY=1") for m in got))
+    lock = sqlite3.connect(ws.root / "state" / "state.db", isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    ws.result("exec_1_abcdef01", {"a": b"a"})
+    ws.mark("exec_1_abcdef01")  # its attempt's first write waits for the lock
+    before = pings()
+
+    notify_socket.receive(lambda _: pings() >= before + 3)  # one every 2 s
+    waited = daemon.log()
+    lock.execute("ROLLBACK")
+    lock.close()
+
+    wait_until(lambda: ws.recorded("exec_1_abcdef01"), timeout=60, what="recorded after")
+    assert daemon.terminate() == 0
+    assert "is locked by another process" not in waited  # still in its first wait
 
 
 def test_journald_lines_carry_syslog_priorities(moto_workspace):
