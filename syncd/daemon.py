@@ -42,7 +42,7 @@ from syncd.signals import (
     hung_up_while_starting,
 )
 from syncd.signing import UrlSigner
-from syncd.watch import ResultWatcher, WatchEvent
+from syncd.watch import ResultWatcher
 from syncd.workers import Workers
 
 
@@ -92,6 +92,7 @@ class Daemon:
             resigner,
             metrics,
             self.finder.recheck,
+            self.finder.attempt_ended,
             self.stopping,
             self.aborting,
         )
@@ -116,14 +117,13 @@ class Daemon:
         deleting = self.config.delete_local_after_upload
         await asyncio.to_thread(recover_leftovers, self.layout, deleting)
         self.workers.progress_at = loop.time()
-        events: asyncio.Queue[WatchEvent | None] = asyncio.Queue()
         watcher = ResultWatcher(
             self.layout,
             self.config,
-            tell=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+            tell=lambda event: loop.call_soon_threadsafe(self.finder.tell, event),
         )
         watcher.start()
-        listening = asyncio.create_task(self.finder.listen(events))
+        listening = asyncio.create_task(self.finder.listen())
         workers = [
             asyncio.create_task(self.workers.work()) for _ in range(self.config.parallel_results)
         ]
@@ -164,7 +164,7 @@ class Daemon:
             watcher.stop()
             # Heard after what the watcher told before it stopped (those calls are queued on the
             # loop already), while nothing more is queued for the workers.
-            loop.call_soon(events.put_nowait, None)
+            loop.call_soon(self.finder.tell, None)
             await asyncio.wait([listening])
             # Everything but the uploads ends first, so that nothing is done after the line
             # that says syncd stopped.

@@ -57,12 +57,19 @@ class Finder:
         self.metrics = metrics
         self.stopping = stopping
         self.rechecking: set[str] = set()  # recorded results being looked at again
+        self.events: asyncio.Queue[WatchEvent | None] = asyncio.Queue()
+        # Files heard changing while their result was queued or tried: heard again after.
+        self.meanwhile: dict[str, set[Path]] = {}
 
-    async def listen(self, events: asyncio.Queue[WatchEvent | None]) -> None:
+    def tell(self, event: WatchEvent | None) -> None:
+        """Queue one of the watcher's events (None: there are no more)."""
+        self.events.put_nowait(event)
+
+    async def listen(self) -> None:
         """Hear the watcher's events one after the other, in the order it saw them, until None
         (told after the watcher stopped, so those it told before are heard too). One that
         fails is logged, and the next is heard."""
-        while (event := await events.get()) is not None:
+        while (event := await self.events.get()) is not None:
             try:
                 await self.hear(event)
             except Exception as exc:
@@ -153,12 +160,18 @@ class Finder:
         if result is None:
             return
         rel = result.rel.as_posix()
+        if self.scheduler.is_queued(rel):
+            # Heard again once its attempt has ended, when the journal says what became of it.
+            self.meanwhile.setdefault(rel, set()).add(path)
+            return
         try:
             known = await self.scheduler.stamp(rel)
             if known is not None:
                 if path == result.metadata:
                     await self.metadata_changed(result, known, metadata.stamp(result))
-                elif path == result.marker and not result.by_metadata:
+                elif (
+                    path == result.marker and not result.by_metadata and marked_since(result, known)
+                ):
                     self.recheck(result)
             elif (
                 path == result.signal
@@ -168,6 +181,11 @@ class Finder:
                 await self.scheduler.offer(result, fresh=True)
         except OSError as exc:  # the next rescan looks again
             logger.debug("{}: cannot look at {}: {}", result.name, path, exc)
+
+    def attempt_ended(self, result: Result) -> None:
+        """The files heard changing while the result was queued or tried, heard again."""
+        for path in sorted(self.meanwhile.pop(result.rel.as_posix(), ())):
+            self.tell(FileChanged(path))
 
     async def metadata_changed(self, result: Result, known: Stamp, now: Stamp | None) -> None:
         """A recorded result's metadata as it is now: gone (nothing left to care for), or
@@ -207,3 +225,10 @@ class Finder:
         elif path == result.metadata and await self.scheduler.next_try(rel) is not None:
             # Metadata that failed it (malformed, say) removed: tried now, as its error says.
             await self.scheduler.offer(result, fresh=True)
+
+
+def marked_since(result: Result, known: Stamp) -> bool:
+    """Whether the result's marker was dropped after its metadata recorded it: marked again,
+    not an event of the marking that was published, heard after it (a burst, a rescan). The
+    same time counts as after: file times move in clock ticks, and an attempt takes longer."""
+    return result.marker.stat().st_mtime_ns >= known[2]

@@ -45,6 +45,7 @@ class Workers:
         resigner: Resigner | None,
         metrics: Metrics,
         recheck: Callable[[Result, str], None],
+        heard_again: Callable[[Result], None],
         stopping: asyncio.Event,
         aborting: asyncio.Event,
     ) -> None:
@@ -55,6 +56,7 @@ class Workers:
         self.resigner = resigner
         self.metrics = metrics
         self.recheck = recheck  # a recorded result written again: has its tree changed?
+        self.heard_again = heard_again  # what was heard of a result while it was tried
         self.stopping = stopping
         self.aborting = aborting
         self.busy: set[asyncio.Task[None]] = set()  # the workers in an attempt
@@ -75,6 +77,7 @@ class Workers:
             finally:
                 self.busy.discard(task)
                 self.scheduler.ended(result)
+                self.heard_again(result)
                 self.progress_at = asyncio.get_running_loop().time()
 
     def settle(self, result: Result, outcome: Outcome) -> None:

@@ -133,6 +133,25 @@ def test_what_a_published_tree_skips_is_said_once_not_at_every_look_again(moto_w
     assert daemon.log().count("skipping symlink data/leak.txt that leads outside the tree") == 1
 
 
+def test_an_event_of_the_marking_that_was_published_is_not_marked_again(moto_workspace):
+    ws = moto_workspace
+    ws.result("exec_2_aaaaaaaa", {"a": b"a"})
+    marker = ws.mark("exec_2_aaaaaaaa")
+    daemon = ws.daemon()
+    daemon.wait_log("exec_2_aaaaaaaa: uploaded")  # said once the journal has it recorded
+
+    with open(marker, "a"):  # closed after writing, as inotify says; the marker as it was
+        pass
+    ws.result("exec_3_aaaaaaaa", {"b": b"b"})
+    ws.mark("exec_3_aaaaaaaa")
+    daemon.wait_log("exec_3_aaaaaaaa: uploaded")  # heard after the event above
+    ws.mark("exec_2_aaaaaaaa")  # marked again
+    wait_until(lambda: "marked again" in daemon.log().split("exec_3_aaaaaaaa: uploaded")[1])
+    assert daemon.terminate() == 0
+    assert daemon.log().count("marked again") == 1
+    assert "exec_2_aaaaaaaa: marked again; already published and unchanged" in daemon.log()
+
+
 @pytest.mark.parametrize(
     ("prefix", "rel", "remote_path"),
     [
