@@ -15,6 +15,7 @@ results resume on the next start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import faulthandler
 import signal
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from syncd import logs
 from syncd.attempt import Attempts
 from syncd.chores import Chores
 from syncd.config import ConfigError, Settings, apply, changes, rate_text
+from syncd.errors import TransientError
 from syncd.find import Finder
 from syncd.health import Health
 from syncd.journal import Journal
@@ -113,7 +115,8 @@ class Daemon:
         faulthandler.enable()  # SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT
         for sig in FATAL_SIGNALS:
             faulthandler.register(sig, chain=True)
-        await self.journal.start()
+        if not await self.start_journal():
+            return
         deleting = self.config.delete_local_after_upload
         await asyncio.to_thread(recover_leftovers, self.layout, deleting)
         self.workers.progress_at = loop.time()
@@ -173,6 +176,23 @@ class Daemon:
                 task.cancel()
             await asyncio.gather(*chores, return_exceptions=True)
             await self.workers.drain(workers)
+
+    async def start_journal(self) -> bool:
+        """The journal's start, once the state file can be written: one another process holds
+        locked is waited for (said once), as at any other time. False: a stop came first."""
+        said = False
+        while not self.stopping.is_set():
+            try:
+                await self.journal.start()
+                return True
+            except TransientError as exc:
+                if not said:
+                    logger.warning("{}", exc)
+                    said = True
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1):
+                    await self.stopping.wait()
+        return False
 
     def request_stop(self, sig: signal.Signals) -> None:
         if self.stopping.is_set():

@@ -244,6 +244,26 @@ def test_a_state_database_locked_too_long_is_a_transient_error(moto_workspace):
     assert status_of(ws)["exec_12_abcdef12"]["state"] == "done"
 
 
+def test_a_daemon_started_while_its_state_file_is_locked_waits_for_it(moto_workspace):
+    ws = moto_workspace
+    first = ws.daemon()  # the state file made
+    first.wait_log("syncd watching")
+    assert first.terminate() == 0
+    lock = sqlite3.connect(ws.root / "state" / "state.db", isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    ws.result("exec_13_abcdef13", {"k": b"k"})
+    ws.mark("exec_13_abcdef13")
+
+    daemon = ws.daemon()
+    daemon.wait_log("is locked by another process", timeout=60)
+    lock.execute("ROLLBACK")
+    lock.close()
+
+    wait_until(lambda: ws.recorded("exec_13_abcdef13"), timeout=60, what="recorded after")
+    assert daemon.terminate() == 0
+    assert daemon.log().count("is locked by another process") == 1
+
+
 def test_a_corrupt_state_database_is_moved_aside_and_rebuilt(moto_workspace):
     ws = moto_workspace
     state = ws.root / "state"
