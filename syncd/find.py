@@ -188,8 +188,9 @@ class Finder:
             self.tell(FileChanged(path))
 
     async def metadata_changed(self, result: Result, known: Stamp, now: Stamp | None) -> None:
-        """A recorded result's metadata as it is now: gone (nothing left to care for), or
-        written by someone else (try it again: its record is restored if it was lost)."""
+        """A recorded result's metadata as it is now: gone (nothing left to care for, unless
+        its marker stays), or written by someone else (try it again: its record is restored
+        if it was lost)."""
         rel = result.rel.as_posix()
         if now == known:
             return
@@ -200,9 +201,9 @@ class Finder:
             logger.warning("{}: {}", result.name, exc)
         if self.resigner is not None:
             self.resigner.forget(rel)
-        if now is None:
+        if now is None and not result.signal.exists():
             logger.debug("{}: its metadata was removed; nothing more to do", result.name)
-        else:
+        else:  # written by someone else, or removed while its marker stays: restored now
             await self.scheduler.offer(result, fresh=True)
 
     async def file_gone(self, path: Path) -> None:

@@ -328,7 +328,7 @@ def test_a_metadata_file_removed_while_its_marker_stays_is_written_again_and_sai
     moto_workspace,
 ):
     ws = moto_workspace
-    ws.settings["syncd"]["rescan_interval"] = 1
+    ws.settings["syncd"]["rescan_interval"] = 3600  # its event alone restores it
     ws.result("exec_9_abcdef09", {"a": b"a"})
     ws.mark("exec_9_abcdef09")
     daemon = ws.daemon()
