@@ -107,7 +107,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self.request_stop, sig)
-        loop.add_signal_handler(signal.SIGHUP, self.reloading.set)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         if hung_up_while_starting():  # the settings may have changed since they were read
             self.reloading.set()
         for sig in IGNORED_SIGNALS:
@@ -193,6 +193,11 @@ class Daemon:
                 async with asyncio.timeout(1):
                     await self.stopping.wait()
         return False
+
+    def request_reload(self) -> None:
+        if self.stopping.is_set():
+            logger.warning("SIGHUP received while stopping: no reload; a start reads the settings")
+        self.reloading.set()
 
     def request_stop(self, sig: signal.Signals) -> None:
         if self.stopping.is_set():

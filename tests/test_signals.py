@@ -224,3 +224,16 @@ def test_a_key_replaced_in_its_file_is_named_by_the_reload_and_signs_from_then_o
 
     url = ws.metadata("exec_7_abcdef07")["signed_url"]
     assert verify(file_url(url, "a"), {KEY_PAIR_ID: new.public_key()})
+
+
+def test_a_reload_asked_while_stopping_is_said_not_done(moto_workspace):
+    ws = moto_workspace
+    daemon = ws.daemon()
+    daemon.wait_log("syncd watching")
+
+    daemon.process.send_signal(signal.SIGTERM)
+    daemon.process.send_signal(signal.SIGHUP)
+
+    assert daemon.process.wait(30) == 0
+    assert "SIGHUP received while stopping: no reload; a start reads the settings" in daemon.log()
+    assert "settings reloaded" not in daemon.log()
