@@ -149,6 +149,11 @@ class ObjectStorage(BaseModel):
         parts = http_url(value, "http://minio.internal:9000")
         if "@" in parts.path:
             raise ValueError("must be an http:// or https:// URL with no @ after its host")
+        if parts.path:
+            raise ValueError(
+                "must be the store's URL alone, e.g. http://minio.internal:9000 (no path: the "
+                "bucket and keys follow the host)"
+            )
         return value
 
     @field_validator("cloudfront_domain")

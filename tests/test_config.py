@@ -312,6 +312,13 @@ BAD = [
         "http://minio.internal:9000",
     ),
     (
+        {"object_storage": {"endpoint_url": "http://127.0.0.1:15009/results"}},
+        {},
+        "invalid setting object_storage.endpoint_url (in {path}) = "
+        "'http://127.0.0.1:15009/results': must be the store's URL alone, e.g. "
+        "http://minio.internal:9000 (no path: the bucket and keys follow the host)",
+    ),
+    (
         {"object_storage": {"endpoint_url": "http://127.0.0.1:notaport"}},
         {},
         "invalid setting object_storage.endpoint_url (in {path}) = 'http://127.0.0.1:notaport': "
