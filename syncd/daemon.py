@@ -98,7 +98,7 @@ class Daemon:
             self.stopping,
             self.aborting,
         )
-        self.health = Health(layout, publisher, metrics, notifier, self.workers)
+        self.health = Health(layout, publisher, metrics, notifier, self.workers, journal)
         self.reporter = Reporter(
             publisher, journal, metrics, notifier, self.scheduler, self.workers
         )

@@ -2,10 +2,11 @@
 
 Every few seconds the watched folders are looked at again (what was replaced is watched
 again) and the pipeline is judged healthy when every worker and helper task is alive, the
-watcher and the metrics server run, and either nothing is being worked on or something moved
-(a file acknowledged, an attempt finished, a transfer within its deadline) in the last `STALL`
-seconds. Only then is the watchdog fed; otherwise systemd restarts the daemon. A task that
-ended is logged once, with its traceback (a bug: what a fix needs), while the others go on.
+watcher and the metrics server run, the state file is the one it opened, and either nothing
+is being worked on or something moved (a file acknowledged, an attempt finished, a transfer
+within its deadline) in the last `STALL` seconds. Only then is the watchdog fed; otherwise
+systemd restarts the daemon. A task that ended is logged once, with its traceback (a bug: what
+a fix needs), while the others go on.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 from loguru import logger
 
 from syncd.errors import classify
+from syncd.journal import Journal
 from syncd.layout import Layout
 from syncd.metrics import Metrics
 from syncd.notify import Notifier
@@ -37,8 +39,10 @@ class Health:
         metrics: Metrics,
         notifier: Notifier,
         workers: Workers,
+        journal: Journal,
     ) -> None:
         self.layout = layout
+        self.journal = journal
         self.publisher = publisher
         self.metrics = metrics
         self.notifier = notifier
@@ -81,6 +85,11 @@ class Health:
             return "the watcher of outputs_dir stopped"
         if not self.metrics.alive:
             return "the metrics server stopped"
+        if self.journal.replaced():
+            return (
+                f"its state file {self.journal.path} was removed or replaced while it runs, so "
+                "what it keeps goes to a file nobody sees: restart syncd"
+            )
         busy = self.workers.busy
         if not busy:
             return None

@@ -201,6 +201,7 @@ class Journal:
                     f"file:{self.path}?mode=ro", uri=True, timeout=2, check_same_thread=False
                 )
                 self.select = self._columns_of_any_version()
+                self.identity = file_identity(self.path)
                 return
             state_dir.mkdir(parents=True, exist_ok=True)
             try:
@@ -215,6 +216,7 @@ class Journal:
                 f"state_dir {state_dir}: cannot open {self.path} ({exc}): make it writable by "
                 "this user or set syncd.state_dir (SYNCD_STATE_DIR)"
             ) from None
+        self.identity = file_identity(self.path)
 
     def _columns_of_any_version(self) -> str:
         """COLUMNS as they can be read from this file: NULL for those a daemon of an earlier
@@ -295,6 +297,11 @@ class Journal:
     async def _rows(self, query: str, *args: object) -> list[tuple[Any, ...]]:
         rows: list[tuple[Any, ...]] = await self._run(lambda db: db.execute(query, args).fetchall())
         return rows
+
+    def replaced(self) -> bool:
+        """Whether the state file was removed or replaced since it was opened: what is written
+        goes to a file nobody else sees, and is lost at the next start."""
+        return file_identity(self.path) != self.identity
 
     def close(self) -> None:
         """After everything asked of it is done."""
@@ -549,6 +556,15 @@ def _keep(db: sqlite3.Connection, rel: str, latest: Kept | None, earlier: list[K
         "UPDATE results SET recorded = ?, earlier = ? WHERE rel = ?",
         (latest.dumps() if latest is not None else None, text, rel),
     )
+
+
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """The device and inode of `path`; None when it is not there (or cannot be looked at)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def refuse_links(path: Path) -> None:

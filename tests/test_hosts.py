@@ -264,6 +264,26 @@ def test_a_daemon_started_while_its_state_file_is_locked_waits_for_it(moto_works
     assert daemon.log().count("is locked by another process") == 1
 
 
+def test_a_state_file_removed_under_the_daemon_is_said_and_starves_the_watchdog(
+    moto_workspace, notify_socket
+):
+    ws = moto_workspace
+    daemon = ws.daemon(env=ws.env(NOTIFY_SOCKET=notify_socket.address, WATCHDOG_USEC="4000000"))
+    notify_socket.receive(lambda got: "WATCHDOG=1" in got)
+    state = ws.root / "state" / "state.db"
+
+    for extra in ("", "-wal", "-shm"):
+        state.with_name(f"state.db{extra}").unlink(missing_ok=True)
+
+    daemon.wait_log("syncd is not healthy")
+    assert daemon.terminate() == 0
+    assert (
+        f"syncd is not healthy: its state file {state} was removed or replaced while it runs, "
+        "so what it keeps goes to a file nobody sees: restart syncd; no longer feeding the "
+        "watchdog" in daemon.log()
+    )
+
+
 def test_a_corrupt_state_database_is_moved_aside_and_rebuilt(moto_workspace):
     ws = moto_workspace
     state = ws.root / "state"
