@@ -297,6 +297,7 @@ async def run_check(settings: Settings, config_file: Path | None) -> int:
     require_outputs_dir(Layout(settings))  # what `syncd run` would stop at, found here
     if (error := unusable(settings.syncd.state_dir)) is not None:
         raise error
+    Metrics(settings.syncd).check()
     store = open_store(settings.object_storage, None)
     print(f"# bucket: reaching {store.description} (for {CHECK_TIMEOUT:.0f} s at most)...")
     sys.stdout.flush()

@@ -9,10 +9,13 @@ line is always kept (it costs one datagram when it changes).
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from loguru import logger
@@ -126,19 +129,29 @@ class Metrics:
             try:
                 self.server, self.serving = start_http_server(port, host, registry=self.served)
             except OSError as exc:
-                raise ConfigError(
-                    f"syncd.metrics_address {self.address}: cannot listen ({exc.strerror or exc}); "
-                    "choose a free port or an address of this host"
-                ) from None
+                raise cannot_listen(self.address, exc) from None
         if self.file is not None:
             try:
                 write_to_textfile(str(self.file), self.registry)
             except OSError as exc:
-                raise ConfigError(
-                    f"syncd.metrics_file {self.file}: cannot write it "
-                    f"({exc.strerror or exc}); create its folder or make it writable for syncd"
-                ) from None
+                raise cannot_write(self.file, exc) from None
         self.started = True
+
+    def check(self) -> None:
+        """What `start` would refuse, found without serving or writing anything (`syncd
+        check`; a port taken shows only at the start: the daemon may hold it right now)."""
+        if self.address is not None:
+            host, port = listen_address(self.address)
+            try:
+                socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            except OSError as exc:
+                raise cannot_listen(self.address, exc) from None
+        if self.file is not None:
+            folder = self.file.parent
+            if not folder.is_dir():
+                raise cannot_write(self.file, OSError(errno.ENOENT, os.strerror(errno.ENOENT)))
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise cannot_write(self.file, OSError(errno.EACCES, os.strerror(errno.EACCES)))
 
     @property
     def alive(self) -> bool:
@@ -236,3 +249,17 @@ def ago(seconds: float) -> str:
     if seconds < 2 * 86400:
         return f"{seconds / 3600:.0f} h"
     return f"{seconds / 86400:.0f} days"
+
+
+def cannot_listen(address: str, exc: OSError) -> ConfigError:
+    return ConfigError(
+        f"syncd.metrics_address {address}: cannot listen ({exc.strerror or exc}); choose a "
+        "free port or an address of this host"
+    )
+
+
+def cannot_write(file: Path, exc: OSError) -> ConfigError:
+    return ConfigError(
+        f"syncd.metrics_file {file}: cannot write it ({exc.strerror or exc}); create its folder "
+        "or make it writable for syncd"
+    )

@@ -135,13 +135,26 @@ def test_metrics_settings_that_cannot_work_stop_the_start(moto_workspace, tmp_pa
 
     del ws.settings["syncd"]["metrics_address"]
     ws.settings["syncd"]["metrics_file"] = str(tmp_path / "missing" / "syncd.prom")
-    done = ws.syncd("run", "--config", str(ws.config), timeout=60)
-    assert done.returncode == 2
-    assert "metrics not written" not in done.stderr  # the one line says it all
-    assert done.stderr.strip().splitlines()[-1] == (
-        f"syncd: error: syncd.metrics_file {tmp_path}/missing/syncd.prom: cannot write it (No "
-        "such file or directory); create its folder or make it writable for syncd"
+    for command in ("run", "check"):  # check finds it without starting
+        done = ws.syncd(command, "--config", str(ws.config), timeout=60)
+        assert done.returncode == 2
+        assert "metrics not written" not in done.stderr  # the one line says it all
+        assert done.stderr.strip().splitlines()[-1] == (
+            f"syncd: error: syncd.metrics_file {tmp_path}/missing/syncd.prom: cannot write it "
+            "(No such file or directory); create its folder or make it writable for syncd"
+        )
+    del ws.settings["syncd"]["metrics_file"]
+    ws.settings["syncd"]["metrics_address"] = "no-such-host.invalid:9464"
+    checked = ws.syncd("check", "--config", str(ws.config), timeout=60)
+    assert checked.returncode == 2
+    assert (
+        checked.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "syncd: error: syncd.metrics_address no-such-host.invalid:9464: cannot listen ("
+        )
     )
+    del ws.settings["syncd"]["metrics_address"]
 
     ws.settings["syncd"]["metrics_file"] = str(tmp_path / "syncd.txt")
     done = ws.syncd("run", "--config", str(ws.config), timeout=60)
