@@ -193,9 +193,10 @@ class Publisher:
     ) -> Uploaded:
         """Upload the tree. `interrupted`: an earlier attempt may have left parts and objects.
         `acknowledged`: what the state kept of a tree an earlier attempt uploaded whole."""
-        stored = self.stored_before.pop(result.rel.as_posix(), {})
         files = await asyncio.to_thread(self._list_tree, result)
         await asyncio.to_thread(settled, result, files)
+        # Taken only now: an attempt that stops before it uploads leaves it for the next.
+        stored = self.stored_before.pop(result.rel.as_posix(), {})
         started = time.monotonic()
         total = sum(f.size for f in files)
         done = fingerprint(result, files)

@@ -370,6 +370,25 @@ def test_files_acknowledged_before_a_failure_are_not_sent_again(
     assert_published(world, result, files)
 
 
+def test_files_acknowledged_before_a_failure_are_not_sent_again_after_a_postponement(
+    world: World, store: FakeStore
+) -> None:
+    files = tree_files()
+    result = world.result(files=files)
+    store.fail(unreachable, times=1, key_suffix="/.zarray")
+    assert isinstance(world.attempt(result), Failed)
+    late = result.tree / "results.zarr" / "t2m" / "1.0"
+    late.write_bytes(b"late")  # after the marker: its writer may still be at it
+
+    assert isinstance(world.attempt(result), Postponed)
+    backdate(late)  # left alone since
+    assert isinstance(world.attempt(result), Recorded)
+
+    chunks = {f"{result.remote_path}/results.zarr/t2m/0.{i}" for i in (0, 1)}
+    assert all(store.stored[key] == 1 for key in chunks), store.stored
+    assert_published(world, result, {**files, "results.zarr/t2m/1.0": b"late"})
+
+
 def test_metadata_that_is_not_json_is_an_input_error_and_nothing_is_sent(
     world: World, store: FakeStore
 ) -> None:
