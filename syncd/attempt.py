@@ -87,6 +87,8 @@ class Failed:
 
 
 Outcome = Recorded | Unfinished | Held | Elsewhere | Postponed | Failed
+# The journal's states of a result whose metadata records it.
+RECORDED = (State.DONE, State.ELSEWHERE)
 
 
 class Attempts:
@@ -453,6 +455,10 @@ class Attempts:
             # Its writer is at it: no backoff, no journal, nothing for the operator to see.
             logger.debug("{}: {} (attempt {})", result.name, error, attempts)
             return Postponed(error, error.retry_in)
+        if not self.retries and previous is not None and previous.state in RECORDED:
+            # `syncd sync` refused a result published already: it stays as it was published.
+            self.say(result, error, attempts, 0.0)
+            return Failed(error, attempts, 0.0, journaled=False)
         delay = self.backoff(error, attempts)
         self.say(result, error, attempts, delay)
         uploaded = previous.uploaded if previous else None

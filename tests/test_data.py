@@ -12,6 +12,7 @@ import requests
 
 from syncd.policy import expiry
 from tests.cloudfront import file_url
+from tests.conftest import status_of
 from tests.proxy import Proxy
 from tests.servers import wait_until
 
@@ -262,6 +263,7 @@ def test_sync_publishes_a_change_sends_nothing_for_none_and_never_replaces_a_chu
             "publish the new tree as a new result (copy the folder to a new exec_* name)"
         )
     assert ws.objects()["outputs/exec_7_abcdef07/t2m/0.0"] == chunk
+    assert status_of(ws)["exec_7_abcdef07"]["state"] == "done"  # still published as it was
 
 
 def test_a_tree_that_cannot_be_removed_after_publishing_is_said_not_failed(moto_workspace, tmpfs):
