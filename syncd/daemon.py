@@ -162,6 +162,8 @@ class Daemon:
                 if self.reloading.is_set() and not self.stopping.is_set():
                     self.reloading.clear()
                     self.reload()
+            if self.reloading.is_set():  # a SIGHUP just before the stop signal
+                self.reload_dropped()
         finally:
             self.notifier.stopping()
             watcher.stop()
@@ -196,8 +198,12 @@ class Daemon:
 
     def request_reload(self) -> None:
         if self.stopping.is_set():
-            logger.warning("SIGHUP received while stopping: no reload; a start reads the settings")
-        self.reloading.set()
+            self.reload_dropped()
+        else:
+            self.reloading.set()
+
+    def reload_dropped(self) -> None:
+        logger.warning("SIGHUP received while stopping: no reload; a start reads the settings")
 
     def request_stop(self, sig: signal.Signals) -> None:
         if self.stopping.is_set():
