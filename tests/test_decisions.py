@@ -352,9 +352,11 @@ def test_a_store_that_always_pushes_back_fails_the_attempt_as_throttled(
     assert_unrecorded(world, result)
 
 
+@pytest.mark.parametrize("postponed", [False, True])
 def test_files_acknowledged_before_a_failure_are_not_sent_again(
-    world: World, store: FakeStore
+    world: World, store: FakeStore, postponed: bool
 ) -> None:
+    """Also when a file written late postpones the attempt after the failure."""
     files = tree_files()
     result = world.result(files=files)
     # The Zarr documents go last, after every chunk was acknowledged.
@@ -364,29 +366,16 @@ def test_files_acknowledged_before_a_failure_are_not_sent_again(
     chunks = {f"{result.remote_path}/results.zarr/t2m/0.{i}" for i in (0, 1)}
     assert chunks <= set(store.objects)
     assert_unrecorded(world, result)
+    if postponed:
+        late = result.tree / "results.zarr" / "t2m" / "1.0"
+        late.write_bytes(b"late")  # after the marker: its writer may still be at it
+        assert isinstance(world.attempt(result), Postponed)
+        backdate(late)  # left alone since
+        files = {**files, "results.zarr/t2m/1.0": b"late"}
 
     assert isinstance(world.attempt(result), Recorded)
     assert all(store.stored[key] == 1 for key in chunks), store.stored
     assert_published(world, result, files)
-
-
-def test_files_acknowledged_before_a_failure_are_not_sent_again_after_a_postponement(
-    world: World, store: FakeStore
-) -> None:
-    files = tree_files()
-    result = world.result(files=files)
-    store.fail(unreachable, times=1, key_suffix="/.zarray")
-    assert isinstance(world.attempt(result), Failed)
-    late = result.tree / "results.zarr" / "t2m" / "1.0"
-    late.write_bytes(b"late")  # after the marker: its writer may still be at it
-
-    assert isinstance(world.attempt(result), Postponed)
-    backdate(late)  # left alone since
-    assert isinstance(world.attempt(result), Recorded)
-
-    chunks = {f"{result.remote_path}/results.zarr/t2m/0.{i}" for i in (0, 1)}
-    assert all(store.stored[key] == 1 for key in chunks), store.stored
-    assert_published(world, result, {**files, "results.zarr/t2m/1.0": b"late"})
 
 
 def test_metadata_that_is_not_json_is_an_input_error_and_nothing_is_sent(
