@@ -9,12 +9,14 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
 import requests
 from botocore.config import Config
+from botocore.exceptions import ClientError
 
 BIN = Path(sys.executable).parent
 KEY, SECRET = "syncdtestkey", "syncdtestsecret"
@@ -127,4 +129,19 @@ class S3Server:
             for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
             for o in page.get("Contents", [])
         ]
-        return {k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+        return {k: self.read(s3, bucket, k) for k in keys}
+
+    def read(self, s3, bucket: str, key: str) -> bytes:
+        """The bytes of one object, as a reader gets them."""
+        try:
+            return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as exc:
+            if self.name != "rclone" or exc.response["ResponseMetadata"]["HTTPStatusCode"] != 500:
+                raise
+            # rclone serve s3 (experimental) once answered every read of an object it had just
+            # listed with a 500 (1 read in a whole CI run, not seen again in 1,100 runs of that
+            # test alone). The folder it serves is the bucket: its bytes are the object's.
+            warnings.warn(
+                f"rclone answered a read of {key!r} with a 500; read from its folder", stacklevel=2
+            )
+            return (self.workdir / "root" / bucket / key).read_bytes()
