@@ -31,6 +31,7 @@ from syncd.config import (
     ConfigError,
     Settings,
     load_settings,
+    log_format_asked,
     rate_text,
     redacted,
 )
@@ -320,8 +321,17 @@ async def run_check(settings: Settings, config_file: Path | None) -> int:
     return 0
 
 
+def log_format(args: argparse.Namespace, settings: Settings | None) -> str:
+    """The log format of this command: its settings', or when they could not be read, the one
+    asked for on its own."""
+    if settings is not None:
+        return settings.syncd.log_format
+    return log_format_asked(args.config, flags_from(args), dict(os.environ))
+
+
 def run_command(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    settings: Settings | None = None
     try:
         settings, config_file = load_settings(args.config, flags_from(args))
         logs.configure(settings.syncd)
@@ -350,24 +360,22 @@ def run_command(argv: list[str] | None = None) -> int:
         return asyncio.run(
             run_daemon(settings, signer, lambda: load_settings(args.config, flags)[0])
         )
-    except (ConfigError, LayoutError) as exc:
-        print(f"syncd: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
     except SyncdError as exc:
-        print(f"syncd: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        logs.plain("ERROR", f"syncd: error: {exc}", log_format(args, settings))
+        return EXIT_CONFIG if isinstance(exc, (ConfigError, LayoutError)) else EXIT_FAILED
     except KeyboardInterrupt as exc:
         sig = exc.signal if isinstance(exc, Interrupted) else signal.SIGINT
         if args.command == "run":  # stopped while starting: nothing was taken on yet
-            logger.info("{} received: stopping", sig.name)
+            logs.plain("INFO", f"{sig.name} received: stopping", log_format(args, settings))
             return 0
         later = (
             "; results not yet recorded are published by the daemon if they are marked, or by "
             "syncd sync again"
         )
-        print(
+        logs.plain(
+            "WARNING",
             f"syncd: interrupted by {sig.name}{later if args.command == 'sync' else ''}",
-            file=sys.stderr,
+            log_format(args, settings),
         )
         return EXIT_INTERRUPTED + sig - signal.SIGINT
 

@@ -812,6 +812,25 @@ def load_settings(
     return settings, path
 
 
+def log_format_asked(
+    config_file: Path | None, flags: dict[str, dict[str, Any]], environ: dict[str, str]
+) -> str:
+    """The log format asked for, read alone when the settings as a whole cannot be, so that
+    the error saying why is said in it: the first valid value in the settings' own order
+    (flag, environment, config file), else text."""
+    try:
+        path = config_file_from(config_file, environ)
+        document = read_yaml(path) if path is not None else {}
+    except ConfigError:
+        document = {}
+    given = (
+        flags.get("syncd", {}).get("log_format"),
+        environ.get(env_name("syncd", "log_format")),
+        document.get("syncd", {}).get("log_format"),
+    )
+    return next((value for value in given if value in ("text", "json")), "text")
+
+
 class Origin:
     """Says where a bad value came from, so the message points at what to edit."""
 

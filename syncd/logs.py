@@ -61,6 +61,22 @@ def configure(daemon: DaemonSettings) -> None:
     logging.captureWarnings(True)
 
 
+def plain(level: str, message: str, log_format: str) -> None:
+    """A line of the command itself, without a time: why it ends (`syncd: error: ...`), also
+    when its settings could not be read and the log is not set up. One JSON object with
+    log_format json; under systemd with its priority (`journalctl -p err` must show why syncd
+    did not start); else as it is."""
+    if log_format == "json":
+        logger.remove()
+        logger.add(to_stderr, level=level, serialize=True)
+        logger.log(level, "{}", message)
+    elif stderr_is_journal():
+        sys.stderr.write(f"<{SYSLOG_PRIORITY[level]}>{redact(message)}\n")
+    else:
+        sys.stderr.write(f"{redact(message)}\n")
+    sys.stderr.flush()
+
+
 class ToLoguru(logging.Handler):
     """A standard `logging` record, as a line of syncd's own log."""
 

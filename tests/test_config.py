@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -499,6 +500,32 @@ def test_bad_configuration_exits_2_with_one_line_and_no_traceback(tmp_path):
         "required when object storage is enabled: set object_storage.bucket or "
         "OBJECT_STORAGE_BUCKET"
     ]
+
+
+@pytest.mark.parametrize("asked_by", ["--log-format", "SYNCD_LOG_FORMAT", "config file"])
+def test_a_bad_configuration_is_said_as_json_when_json_logs_are_asked(tmp_path, asked_by):
+    document: dict = {"object_storage": {"enabled": True}, "syncd": {}}
+    if asked_by == "config file":
+        document["syncd"]["log_format"] = "json"
+    config = write(tmp_path, document)
+    flags = ["--log-format", "json"] if asked_by == "--log-format" else []
+    env = {"SYNCD_LOG_FORMAT": "json"} if asked_by == "SYNCD_LOG_FORMAT" else {}
+    done = subprocess.run(
+        [*SYNCD, "run", "--config", str(config), *flags],
+        env=clean_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 2
+    (line,) = done.stderr.splitlines()
+    record = json.loads(line)["record"]
+    assert record["level"]["name"] == "ERROR"
+    assert record["message"].startswith(
+        "syncd: error: invalid object_storage settings (config file "
+    )
+    assert "bucket is required when object storage is enabled" in record["message"]
 
 
 def test_yaml_that_does_not_parse_names_the_file(tmp_path):

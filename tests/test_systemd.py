@@ -145,6 +145,23 @@ def test_journald_lines_carry_syslog_priorities(moto_workspace):
     assert any(line.startswith("<3>exec_1_abcdef01: metadata ") for line in lines)
 
 
+@pytest.mark.parametrize("wrong", ["a setting", "outputs_dir"])
+def test_why_syncd_did_not_start_is_an_error_in_the_journal(moto_workspace, wrong):
+    ws = moto_workspace
+    if wrong == "a setting":  # said before the log is set up
+        ws.settings["syncd"]["max_bandwidth"] = "fast"
+    else:  # said once it is
+        ws.settings["syncd"]["outputs_dir"] = str(ws.root / "nowhere")
+    daemon = ws.daemon(journal=True)
+
+    assert daemon.process.wait(60) == 2
+    lines = daemon.log().splitlines()
+    assert all(re.match(r"<[0-7]>", line) for line in lines), lines
+    (error,) = [line for line in lines if "error" in line]
+    assert error.startswith("<3>syncd: error: ")
+    assert ("max_bandwidth" if wrong == "a setting" else "nowhere") in error
+
+
 def test_secrets_come_from_systemd_credentials(moto_workspace, signing_key, tmp_path):
     ws = moto_workspace
     credentials = tmp_path / "credentials"
