@@ -343,11 +343,15 @@ class Attempts:
         """Its metadata records another place: another syncd's prefix (two daemons on one
         outputs dir), the server's own upload, or another result sharing the file. Never
         overwritten, so two daemons never take turns at one file; said once."""
+        remedy = (
+            f"`syncd sync {result.tree}` publishes it to {result.remote_path}"
+            if os.path.lexists(result.tree)
+            else "its local tree is gone, so it cannot be published here"
+        )
         message = (
             f"its metadata {result.metadata} records {elsewhere}, not {result.remote_path} "
             "(another syncd's prefix, the server's own upload, or another result's "
-            f"file); left as it is: `syncd sync {result.tree}` publishes it to "
-            f"{result.remote_path}"
+            f"file); left as it is: {remedy}"
         )
         return await self.elsewhere(result, elsewhere, message, stamp, "WARNING")
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path, PurePosixPath
@@ -477,6 +478,24 @@ def test_metadata_recording_another_place_is_left_alone(world: World, store: Fak
     assert store.puts == []
     assert world.metadata(result) == theirs
     assert world.record(result).state == State.ELSEWHERE
+
+
+def test_another_place_is_left_alone_without_a_remedy_when_the_tree_is_gone(
+    world: World, store: FakeStore
+) -> None:
+    theirs = {"request_id": "exec_1", "status": "completed", "storage_type": "s3"}
+    theirs["remote_path"] = "elsewhere/exec_1"
+    result = world.result(metadata=theirs)
+    shutil.rmtree(result.tree)  # the server deleted it after its own upload
+
+    outcome = world.attempt(result)
+
+    assert outcome == Elsewhere("elsewhere/exec_1")
+    assert store.puts == []
+    assert world.metadata(result) == theirs
+    said = world.record(result).last_error  # what syncd status shows
+    assert said is not None and "syncd sync" not in said
+    assert said.endswith("left as it is: its local tree is gone, so it cannot be published here")
 
 
 def test_a_result_another_daemon_claimed_is_held(world: World, store: FakeStore) -> None:
