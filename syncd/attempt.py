@@ -257,7 +257,17 @@ class Attempts:
         with contextlib.suppress(SyncdError):
             previous = await self.journal.get(rel)
             if previous is not None and previous.state == State.UPLOADING:
-                await self.journal.pending(previous)
+                if await self.nobody_takes_it_up(result):
+                    short = f"syncd sync interrupted, no {result.signal_name}"
+                    await self.journal.forgotten(rel, short)
+                else:
+                    await self.journal.pending(previous)
+
+    async def nobody_takes_it_up(self, result: Result) -> bool:
+        """Whether no daemon tries `result` after this process: a `syncd sync` of a result with
+        no signal. Journalled pending or retrying, a daemon would take its missing signal for
+        one removed, forget it and abort the upload `syncd sync` run again resumes."""
+        return not self.retries and not await asyncio.to_thread(os.path.isfile, result.signal)
 
     async def own_record(self, result: Result) -> Kept | None:
         """The record this daemon made for the result, for whatever remote_path it had then."""
@@ -463,6 +473,14 @@ class Attempts:
             # `syncd sync` refused a result published already: it stays as it was published.
             self.say(result, error, attempts, 0.0)
             return Failed(error, attempts, 0.0, journaled=False)
+        if await self.nobody_takes_it_up(result):
+            self.say(result, error, attempts, 0.0)
+            try:
+                await self.journal.forgotten(rel, f"syncd sync failed, no {result.signal_name}")
+            except SyncdError as exc:
+                logger.warning("{}: {}", result.name, exc)
+                return Failed(error, attempts, 0.0, journaled=False)
+            return Failed(error, attempts, 0.0)
         delay = self.backoff(error, attempts)
         self.say(result, error, attempts, delay)
         uploaded = previous.uploaded if previous else None

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.conftest import DaemonProcess, Workspace
+from tests.conftest import DaemonProcess, Workspace, status_of
 from tests.proxy import Proxy
 from tests.servers import wait_until
 
@@ -164,4 +164,41 @@ def test_an_upload_that_cannot_resume_is_sent_afresh(moto_workspace, change):
     again, _, _ = interrupted(ws, "exec_4_abcdef04", 10_000_000, 20 * MiB, change_it)
     assert "resumed" not in again.log()
     assert stored_md5(ws, "outputs/exec_4_abcdef04/forecast.nc") == md5
+    assert unfinished(ws) == []
+
+
+@pytest.mark.parametrize("ended_by", ["SIGTERM", "the store gone"])
+def test_an_unfinished_syncd_sync_of_an_unmarked_result_is_left_to_syncd_sync(
+    moto_workspace, ended_by
+):
+    """Nobody marked it, so no daemon takes it up: one running beside it says nothing of a
+    marker removed and leaves the multipart upload that `syncd sync` run again resumes."""
+    ws = moto_workspace
+    ws.settings["object_storage"]["use_rust_client"] = False
+    tree = ws.result("exec_1_abcdef01", {})
+    md5 = write_random(tree / "forecast.nc", 64 * MiB)
+    with Proxy(ws.server.port, rate=10_000_000) as slow:
+        ws.settings["object_storage"]["endpoint_url"] = slow.endpoint
+        sync = ws.sync_in_background("exec_1_abcdef01")
+        wait_until(lambda: slow.sent >= 20 * MiB, timeout=120, what="parts of it sent")
+        if ended_by == "SIGTERM":
+            sync.send_signal(signal.SIGTERM)
+    code = sync.wait(120)  # with the proxy gone, the store is too
+    ws.settings["object_storage"]["endpoint_url"] = ws.server.endpoint
+    ws.result("exec_2_abcdef02", {"a": b"a"})
+    ws.mark("exec_2_abcdef02")
+    daemon = ws.daemon()
+    wait_until(lambda: ws.recorded("exec_2_abcdef02"), what="the daemon's first scan done")
+    assert daemon.terminate() == 0
+
+    assert code == (128 + signal.SIGTERM if ended_by == "SIGTERM" else 1)
+    assert "exec_1_abcdef01" not in daemon.log()
+    assert unfinished(ws) == ["outputs/exec_1_abcdef01/forecast.nc"]
+    record = status_of(ws)["exec_1_abcdef01"]
+    how = "interrupted" if ended_by == "SIGTERM" else "failed"
+    assert (record["state"], record["last_error"]) == ("forgotten", f"syncd sync {how}, no marker")
+    again = ws.sync("exec_1_abcdef01")
+    assert again.returncode == 0, again.stderr
+    assert kept_bytes(again.stderr) >= 10 * MiB
+    assert stored_md5(ws, "outputs/exec_1_abcdef01/forecast.nc") == md5
     assert unfinished(ws) == []
