@@ -476,7 +476,8 @@ class Attempts:
         if await self.nobody_takes_it_up(result):
             self.say(result, error, attempts, 0.0)
             try:
-                await self.journal.forgotten(rel, f"syncd sync failed, no {result.signal_name}")
+                why = f"syncd sync failed, no {result.signal_name}: {error}"
+                await self.journal.forgotten(rel, why, error.permanent)
             except SyncdError as exc:
                 logger.warning("{}: {}", result.name, exc)
                 return Failed(error, attempts, 0.0, journaled=False)

@@ -401,9 +401,11 @@ class Journal:
         """Its metadata records another place: left alone."""
         await self._set(Entry(rel, State.ELSEWHERE, last_error=why))
 
-    async def forgotten(self, rel: str, why: str) -> None:
-        """Its signal went while it waited: nothing more is done for it until one comes."""
-        await self._set(Entry(rel, State.FORGOTTEN, last_error=why))
+    async def forgotten(self, rel: str, why: str, permanent: bool = False) -> None:
+        """Its signal went while it waited, or it never had one (`syncd sync` failed, and
+        `permanent` says if a person must fix why): nothing more is done for it until one
+        comes."""
+        await self._set(Entry(rel, State.FORGOTTEN, last_error=why, permanent=permanent))
 
     async def _set(self, entry: Entry) -> None:
         await self._write(

@@ -515,7 +515,9 @@ def test_wrong_credentials_are_a_permanent_error_with_the_remedy(rclone_workspac
         "access_key_id, secret_access_key, session_token, or the instance role"
     )
     assert "WARNING" not in done.stderr.replace("WARNING CloudFront", "")
-    assert status(ws)["exec_18_abcdef18"]["permanent"] is True
+    record = status(ws)["exec_18_abcdef18"]
+    assert record["permanent"] is True
+    assert record["last_error"].startswith("syncd sync failed, no marker: upload of ")
 
 
 @pytest.mark.parametrize("rust", [True, False], ids=["obstore", "s3fs"])
