@@ -3,7 +3,8 @@ to do about it.
 
 - `TransientError`: fixes itself; retried with capped exponential backoff (a store that is down
   or slow, a full disk, a locked database). Among them `Throttled` (the store pushes back),
-  `TreeChanged` (files changed while they were sent) and `BeingWritten` (its writer is at it).
+  `Unanswered` (it takes requests and never answers), `TreeChanged` (files changed while they
+  were sent) and `BeingWritten` (its writer is at it).
 - `OperatorError`: a person must fix something outside the result (credentials, bucket, region,
   permissions, a read-only filesystem); logged once, retried every retry_permanent_delay.
 - `InputError`: this result's own files or metadata are unusable (a malformed metadata file, a
@@ -77,6 +78,11 @@ class Throttled(TransientError):
 class TreeChanged(TransientError):
     """The result's files changed while they were uploaded or after: tried again once the tree
     is quiet."""
+
+
+class Unanswered(TransientError):
+    """The store took a request and did not answer it in time. What is best effort (the
+    clean-up of unfinished uploads) does not pass over it: the upload would hang the same."""
 
 
 # The user and password of a URL (`http://user:pass@host`), as endpoint_url may hold them.

@@ -38,6 +38,7 @@ from syncd.errors import (
     SyncdError,
     Throttled,
     TransientError,
+    Unanswered,
     first_failure,
     os_error,
     printable,
@@ -361,6 +362,8 @@ class Publisher:
         some S3-compatible servers cannot."""
         try:
             aborted = await self.store.abort_uploads(f"{result.remote_path}/", keys)
+        except Unanswered:
+            raise
         except SyncdError as exc:
             if exc.code not in CLEANUP_REFUSED:  # the upload itself says what is wrong next
                 logger.debug("{}: no multipart clean-up: {}", result.name, exc)

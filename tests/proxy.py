@@ -117,6 +117,7 @@ class Proxy(Front):
         # From a PUT on (PutObject, UploadPart), a connection takes every byte and answers
         # nothing, not even "100 Continue": a store that hangs.
         swallow_puts: bool = False,
+        hang: bool = False,  # so does every request: a store that takes them and never answers
         # Sees every piece forwarded: (connection number, towards the server?, bytes).
         observer: Callable[[int, bool, bytes], None] | None = None,
         port: int = 0,  # where it listens: a free port unless given
@@ -136,6 +137,7 @@ class Proxy(Front):
         self.hide_in_listings = hide_in_listings
         self.listings = 0  # listing requests seen
         self.swallow_puts = swallow_puts
+        self.hang = hang
         self.swallowed = 0  # PUT requests taken and never answered
         self.connections = itertools.count()
         self.sent = 0  # bytes forwarded to the server, all connections
@@ -197,7 +199,9 @@ class Proxy(Front):
                         await line.drain()
                     writer.write_eof()
                     return
-                if upstream and (swallowing or (self.swallow_puts and data.startswith(b"PUT "))):
+                if upstream and (
+                    swallowing or self.hang or (self.swallow_puts and data.startswith(b"PUT "))
+                ):
                     self.swallowed += not swallowing
                     swallowing = True
                     continue

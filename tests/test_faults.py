@@ -23,7 +23,7 @@ from tests.conftest import status_of
 from tests.proxy import Proxy
 from tests.pushback import PushBack
 from tests.readme import as_quoted, log_example
-from tests.servers import S3Server, wait_until
+from tests.servers import S3Server, free_port, wait_until
 
 MiB = 1024 * 1024
 BIG = 160 * MiB  # long enough on loopback to act while it is in flight
@@ -544,6 +544,30 @@ def test_a_store_that_takes_an_upload_and_never_answers_is_given_up_in_a_minute(
     )
     assert 61 <= took < 75
     assert ws.metadata("exec_5_abcdef05").get("storage_type") != "s3"
+
+
+@pytest.mark.slow
+def test_a_store_that_answers_no_request_is_said_to_within_its_timeouts(moto_workspace):
+    """A retry first cleans up what the failed attempt left: that listing, unanswered, is
+    given up after one try's timeouts too, not held through every retry of the client."""
+    ws = moto_workspace
+    ws.result("exec_5_abcdef05", {"a.bin": b"abc"})
+    ws.settings["object_storage"]["endpoint_url"] = f"http://127.0.0.1:{free_port()}"
+    assert ws.sync("exec_5_abcdef05").returncode == 1  # nobody listens: an attempt failed
+    with Proxy(ws.server.port, hang=True) as proxy:
+        ws.settings["object_storage"]["endpoint_url"] = proxy.endpoint
+        started = time.monotonic()
+        done = ws.sync("exec_5_abcdef05")
+        took = time.monotonic() - started
+        assert proxy.swallowed >= 1
+
+    assert done.returncode == 1, done.stderr
+    assert (
+        "exec_5_abcdef05: listing multipart uploads under outputs/exec_5_abcdef05/ failed: no "
+        "answer within 130 s: the store takes requests but does not answer them" in done.stderr
+    )
+    assert 130 <= took < 150
+    assert ws.objects() == {}
 
 
 @pytest.mark.parametrize("rust", [True, False], ids=["obstore", "s3fs"])

@@ -25,6 +25,7 @@ from syncd.storage.timeouts import (
     CLIENT_RETRIES,
     CONNECT_TIMEOUT,
     answered,
+    asked,
     file_deadline,
     request_timeout,
 )
@@ -151,7 +152,9 @@ class ObstoreStore:
         import obstore
 
         with failures(f"deleting {len(keys)} objects"):
-            await obstore.delete_async(self.store, keys)
+            for start in range(0, len(keys), 1000):  # one DeleteObjects request each
+                async with asked(f"deleting {len(keys)} objects"):
+                    await obstore.delete_async(self.store, keys[start : start + 1000])
 
     async def sizes(self, prefix: str) -> dict[str, int]:
         import obstore
@@ -160,7 +163,12 @@ class ObstoreStore:
         listed: set[str] = set()
         pages = Pages(f"listing {prefix}")
         with failures(f"listing {prefix}"):
-            async for batch in obstore.list(self.store, prefix=prefix, chunk_size=1000):
+            stream = obstore.list(self.store, prefix=prefix, chunk_size=1000)
+            while True:
+                async with asked(f"listing {prefix}"):  # one page each
+                    batch = await anext(stream, None)
+                if batch is None:
+                    break
                 # obstore follows the tokens itself: S3 never lists a key twice.
                 paths = [meta["path"] for meta in batch]
                 if len(listed.union(paths)) != len(listed) + len(paths):

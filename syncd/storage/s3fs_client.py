@@ -30,7 +30,13 @@ from syncd.objects import ObjectHeaders
 from syncd.storage.base import Multiparts, Pages, location
 from syncd.storage.body import Body
 from syncd.storage.etags import Etags, Sent
-from syncd.storage.timeouts import CONNECT_TIMEOUT, READ_TIMEOUT, answered, file_deadline
+from syncd.storage.timeouts import (
+    CONNECT_TIMEOUT,
+    READ_TIMEOUT,
+    answered,
+    asked,
+    file_deadline,
+)
 
 # The parts a store holds of an upload: part number -> (MD5 hex of its bytes, size).
 Stored = dict[int, tuple[str, int]]
@@ -204,7 +210,8 @@ class S3fsStore:
         more is gone too. Returns whether the store had it."""
         aborted = False
         with contextlib.suppress(FileNotFoundError):  # NoSuchUpload
-            await fs._call_s3("abort_multipart_upload", **upload)
+            async with asked(f"aborting the multipart upload of {upload['Key']}"):
+                await fs._call_s3("abort_multipart_upload", **upload)
             aborted = True
         if forget and self.multiparts is not None:
             await self.multiparts.ended(upload["Key"])
@@ -289,9 +296,10 @@ class S3fsStore:
         with failures(f"deleting {len(keys)} objects"):
             for start in range(0, len(keys), 1000):
                 batch = [{"Key": key} for key in keys[start : start + 1000]]
-                answer = await fs._call_s3(
-                    "delete_objects", Bucket=self.storage.bucket, Delete={"Objects": batch}
-                )
+                async with asked(f"deleting {len(keys)} objects"):
+                    answer = await fs._call_s3(
+                        "delete_objects", Bucket=self.storage.bucket, Delete={"Objects": batch}
+                    )
                 if answer.get("Errors"):  # a success that refuses some keys
                     from botocore.exceptions import ClientError
 
@@ -302,11 +310,12 @@ class S3fsStore:
         # botocore holds a second copy of each while it signs and sends it.
         return 2 * min(size, PARTS_PER_FILE * self.storage.multipart_chunksize)
 
-    async def _list(self, **params: Any) -> dict[str, Any]:
+    async def _list(self, action: str, **params: Any) -> dict[str, Any]:
         fs = await self._client()
-        answer: dict[str, Any] = await fs._call_s3(
-            "list_objects_v2", Bucket=self.storage.bucket, **params
-        )
+        async with asked(action):
+            answer: dict[str, Any] = await fs._call_s3(
+                "list_objects_v2", Bucket=self.storage.bucket, **params
+            )
         return answer
 
     async def sizes(self, prefix: str) -> dict[str, int]:
@@ -315,7 +324,7 @@ class S3fsStore:
         pages = Pages(f"listing {prefix}")
         with failures(f"listing {prefix}"):
             while True:
-                page = await self._list(**params)
+                page = await self._list(f"listing {prefix}", **params)
                 found.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
                 if not page.get("IsTruncated"):
                     return found
@@ -324,7 +333,7 @@ class S3fsStore:
 
     async def probe(self) -> None:
         with failures(f"listing {self.description}"):
-            await self._list(Prefix=self.storage.prefix, MaxKeys=1)
+            await self._list(f"listing {self.description}", Prefix=self.storage.prefix, MaxKeys=1)
 
     async def abort_uploads(self, prefix: str, keep: set[str]) -> int:
         fs = await self._client()
@@ -348,9 +357,10 @@ class S3fsStore:
             marker: dict[str, str] = {}
             pages = Pages(f"listing multipart uploads under {prefix}")
             while True:
-                page = await fs._call_s3(
-                    "list_multipart_uploads", Bucket=bucket, Prefix=prefix, **marker
-                )
+                async with asked(f"listing multipart uploads under {prefix}"):
+                    page = await fs._call_s3(
+                        "list_multipart_uploads", Bucket=bucket, Prefix=prefix, **marker
+                    )
                 for upload in page.get("Uploads", []):
                     if (upload["Key"], upload["UploadId"]) not in resumed:
                         await abort(upload["Key"], upload["UploadId"])

@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 from syncd.budget import PARTS_PER_FILE, SLOWEST_RATE
-from syncd.errors import TransientError
+from syncd.errors import Unanswered
 
 # A few quick retries inside the client absorb a single failed request (rclone serve s3 fails
 # one now and then); longer outages are the daemon's to retry, with backoff, per result.
@@ -29,6 +29,11 @@ CONNECT_TIMEOUT = 10.0
 # Silence after a request was sent before it is retried: a store may work on an answer for a
 # while (CompleteMultipartUpload of GiBs), and S3 sends whitespace meanwhile.
 READ_TIMEOUT = 120.0
+# How long a request without a body (a listing page, an abort, a delete) may take, the
+# client's retries of it included: one try's timeouts. A store slow to list (rclone hashes
+# each object it lists) answers within them; one that never answers would otherwise hold the
+# attempt through every retry of both clients, some 18 minutes, without a word.
+ANSWER_TIMEOUT = CONNECT_TIMEOUT + READ_TIMEOUT
 
 
 def request_timeout(request_bytes: int) -> float:
@@ -47,9 +52,22 @@ async def answered(key: str, request_bytes: int) -> AsyncIterator[None]:
         async with asyncio.timeout(limit):
             yield
     except TimeoutError:
-        raise TransientError(
+        raise Unanswered(
             f"upload of {key} failed: no answer within {limit:.0f} s (a minute, and its "
             "bytes at 16 kB/s): the store takes requests but does not answer them"
+        ) from None
+
+
+@asynccontextmanager
+async def asked(action: str) -> AsyncIterator[None]:
+    """Bounds one request without a body (its client's retries included) by ANSWER_TIMEOUT."""
+    try:
+        async with asyncio.timeout(ANSWER_TIMEOUT):
+            yield
+    except TimeoutError:
+        raise Unanswered(
+            f"{action} failed: no answer within {ANSWER_TIMEOUT:.0f} s: the store takes "
+            "requests but does not answer them"
         ) from None
 
 
