@@ -151,7 +151,9 @@ class Finder:
         for rel in await ask(self.journal.waiting(), nothing):
             # Its signal went while no event could say so (syncd was down).
             if rel not in here and not self.scheduler.in_hand(rel):
-                self.scheduler.abandon(self.layout.result(PurePosixPath(rel)))
+                result = self.layout.result(PurePosixPath(rel))
+                if await asyncio.to_thread(result.signal_gone):
+                    self.scheduler.abandon(result)
 
     async def file_changed(self, path: Path) -> None:
         """A file or folder appeared or was written: its result is tried now, even if it

@@ -47,6 +47,17 @@ class Result:
     def signal_name(self) -> str:
         return "metadata" if self.by_metadata else "marker"
 
+    def signal_gone(self) -> bool:
+        """Whether its signal is known not to exist: not merely unseen, in a folder syncd may
+        not search (said by the scan), which is no reason to forget the result."""
+        try:
+            os.stat(self.signal)
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        except OSError:
+            return False
+        return False
+
     @property
     def name(self) -> str:
         return self.rel.name

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import KEY_PAIR_ID
+from tests.conftest import KEY_PAIR_ID, status_of
 from tests.proxy import Proxy
 from tests.servers import SECRET, wait_until
 from tests.unit import NOBODY
@@ -229,6 +229,29 @@ def test_a_workflow_folder_the_units_user_cannot_list_is_said_once(unit_workspac
         f"ERROR   cannot list {ws.outputs / 'closed'} (Permission denied): give the syncd user "
         "read and search access to it; until then the results in it are not seen"
     )
+
+
+def test_a_result_in_a_folder_that_became_unlistable_is_not_forgotten(unit_workspace):
+    """Its marker is not seen, but not gone either: the result waits, it is not forgotten."""
+    ws = unit_workspace
+    ws.settings["syncd"]["rescan_interval"] = 0.5
+    rel = "closed/exec_1_abcdef01"
+    ws.result(rel, {"a": b"a"})
+    ws.mark(rel)  # in root's folder, where the unit's user cannot make its claim: retrying
+    daemon = ws.daemon(as_unit=True)
+    wait_until(lambda: status_of(ws).get(rel, {}).get("state") == "retrying", what="retrying")
+    (ws.outputs / "closed").chmod(0o700)
+    ws.result("open/exec_2_abcdef02", {"b": b"b"})
+    for path in [ws.outputs / "open", *(ws.outputs / "open").rglob("*")]:
+        os.chown(path, NOBODY, NOBODY)
+    ws.mark("open/exec_2_abcdef02")
+    wait_until(lambda: ws.recorded("open/exec_2_abcdef02"), what="the other result published")
+    time.sleep(3)  # six rescans more
+    assert daemon.terminate() == 0
+
+    assert "cannot list" in daemon.log()
+    assert "forgotten" not in daemon.log()
+    assert status_of(ws)[rel]["state"] == "retrying"
 
 
 def test_status_says_when_its_user_cannot_read_the_state(unit_workspace):
