@@ -202,12 +202,12 @@ class Layout:
 
     def to_sign(self, target: str) -> str:
         """The remote_path `syncd sign` signs for `target`: a result folder's; a result's whose
-        tree delete_local_after_upload removed (given by its absolute path: its metadata is
-        still there); or a result's remote_path as given."""
+        tree delete_local_after_upload removed (given by its path: its metadata is still
+        there); or a result's remote_path as given."""
         path = Path(target)
         if path.is_dir():
             return self.for_tree(path).remote_path
-        rel = self.under_outputs_dir(normalized(path)) if path.is_absolute() else None
+        rel = self.under_outputs_dir(normalized(path))
         if (
             rel is not None
             and result_path(rel)

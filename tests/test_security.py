@@ -8,10 +8,12 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import time
 
 import pytest
 
+from tests.conftest import SYNCD
 from tests.proxy import Proxy
 from tests.servers import free_port, wait_until
 
@@ -233,10 +235,19 @@ def test_sign_signs_only_a_results_remote_path(moto_workspace):
     assert refused.returncode == 2
     assert f"{no_metadata} is neither a result folder nor a result's remote_path" in refused.stderr
     gone = ws.syncd("sign", "--config", str(ws.config), str(ws.outputs / "exec_4_abcdef04"))
-    assert gone.returncode == 0, gone.stderr
-    assert gone.stdout.startswith(
-        "https://d111111abcdef8.cloudfront.net/outputs/exec_4_abcdef04/*?Policy="
+    relative = subprocess.run(  # from outputs_dir: no remote_path reads so
+        [*SYNCD, "sign", "--config", str(ws.config), "exec_4_abcdef04"],
+        env=ws.env(),
+        cwd=ws.outputs,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
+    for done in (gone, relative):
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(
+            "https://d111111abcdef8.cloudfront.net/outputs/exec_4_abcdef04/*?Policy="
+        )
     for target in ("outputs/wf/exec_3_abcdef03", str(ws.outputs / "wf/exec_3_abcdef03")):
         signed = ws.syncd("sign", "--config", str(ws.config), target)
         assert signed.returncode == 0, signed.stderr
