@@ -357,9 +357,14 @@ def run_command(argv: list[str] | None = None) -> int:
         for sig in STOP_SIGNALS:  # until the daemon's own handlers take over
             signal.signal(sig, interrupt)
         flags = flags_from(args)
-        return asyncio.run(
-            run_daemon(settings, signer, lambda: load_settings(args.config, flags)[0])
-        )
+
+        def reload() -> Settings:
+            """The settings a reload reads, refused where a start refuses them."""
+            again = load_settings(args.config, flags)[0]
+            require_enabled(again)
+            return again
+
+        return asyncio.run(run_daemon(settings, signer, reload))
     except SyncdError as exc:
         logs.plain("ERROR", f"syncd: error: {exc}", log_format(args, settings))
         return EXIT_CONFIG if isinstance(exc, (ConfigError, LayoutError)) else EXIT_FAILED

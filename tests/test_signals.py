@@ -64,6 +64,9 @@ def test_a_reload_with_bad_settings_changes_nothing_and_stray_signals_are_said(m
     daemon.config.write_text("object_storage: [not, a, mapping")
     daemon.process.send_signal(signal.SIGHUP)
     daemon.wait_log("reload failed")
+    daemon.config.write_text("")  # emptied by a config tool that failed: a start refuses it
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: daemon.log().count("reload failed") == 2, what="the second reload")
     for sig in (signal.SIGUSR1, signal.SIGXCPU, signal.SIGSTKFLT):  # LimitCPU= sends SIGXCPU
         daemon.process.send_signal(sig)
         daemon.wait_log(f"{sig.name} received")
@@ -77,6 +80,11 @@ def test_a_reload_with_bad_settings_changes_nothing_and_stray_signals_are_said(m
         f"reload failed, the settings stay as they were: config file {daemon.config} is not "
         "valid YAML" in log
     )
+    assert (
+        "reload failed, the settings stay as they were: object storage is disabled, so syncd "
+        "has nothing to do: set object_storage.enabled: true or OBJECT_STORAGE_ENABLED=true" in log
+    )
+    assert "settings reloaded" not in log
     assert (
         "SIGUSR1 received: syncd has no use for it and goes on (SIGTERM stops it, SIGHUP "
         "reloads its settings)" in log
