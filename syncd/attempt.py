@@ -136,19 +136,26 @@ class Attempts:
         if not by_hand:
             if result.by_metadata and not metadata.completed(document):
                 return await self.unfinished(result, not_completed(document))
-            if recorded:
+            here = await self.journal.kept(result.rel.as_posix(), result.remote_path)
+            if recorded and not metadata.altered(document, here):
                 return await self.already(result, document, stamp)
             elsewhere = foreign(document, result, own)
             if elsewhere is not None:
                 return await self.left_alone(result, elsewhere, stamp)
-            here = await self.journal.kept(result.rel.as_posix(), result.remote_path)
             if here is not None and own is not None:
-                # Its record here, written again; or, the prefix back, the one it had here
-                # (whether its tree is still there or not: its objects are).
+                # Its record here, written again or altered; or, the prefix back, the one it
+                # had here (whether its tree is still there or not: its objects are).
                 restored = await self.publisher.restore(result, here, own.remote_path)
                 if restored is None:
                     return await self.overtaken(result, own)
-                return await self.restored(result, restored, here, own, gone=document is None)
+                how = (
+                    "written with its output_files changed"
+                    if recorded
+                    else "removed while its marker stays"
+                    if document is None
+                    else None
+                )
+                return await self.restored(result, restored, here, own, how)
             if own is not None and self.tree_gone(result, document, own):
                 return await self.stays(result, own, stamp)
             if await self.record_dropped_lately(result, stamp):
@@ -389,10 +396,11 @@ class Attempts:
         return Elsewhere(remote_path, ours)
 
     async def restored(
-        self, result: Result, stamp: Stamp, kept: Kept, own: Kept, gone: bool = False
+        self, result: Result, stamp: Stamp, kept: Kept, own: Kept, how: str | None = None
     ) -> Outcome:
-        """`kept` written into the metadata again: it had lost it (`gone`: the file itself),
-        or it held `own`, the record syncd made under another prefix, the latest no more."""
+        """`kept` written into the metadata again: it had lost or altered it (`how` it was
+        written, if not simply without it), or it held `own`, the record syncd made under
+        another prefix, the latest no more."""
         rel = result.rel.as_posix()
         previous = await self.journal.get(rel)
         files, size = (previous.files, previous.bytes) if previous else (None, None)
@@ -416,7 +424,7 @@ class Attempts:
             "again",
             result.name,
             result.metadata,
-            "removed while its marker stays" if gone else "written without syncd's record",
+            how or "written without syncd's record",
             len(kept.output_files),
             result.remote_path,
         )

@@ -155,6 +155,17 @@ def records(document: Metadata | None, remote_path: str) -> bool:
     )
 
 
+def altered(document: Metadata | None, kept: Kept | None) -> bool:
+    """Whether the metadata records the result where syncd put it, but with other
+    `output_files` than syncd wrote (edited by hand or by a tool): syncd owns its record."""
+    return (
+        document is not None
+        and kept is not None
+        and records(document, kept.remote_path)
+        and document.get("output_files") != kept.output_files
+    )
+
+
 def recorded_elsewhere(document: Metadata | None, result: Result) -> str | None:
     """The remote_path of a record the metadata holds for another place than this result's
     (another prefix, another result sharing the file, the server's own upload), or None."""

@@ -3,6 +3,7 @@ logged while the others are served; SIGTERM exits 0."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import time
@@ -344,6 +345,29 @@ def test_a_metadata_file_removed_while_its_marker_stays_is_written_again_and_sai
     assert ws.metadata("exec_9_abcdef09")["output_files"] == published["output_files"]
     assert "was removed while its marker stays; restored the record (1 files in" in daemon.log()
     assert "written without syncd's record" not in daemon.log()
+
+
+def test_output_files_edited_in_a_published_record_are_written_back(moto_workspace):
+    ws = moto_workspace
+    ws.settings["syncd"]["rescan_interval"] = 3600  # its event alone restores it
+    ws.result("exec_10_abcdef10", {"a": b"a"})
+    ws.mark("exec_10_abcdef10")
+    daemon = ws.daemon()
+    wait_until(lambda: ws.recorded("exec_10_abcdef10"))
+    published = ws.metadata("exec_10_abcdef10")
+
+    edited = {**published, "output_files": [], "note": "kept"}
+    ws.metadata_path("exec_10_abcdef10").write_text(json.dumps(edited))
+    daemon.wait_log("exec_10_abcdef10: its metadata")
+    assert daemon.terminate() == 0
+
+    now = ws.metadata("exec_10_abcdef10")
+    assert now["output_files"] == published["output_files"]
+    assert now["note"] == "kept"
+    assert "written with its output_files changed; restored the record (1 files in" in (
+        daemon.log()
+    )
+    assert daemon.log().count("exec_10_abcdef10: uploaded") == 1
 
 
 def test_malformed_metadata_removed_gets_the_result_uploaded_at_once(moto_workspace):

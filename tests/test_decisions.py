@@ -467,6 +467,28 @@ def test_a_record_the_server_wrote_over_is_restored_without_uploading(
     assert_published(world, result, files)
 
 
+@pytest.mark.parametrize("edit", ["emptied", "removed"])
+def test_a_record_whose_output_files_were_edited_is_restored_without_uploading(
+    world: World, store: FakeStore, edit: str
+) -> None:
+    files = tree_files()
+    result = world.result(files=files)
+    assert isinstance(world.attempt(result), Recorded)
+    puts = list(store.puts)
+    document = world.metadata(result)  # storage_type and remote_path stay
+    if edit == "emptied":
+        document["output_files"] = []
+    else:
+        del document["output_files"]
+    result.metadata.write_text(json.dumps(document))
+
+    outcome = world.attempt(result)
+
+    assert isinstance(outcome, Recorded) and outcome.restored and outcome.uploaded is None
+    assert store.puts == puts
+    assert_published(world, result, files)
+
+
 def test_metadata_recording_another_place_is_left_alone(world: World, store: FakeStore) -> None:
     theirs = {"request_id": "exec_1", "status": "completed", "storage_type": "s3"}
     theirs["remote_path"] = "elsewhere/exec_1"
