@@ -325,9 +325,8 @@ def test_a_state_another_version_wrote_is_looked_at_again(moto_workspace):
     assert status_of(ws)["exec_1_abcdef01"]["state"] == "done"
 
 
-def test_a_metadata_file_removed_while_its_marker_stays_is_written_again_and_said_so(
-    moto_workspace,
-):
+@pytest.mark.parametrize("lost", ["removed", "output_files edited"])
+def test_a_published_record_removed_or_edited_is_written_again_and_said_so(moto_workspace, lost):
     ws = moto_workspace
     ws.settings["syncd"]["rescan_interval"] = 3600  # its event alone restores it
     ws.result("exec_9_abcdef09", {"a": b"a"})
@@ -336,38 +335,25 @@ def test_a_metadata_file_removed_while_its_marker_stays_is_written_again_and_sai
     wait_until(lambda: ws.recorded("exec_9_abcdef09"))
     published = ws.metadata("exec_9_abcdef09")
 
-    ws.metadata_path("exec_9_abcdef09").unlink()
+    path = ws.metadata_path("exec_9_abcdef09")
+    if lost == "removed":
+        path.unlink()
+    else:
+        path.write_text(json.dumps({**published, "output_files": [], "note": "kept"}))
     daemon.wait_log("exec_9_abcdef09: its metadata")
-    wait_until(
-        lambda: ws.metadata_path("exec_9_abcdef09").exists() and ws.recorded("exec_9_abcdef09")
-    )
+    wait_until(lambda: path.exists() and ws.recorded("exec_9_abcdef09"))
     assert daemon.terminate() == 0
-    assert ws.metadata("exec_9_abcdef09")["output_files"] == published["output_files"]
-    assert "was removed while its marker stays; restored the record (1 files in" in daemon.log()
-    assert "written without syncd's record" not in daemon.log()
-
-
-def test_output_files_edited_in_a_published_record_are_written_back(moto_workspace):
-    ws = moto_workspace
-    ws.settings["syncd"]["rescan_interval"] = 3600  # its event alone restores it
-    ws.result("exec_10_abcdef10", {"a": b"a"})
-    ws.mark("exec_10_abcdef10")
-    daemon = ws.daemon()
-    wait_until(lambda: ws.recorded("exec_10_abcdef10"))
-    published = ws.metadata("exec_10_abcdef10")
-
-    edited = {**published, "output_files": [], "note": "kept"}
-    ws.metadata_path("exec_10_abcdef10").write_text(json.dumps(edited))
-    daemon.wait_log("exec_10_abcdef10: its metadata")
-    assert daemon.terminate() == 0
-
-    now = ws.metadata("exec_10_abcdef10")
+    now = ws.metadata("exec_9_abcdef09")
     assert now["output_files"] == published["output_files"]
-    assert now["note"] == "kept"
-    assert "written with its output_files changed; restored the record (1 files in" in (
-        daemon.log()
+    said = (
+        "was removed while its marker stays"
+        if lost == "removed"
+        else "was written with its output_files changed"
     )
-    assert daemon.log().count("exec_10_abcdef10: uploaded") == 1
+    assert f"{said}; restored the record (1 files in" in daemon.log()
+    assert "written without syncd's record" not in daemon.log()
+    assert daemon.log().count("exec_9_abcdef09: uploaded") == 1
+    assert now.get("note") == (None if lost == "removed" else "kept")
 
 
 def test_malformed_metadata_removed_gets_the_result_uploaded_at_once(moto_workspace):

@@ -520,6 +520,20 @@ def test_wrong_credentials_are_a_permanent_error_with_the_remedy(rclone_workspac
     assert record["last_error"].startswith("syncd sync failed, no marker: upload of ")
 
 
+def synced_never_answered(
+    ws, rel: str, **faults: bool
+) -> tuple[subprocess.CompletedProcess, float]:
+    """`syncd sync rel` through a proxy whose `faults` leave requests unanswered: what it did
+    and the seconds it took."""
+    with Proxy(ws.server.port, **faults) as proxy:
+        ws.settings["object_storage"]["endpoint_url"] = proxy.endpoint
+        started = time.monotonic()
+        done = ws.sync(rel)
+        took = time.monotonic() - started
+        assert proxy.swallowed >= 1
+    return done, took
+
+
 @pytest.mark.parametrize("rust", [True, False], ids=["obstore", "s3fs"])
 def test_a_store_that_takes_an_upload_and_never_answers_is_given_up_in_a_minute(
     moto_workspace, rust
@@ -529,13 +543,8 @@ def test_a_store_that_takes_an_upload_and_never_answers_is_given_up_in_a_minute(
     plus those bytes at 16 kB/s, ends it, whichever client."""
     ws = moto_workspace
     ws.result("exec_5_abcdef05", {"a.bin": os.urandom(16384)})
-    with Proxy(ws.server.port, swallow_puts=True) as proxy:
-        ws.settings["object_storage"]["endpoint_url"] = proxy.endpoint
-        ws.settings["object_storage"]["use_rust_client"] = rust
-        started = time.monotonic()
-        done = ws.sync("exec_5_abcdef05")
-        took = time.monotonic() - started
-        assert proxy.swallowed >= 1
+    ws.settings["object_storage"]["use_rust_client"] = rust
+    done, took = synced_never_answered(ws, "exec_5_abcdef05", swallow_puts=True)
 
     assert done.returncode == 1, done.stderr
     assert (
@@ -554,12 +563,7 @@ def test_a_store_that_answers_no_request_is_said_to_within_its_timeouts(moto_wor
     ws.result("exec_5_abcdef05", {"a.bin": b"abc"})
     ws.settings["object_storage"]["endpoint_url"] = f"http://127.0.0.1:{free_port()}"
     assert ws.sync("exec_5_abcdef05").returncode == 1  # nobody listens: an attempt failed
-    with Proxy(ws.server.port, hang=True) as proxy:
-        ws.settings["object_storage"]["endpoint_url"] = proxy.endpoint
-        started = time.monotonic()
-        done = ws.sync("exec_5_abcdef05")
-        took = time.monotonic() - started
-        assert proxy.swallowed >= 1
+    done, took = synced_never_answered(ws, "exec_5_abcdef05", hang=True)
 
     assert done.returncode == 1, done.stderr
     assert (
