@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -41,33 +41,30 @@ def request_timeout(request_bytes: int) -> float:
     return 60.0 + request_bytes / SLOWEST_RATE
 
 
-@asynccontextmanager
-async def answered(key: str, request_bytes: int) -> AsyncIterator[None]:
+def answered(key: str, request_bytes: int) -> AbstractAsyncContextManager[None]:
     """Bounds a request that carries `request_bytes` of `key`, the client's quick retries of it
     included, by `request_timeout`: a store that takes it and never answers (not even "100
     Continue", which botocore asks for and then waits on with no timeout) is a transient
     SyncdError then, not a worker held until the file's deadline."""
     limit = request_timeout(request_bytes)
+    return unanswered_after(limit, f"upload of {key}", " (a minute, and its bytes at 16 kB/s)")
+
+
+def asked(action: str) -> AbstractAsyncContextManager[None]:
+    """Bounds one request without a body (its client's retries included) by ANSWER_TIMEOUT."""
+    return unanswered_after(ANSWER_TIMEOUT, action)
+
+
+@asynccontextmanager
+async def unanswered_after(limit: float, action: str, why: str = "") -> AsyncIterator[None]:
+    """`action`, given up as Unanswered once `limit` seconds passed (`why` that long)."""
     try:
         async with asyncio.timeout(limit):
             yield
     except TimeoutError:
         raise Unanswered(
-            f"upload of {key} failed: no answer within {limit:.0f} s (a minute, and its "
-            "bytes at 16 kB/s): the store takes requests but does not answer them"
-        ) from None
-
-
-@asynccontextmanager
-async def asked(action: str) -> AsyncIterator[None]:
-    """Bounds one request without a body (its client's retries included) by ANSWER_TIMEOUT."""
-    try:
-        async with asyncio.timeout(ANSWER_TIMEOUT):
-            yield
-    except TimeoutError:
-        raise Unanswered(
-            f"{action} failed: no answer within {ANSWER_TIMEOUT:.0f} s: the store takes "
-            "requests but does not answer them"
+            f"{action} failed: no answer within {limit:.0f} s{why}: the store takes requests "
+            "but does not answer them"
         ) from None
 
 
